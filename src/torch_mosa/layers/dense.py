@@ -1,0 +1,59 @@
+"""Dense causal multi-head attention with RoPE on part of each head (the paper's dense heads)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torch_mosa.checks import check_attention_input, check_positive_int
+from torch_mosa.layers.rope import apply_rope, rotary_dim_for
+
+
+def padding_causal_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[B, 1, T, T] bool: causal and key is a real token; the diagonal stays open so that padded queries
+    (left padding) have a finite softmax. Their outputs are never read."""
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal & attention_mask.bool()[:, None, None, :]
+    return allowed | torch.eye(seq_len, dtype=torch.bool, device=attention_mask.device)
+
+
+class DenseAttention(nn.Module):
+    """Causal multi-head attention. Parameters: w_qkv (Linear h -> num_heads*3*head_dim, per head Q|K|V),
+    w_o (Linear num_heads*head_dim -> h), both bias-free (the reference code's `W_QKV`, `W_O`).
+    forward(x [B, T, h], attention_mask [B, T] or None) -> [B, T, h]."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int = 64, rotate_fraction: float = 0.5,
+                 rope_base: float = 10000.0):
+        super().__init__()
+        check_positive_int("hidden_size", hidden_size)
+        check_positive_int("num_heads", num_heads)
+        check_positive_int("head_dim", head_dim)
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.rotary_dim = rotary_dim_for(head_dim, rotate_fraction)
+        self.rope_base = rope_base
+        self.w_qkv = nn.Linear(hidden_size, 3 * num_heads * head_dim, bias=False)
+        self.w_o = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+
+    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        """x [B, T, h], positions [T] or [B, T] -> q, k, v [B, H, T, d] with RoPE applied."""
+        batch, seq_len, _ = x.shape
+        qkv = self.w_qkv(x).view(batch, seq_len, self.num_heads, 3 * self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split(self.head_dim, dim=-1)
+        positions = positions.unsqueeze(-2) if positions.dim() == 2 else positions
+        return apply_rope(q, positions, self.rotary_dim, self.rope_base), \
+            apply_rope(k, positions, self.rotary_dim, self.rope_base), v
+
+    def merge_heads(self, attended: torch.Tensor) -> torch.Tensor:
+        batch, _, seq_len, _ = attended.shape
+        return self.w_o(attended.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim))
+
+    def forward(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        check_attention_input(x, self.hidden_size, self.w_o.weight, attention_mask)
+        seq_len = x.shape[1]
+        q, k, v = self.project_qkv(x, torch.arange(seq_len, device=x.device))
+        if attention_mask is None or bool(attention_mask.all()):
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=padding_causal_mask(attention_mask, seq_len))
+        return self.merge_heads(attended)

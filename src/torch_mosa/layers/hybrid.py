@@ -1,0 +1,90 @@
+"""Hybrid attention: dense causal heads + optional sliding-window heads + sparse heads, summed (SPEC §2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torch_mosa.flops import isoflop_num_heads
+from torch_mosa.checks import check_attention_input
+from torch_mosa.layers.dense import DenseAttention
+from torch_mosa.layers.fixed import FixedSparseAttention
+from torch_mosa.layers.local import LocalAttention
+from torch_mosa.layers.mosa import MoSAAttention
+from torch_mosa.layers.routing import RoutingAttention
+
+SPARSE_KINDS = ("mosa", "fixed", "routing")
+
+
+class HybridAttention(nn.Module):
+    """Sum of `num_dense_heads` dense heads, `num_local_heads` local heads (window) and `num_mosa_heads` sparse heads.
+
+    The sparse heads are MoSA heads unless `sparse_kind` picks the fixed or routing baseline. With
+    `num_mosa_heads=None` their count is IsoFLOP-matched (SPEC §3) to a dense layer of `num_heads` heads at
+    `seq_len`. Submodules: `dense`, `local`, `sparse` (each None when it has no heads).
+    forward(x [B, T, h], attention_mask [B, T] or None) -> [B, T, h].
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int = 64,
+        num_mosa_heads: int | None = None,
+        num_dense_heads: int = 4,
+        num_local_heads: int = 0,
+        window: int | None = None,
+        sparsity: int | None = None,
+        k: int | None = None,
+        include_first: bool = False,
+        num_heads: int | None = None,
+        seq_len: int | None = None,
+        sparse_kind: str = "mosa",
+        rotate_fraction: float = 0.5,
+        rope_base: float = 10000.0,
+    ):
+        super().__init__()
+        if sparse_kind not in SPARSE_KINDS:
+            raise ValueError(f"sparse_kind must be one of {SPARSE_KINDS}, got {sparse_kind!r}")
+        if num_mosa_heads is None:
+            if num_heads is None or seq_len is None or sparsity is None:
+                raise ValueError("num_mosa_heads=None (IsoFLOP matching) needs num_heads, seq_len and sparsity; got "
+                                 f"num_heads={num_heads}, seq_len={seq_len}, sparsity={sparsity}")
+            num_mosa_heads = isoflop_num_heads(hidden_size, head_dim, num_heads, seq_len, sparsity,
+                                               keep_dense_heads=num_dense_heads, kind=sparse_kind)
+        for name, value in (("num_mosa_heads", num_mosa_heads), ("num_dense_heads", num_dense_heads),
+                            ("num_local_heads", num_local_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if num_mosa_heads + num_dense_heads + num_local_heads == 0:
+            raise ValueError("HybridAttention needs at least one head")
+        if num_local_heads and window is None:
+            raise ValueError("num_local_heads > 0 needs a window")
+        self.hidden_size = hidden_size
+        rope = dict(rotate_fraction=rotate_fraction, rope_base=rope_base)
+        self.dense = DenseAttention(hidden_size, num_dense_heads, head_dim, **rope) if num_dense_heads else None
+        self.local = LocalAttention(hidden_size, num_local_heads, head_dim, window, **rope) if num_local_heads else None
+        self.sparse = None
+        if num_mosa_heads and sparse_kind == "mosa":
+            self.sparse = MoSAAttention(hidden_size, num_mosa_heads, head_dim, sparsity=sparsity, k=k,
+                                        include_first=include_first, **rope)
+        elif num_mosa_heads and sparse_kind == "fixed":
+            self.sparse = FixedSparseAttention(hidden_size, num_mosa_heads, head_dim, sparsity, **rope)
+        elif num_mosa_heads:
+            self.sparse = RoutingAttention(hidden_size, num_mosa_heads, head_dim, sparsity, **rope)
+
+    def parts(self) -> list[nn.Module]:
+        return [m for m in (self.dense, self.local, self.sparse) if m is not None]
+
+    def forward(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        first = self.parts()[0]
+        check_attention_input(x, self.hidden_size, next(first.parameters()), attention_mask)
+        y = None
+        for part in self.parts():
+            if isinstance(part, MoSAAttention):
+                # token 0 is the only token at T=1, so it is selected with or without include_first
+                include_first = part.include_first and x.shape[1] > 1
+                out = part.attend(x, *part.select(x, attention_mask, include_first=include_first))
+            else:
+                out = part(x, attention_mask)
+            y = out if y is None else y + out
+        return y

@@ -1,0 +1,50 @@
+"""Sliding-window causal attention: token t attends to tokens t-window+1 .. t.
+
+Blocked so that time and memory are O(T * window): queries in block b (window tokens) see keys of blocks b-1 and b
+only, never a T x T matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from torch_mosa.checks import check_attention_input, check_positive_int
+from torch_mosa.layers.dense import DenseAttention
+
+
+class LocalAttention(DenseAttention):
+    """Same parameters as DenseAttention; forward(x [B, T, h], attention_mask [B, T] or None) -> [B, T, h]."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int = 64, window: int = 64,
+                 rotate_fraction: float = 0.5, rope_base: float = 10000.0):
+        super().__init__(hidden_size, num_heads, head_dim, rotate_fraction, rope_base)
+        self.window = check_positive_int("window", window)
+
+    def forward(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        check_attention_input(x, self.hidden_size, self.w_o.weight, attention_mask)
+        batch, seq_len, _ = x.shape
+        q, k, v = self.project_qkv(x, torch.arange(seq_len, device=x.device))
+        w = min(self.window, seq_len)
+        num_blocks = -(-seq_len // w)
+        padded = num_blocks * w
+
+        def blocks(t):  # [B, H, T, d] -> [B, H, nb, w, d], zero-padded at the end
+            return F.pad(t, (0, 0, 0, padded - seq_len)).unflatten(2, (num_blocks, w))
+
+        qb, kb, vb = blocks(q), blocks(k), blocks(v)
+        # keys of the previous block (zeros before block 0) followed by the block's own keys: [.., nb, 2w, d]
+        kb = torch.cat([F.pad(kb, (0, 0, 0, 0, 1, 0))[:, :, :-1], kb], dim=3)
+        vb = torch.cat([F.pad(vb, (0, 0, 0, 0, 1, 0))[:, :, :-1], vb], dim=3)
+        block_start = torch.arange(num_blocks, device=x.device) * w
+        query_pos = block_start[:, None] + torch.arange(w, device=x.device)  # [nb, w]
+        key_pos = block_start[:, None] - w + torch.arange(2 * w, device=x.device)  # [nb, 2w]
+        delta = query_pos[:, :, None] - key_pos[:, None, :]
+        allowed = (delta >= 0) & (delta < self.window) & (key_pos[:, None, :] >= 0)  # [nb, w, 2w]
+        if attention_mask is not None:
+            real = F.pad(attention_mask.bool(), (w, padded - seq_len))  # index key_pos + w
+            key_real = real[:, key_pos + w]  # [B, nb, 2w]
+            allowed = allowed & key_real[:, None, :, None, :]
+            allowed = allowed | (delta == 0)  # padded queries keep themselves: finite softmax, output unused
+        attended = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed)
+        return self.merge_heads(attended.flatten(2, 3)[:, :, :seq_len])

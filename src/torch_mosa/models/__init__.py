@@ -1,0 +1,3 @@
+from torch_mosa.models.lm import MoSALM
+
+__all__ = ["MoSALM"]

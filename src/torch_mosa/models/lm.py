@@ -1,0 +1,105 @@
+"""MoSALM: a decoder-only pre-LayerNorm transformer whose attention layers are chosen by MoSAConfig."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torch_mosa.config import MoSAConfig
+from torch_mosa.layers.dense import DenseAttention
+from torch_mosa.layers.hybrid import HybridAttention
+
+
+def build_attention(config: MoSAConfig) -> nn.Module:
+    rope = dict(rotate_fraction=config.rotate_fraction, rope_base=config.rope_base)
+    if config.attention == "dense":
+        return DenseAttention(config.hidden_size, config.num_heads, config.head_dim, **rope)
+    counts = config.head_counts()
+    kind = "mosa" if config.attention == "pure_mosa" else config.attention
+    return HybridAttention(
+        config.hidden_size, config.head_dim,
+        num_mosa_heads=0 if kind == "local" else counts[kind],
+        num_dense_heads=counts.get("dense", 0),
+        num_local_heads=counts.get("local", 0),
+        window=config.local_window(),
+        sparsity=config.sparsity, k=config.k, include_first=config.include_first,
+        sparse_kind="mosa" if kind == "local" else kind, **rope)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, hidden_size: int, ffn_size: int):
+        super().__init__()
+        self.up = nn.Linear(hidden_size, ffn_size, bias=False)
+        self.down = nn.Linear(ffn_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: MoSAConfig):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = build_attention(config)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn = FeedForward(config.hidden_size, config.ffn_size)
+
+    def forward(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), attention_mask)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class MoSALM(nn.Module):
+    """`logits, loss = model(input_ids [B, T], targets=None, attention_mask=None)`; logits [B, T, vocab].
+
+    loss is the mean next-token cross-entropy over targets != -100 when targets are given, else None.
+    Input and output embeddings are untied and projections bias-free, which gives the paper's parameter counts.
+    """
+
+    def __init__(self, config: MoSAConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Embeddings, output head and FFN ~ N(0, init_std); attention layers keep their own (reference) init."""
+        for module in (self.embed, self.lm_head, *(b.ffn.up for b in self.blocks), *(b.ffn.down for b in self.blocks)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.embed.weight.numel() if exclude_embeddings else total
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """Weight decay on matrices only (not norms or vectors)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a [batch, seq_len] tensor, got {shape}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+        seq_len = input_ids.shape[1]
+        if not 1 <= seq_len <= self.config.max_seq_len:
+            raise ValueError(f"input_ids has seq_len={seq_len}; allowed 1..max_seq_len={self.config.max_seq_len}")
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, attention_mask=None):
+        self.check_input_ids(input_ids)
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, attention_mask)
+        logits = self.lm_head(self.final_norm(x))
+        if targets is None:
+            return logits, None
+        if targets.shape != input_ids.shape:
+            raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(targets.shape)}")
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
