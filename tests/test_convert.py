@@ -6,7 +6,7 @@ from torch_mosa.convert import to_reference_state_dict
 
 def test_reference_names_to_ours_and_back():
     layer = HybridAttention(16, 8, num_mosa_heads=3, num_dense_heads=2, sparsity=4)
-    ours = layer.state_dict()
+    ours = layer.state_dict()  # causal_threshold is zero, as the converter fills it in
     reference = to_reference_state_dict(ours)
     assert set(reference) == {"mosa_heads.r.0.weight", "mosa_heads.QKV.W", "mosa_heads.O.W",
                               "other_heads.W_QKV.weight", "other_heads.W_O.weight"}
@@ -23,3 +23,4 @@ def test_reference_checkpoint_loads_strictly():
     layer = MoSAAttention(h, E, d, sparsity=2)
     layer.load_state_dict({k.removeprefix("blocks.0.attn."): v for k, v in converted.items()}, strict=True)
     assert torch.equal(layer.w_qkv, reference["blocks.0.attn.QKV.W"])
+    assert torch.equal(layer.causal_threshold, torch.zeros(E))

@@ -44,3 +44,19 @@ def selection_size(seq_len: int, sparsity: int | None, k: int | None) -> int:
             raise ValueError(f"k={k} exceeds the sequence length seq_len={seq_len}; use k <= seq_len or a sparsity")
         return k
     return min(seq_len, max(2, seq_len // sparsity))
+
+
+ROUTING_MODES = ("topk", "causal")
+
+
+def check_routing(routing: str) -> str:
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+    return routing
+
+
+def first_real_position(attention_mask, batch: int, device) -> torch.Tensor:
+    """[B] position of each row's first real token (0 without a mask): what include_first forces in."""
+    if attention_mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    return attention_mask.bool().long().argmax(dim=1)

@@ -27,7 +27,8 @@ class MoSAConfig:
 
     attention: dense | mosa (hybrid: `num_dense_heads` dense heads kept + sparse MoSA heads) | pure_mosa |
     fixed | routing | local (hybrids with that sparse kind). `num_sparse_heads=None` means IsoFLOP-matched
-    (SPEC §3) to `num_heads` dense heads at `max_seq_len`.
+    (SPEC §3) to `num_heads` dense heads at `max_seq_len`. `router_aux_loss_weight` > 0 adds the MoSA routers'
+    top-k membership loss (for causal routing, SPEC §5); 0 keeps paper runs exact.
     """
 
     vocab_size: int = 8000
@@ -44,6 +45,7 @@ class MoSAConfig:
     num_dense_heads: int | None = None
     window: int | None = None
     include_first: bool = True
+    router_aux_loss_weight: float = 0.0
     rotate_fraction: float = 0.5
     rope_base: float = 10000.0
     layer_norm_eps: float = 1e-5
@@ -57,6 +59,8 @@ class MoSAConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.router_aux_loss_weight >= 0:
+            raise ValueError(f"router_aux_loss_weight must be >= 0, got {self.router_aux_loss_weight}")
         if self.ffn_size is None:
             self.ffn_size = 4 * self.hidden_size
         if self.attention == "dense":

@@ -37,10 +37,20 @@ def _rename(state_dict: dict, pairs) -> dict:
 
 
 def convert_reference_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Reference-code names -> torch_mosa names (MoSAAttention, or HybridAttention with dense + MoSA heads)."""
-    return _rename(state_dict, _NAME_PAIRS)
+    """Reference-code names -> torch_mosa names (MoSAAttention, or HybridAttention with dense + MoSA heads).
+
+    The reference has no causal routing, so each router gets `causal_threshold` zeros: calibrate them
+    (torch_mosa.inference.calibrate_causal_thresholds) before using routing="causal".
+    """
+    converted = _rename(state_dict, _NAME_PAIRS)
+    for key in [k for k in converted if k == "router.weight" or k.endswith(".router.weight")]:
+        threshold_key = key[: -len("router.weight")] + "causal_threshold"
+        converted.setdefault(threshold_key, torch.zeros(converted[key].shape[0], dtype=converted[key].dtype))
+    return converted
 
 
 def to_reference_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """torch_mosa names -> reference-code names (the inverse of convert_reference_state_dict)."""
-    return _rename(state_dict, tuple((new, old) for old, new in _NAME_PAIRS))
+    """torch_mosa names -> reference-code names (the inverse of convert_reference_state_dict; causal thresholds,
+    which the reference does not have, are dropped)."""
+    kept = {k: v for k, v in state_dict.items() if not (k == "causal_threshold" or k.endswith(".causal_threshold"))}
+    return _rename(kept, tuple((new, old) for old, new in _NAME_PAIRS))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_mosa.checks import check_attention_input, check_positive_int
+from torch_mosa.checks import check_attention_input, check_positive_int, check_routing
 from torch_mosa.layers.rope import apply_rope, rotary_dim_for
 
 
@@ -48,8 +48,10 @@ class DenseAttention(nn.Module):
         batch, _, seq_len, _ = attended.shape
         return self.w_o(attended.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim))
 
-    def forward(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk") -> torch.Tensor:
+        """Dense attention is causal under either routing mode; `routing` is accepted for a uniform call."""
         check_attention_input(x, self.hidden_size, self.w_o.weight, attention_mask)
+        check_routing(routing)
         seq_len = x.shape[1]
         q, k, v = self.project_qkv(x, torch.arange(seq_len, device=x.device))
         if attention_mask is None or bool(attention_mask.all()):

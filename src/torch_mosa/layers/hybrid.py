@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from torch_mosa.flops import isoflop_num_heads
-from torch_mosa.checks import check_attention_input
+from torch_mosa.checks import check_attention_input, check_routing
 from torch_mosa.layers.dense import DenseAttention
 from torch_mosa.layers.fixed import FixedSparseAttention
 from torch_mosa.layers.local import LocalAttention
@@ -22,7 +22,7 @@ class HybridAttention(nn.Module):
     The sparse heads are MoSA heads unless `sparse_kind` picks the fixed or routing baseline. With
     `num_mosa_heads=None` their count is IsoFLOP-matched (SPEC §3) to a dense layer of `num_heads` heads at
     `seq_len`. Submodules: `dense`, `local`, `sparse` (each None when it has no heads).
-    forward(x [B, T, h], attention_mask [B, T] or None) -> [B, T, h].
+    forward(x [B, T, h], attention_mask [B, T] or None, routing="topk"|"causal") -> [B, T, h].
     """
 
     def __init__(
@@ -75,16 +75,17 @@ class HybridAttention(nn.Module):
     def parts(self) -> list[nn.Module]:
         return [m for m in (self.dense, self.local, self.sparse) if m is not None]
 
-    def forward(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk") -> torch.Tensor:
         first = self.parts()[0]
         check_attention_input(x, self.hidden_size, next(first.parameters()), attention_mask)
+        check_routing(routing)
         y = None
         for part in self.parts():
             if isinstance(part, MoSAAttention):
-                # token 0 is the only token at T=1, so it is selected with or without include_first
-                include_first = part.include_first and x.shape[1] > 1
-                out = part.attend(x, *part.select(x, attention_mask, include_first=include_first))
+                # at T=1 top-k picks the only token with or without include_first, so the flag can be dropped
+                include_first = part.include_first and (routing == "causal" or x.shape[1] > 1)
+                out = part.attend(x, *part.select(x, attention_mask, routing, include_first))
             else:
-                out = part(x, attention_mask)
+                out = part(x, attention_mask, routing)
             y = out if y is None else y + out
         return y

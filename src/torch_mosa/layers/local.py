@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from torch_mosa.checks import check_attention_input, check_positive_int
+from torch_mosa.checks import check_attention_input, check_positive_int, check_routing
 from torch_mosa.layers.dense import DenseAttention
 
 
@@ -21,8 +21,9 @@ class LocalAttention(DenseAttention):
         super().__init__(hidden_size, num_heads, head_dim, rotate_fraction, rope_base)
         self.window = check_positive_int("window", window)
 
-    def forward(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk") -> torch.Tensor:
         check_attention_input(x, self.hidden_size, self.w_o.weight, attention_mask)
+        check_routing(routing)
         batch, seq_len, _ = x.shape
         q, k, v = self.project_qkv(x, torch.arange(seq_len, device=x.device))
         w = min(self.window, seq_len)

@@ -10,6 +10,10 @@ A forward pass, for each head e and sequence b:
   7. scatter-add back to positions I      tokens no head picked get 0
 Sorting I ascending changes nothing and turns step 5 into plain causal attention of length k, so steps 3-7 are one
 op (`torch_mosa.ops.mosa.mosa_attention`) with a reference and a fused GPU kernel behind it.
+
+Step 2 looks at the whole sequence, so whether token t is picked depends on later tokens: fine for training and
+the paper's evaluation, not for generation. `routing="causal"` replaces it with a per-head threshold on the router
+logit, decided when the token arrives (SPEC §5); `router_aux_loss` teaches the logits to predict top-k membership.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from torch_mosa.checks import check_attention_input, check_positive_int, selection_size
+from torch_mosa.checks import (check_attention_input, check_positive_int, check_routing, first_real_position,
+                               selection_size)
 from torch_mosa.layers.rope import rotary_dim_for
 from torch_mosa.ops.mosa import mosa_attention
 
@@ -40,16 +46,15 @@ def topk_selection(router_logits: torch.Tensor, k: int, include_first: bool, att
 
     router_logits [B, T, E] -> indices [B, E, k] sorted by position (padding slots last), scores [B, E, k]
     (sigmoid of the logits, 0 for padding slots). Ranking by logits equals ranking by sigmoid and keeps more
-    resolution in low precision.
+    resolution in low precision. include_first forces each row's first real token (position 0 unless left-padded).
     """
-    seq_len = router_logits.shape[1]
+    batch, seq_len, _ = router_logits.shape
     priority = router_logits.detach().transpose(1, 2)
     if attention_mask is not None:
-        real = attention_mask.bool().unsqueeze(1)
-        priority = priority.masked_fill(~real, float("-inf"))
+        priority = priority.masked_fill(~attention_mask.bool().unsqueeze(1), float("-inf"))
     if include_first:
-        priority = priority.clone()
-        priority[..., 0] = float("inf")
+        first = first_real_position(attention_mask, batch, router_logits.device)
+        priority = priority.scatter(-1, first.view(batch, 1, 1).expand(-1, priority.shape[1], 1), float("inf"))
     indices = priority.topk(k, dim=-1).indices
     if attention_mask is None:
         valid = torch.ones_like(indices, dtype=torch.bool)
@@ -60,11 +65,41 @@ def topk_selection(router_logits: torch.Tensor, k: int, include_first: bool, att
     return indices, scores
 
 
+def causal_membership(router_logits: torch.Tensor, thresholds: torch.Tensor, include_first: bool,
+                      attention_mask=None) -> torch.Tensor:
+    """Causal routing: token t joins head e iff its logit exceeds the head's threshold (or it is the forced first
+    token). router_logits [B, T, E], thresholds [E] -> joined [B, E, T] bool. Depends on token t alone."""
+    batch, seq_len, _ = router_logits.shape
+    joined = (router_logits.detach() > thresholds).transpose(1, 2)
+    if include_first:
+        first = first_real_position(attention_mask, batch, router_logits.device)
+        joined = joined | (torch.arange(seq_len, device=joined.device) == first[:, None]).unsqueeze(1)
+    if attention_mask is not None:
+        joined = joined & attention_mask.bool().unsqueeze(1)
+    return joined
+
+
+def membership_selection(joined: torch.Tensor, token_scores: torch.Tensor):
+    """Membership [B, E, T] and per-token scores [B, E, T] -> indices, scores [B, E, T] for the MoSA op: each head's
+    members in position order, then its other tokens with score 0.
+
+    The width stays T rather than the largest member count: a width that depended on later tokens would change the
+    shapes of the reductions and so, by rounding, earlier outputs; at full width causality holds bit for bit.
+    """
+    batch, num_heads, seq_len = joined.shape
+    positions = torch.arange(seq_len, device=joined.device).expand(batch, num_heads, -1)
+    indices, valid, _ = sort_selection(positions, joined, seq_len)
+    return indices, token_scores.gather(-1, indices) * valid
+
+
 class MoSAAttention(nn.Module):
     """`num_heads` MoSA heads, summed. Exactly one of `sparsity` (k = max(2, T // sparsity)) or a fixed `k`.
 
     Parameters (the public reference code's layout): router.weight [E, h], w_qkv [E, h, 3*head_dim] (Q|K|V),
-    w_o [E, head_dim, h]. forward(x [B, T, h], attention_mask [B, T] or None) -> [B, T, h].
+    w_o [E, head_dim, h]; buffer causal_threshold [E] (router-logit thresholds of causal routing).
+    forward(x [B, T, h], attention_mask [B, T] or None, routing="topk"|"causal") -> [B, T, h].
+    With `router_aux_loss = True`, each top-k forward leaves `last_router_aux_loss`: the binary cross-entropy of
+    the router logits against top-k membership, for the model to add to its loss.
     """
 
     def __init__(
@@ -95,6 +130,9 @@ class MoSAAttention(nn.Module):
         self.router = nn.Linear(hidden_size, num_heads, bias=False)
         self.w_qkv = nn.Parameter(torch.empty(num_heads, hidden_size, 3 * head_dim))
         self.w_o = nn.Parameter(torch.empty(num_heads, head_dim, hidden_size))
+        self.register_buffer("causal_threshold", torch.zeros(num_heads))
+        self.router_aux_loss = False
+        self.last_router_aux_loss = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -111,19 +149,32 @@ class MoSAAttention(nn.Module):
     def selection_size(self, seq_len: int) -> int:
         return selection_size(seq_len, self.sparsity, self.k)
 
-    def select(self, x: torch.Tensor, attention_mask=None, include_first: bool | None = None):
-        """Route: x [B, T, h] -> indices [B, E, k] (sorted), scores [B, E, k]."""
+    def select(self, x: torch.Tensor, attention_mask=None, routing: str = "topk", include_first: bool | None = None):
+        """Route: x [B, T, h] -> indices [B, E, K] (sorted by position), scores [B, E, K]."""
         include_first = self.include_first if include_first is None else include_first
-        return topk_selection(self.router(x), self.selection_size(x.shape[1]), include_first, attention_mask)
+        if check_routing(routing) == "causal":
+            return membership_selection(*self.causal_route(x, attention_mask, include_first=include_first))
+        logits = self.router(x)
+        indices, scores = topk_selection(logits, self.selection_size(x.shape[1]), include_first, attention_mask)
+        if self.router_aux_loss and torch.is_grad_enabled():
+            self.last_router_aux_loss = router_membership_loss(logits, indices, scores, attention_mask)
+        return indices, scores
 
-    def forward(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    def causal_route(self, x: torch.Tensor, attention_mask=None, positions=None, include_first: bool | None = None):
+        """Causal routing of every token on its own: x [B, T, h] -> joined [B, E, T] bool, scores [B, E, T]
+        (sigmoid router score, 0 where not joined). `positions` [T] are unused here (fixed heads need them)."""
+        include_first = self.include_first if include_first is None else include_first
+        logits = self.router(x)
+        joined = causal_membership(logits, self.causal_threshold, include_first, attention_mask)
+        return joined, torch.sigmoid(logits).transpose(1, 2) * joined
+
+    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk") -> torch.Tensor:
         check_attention_input(x, self.hidden_size, self.w_qkv, attention_mask)
-        if self.include_first and x.shape[1] < 2:
+        if self.include_first and routing == "topk" and x.shape[1] < 2:
             raise ValueError(
                 f"include_first=True needs seq_len >= 2 (token 0 plus routed tokens), got seq_len={x.shape[1]}"
             )
-        indices, scores = self.select(x, attention_mask)
-        return self.attend(x, indices, scores)
+        return self.attend(x, *self.select(x, attention_mask, routing))
 
     def attend(self, x: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Steps 3-7 for a given selection (indices sorted by position, slot i attends to slots <= i)."""
@@ -137,3 +188,17 @@ class MoSAAttention(nn.Module):
         size = f"sparsity={self.sparsity}" if self.sparsity is not None else f"k={self.k}"
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, head_dim={self.head_dim}, {size}, "
                 f"include_first={self.include_first}, rotary_dim={self.rotary_dim}")
+
+
+def router_membership_loss(router_logits: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor,
+                           attention_mask=None) -> torch.Tensor:
+    """Binary cross-entropy of router logits [B, T, E] against top-k membership (as Mixture-of-Depths trains its
+    router to predict its own top-k), averaged over real tokens and heads."""
+    member = torch.zeros(router_logits.shape[0], router_logits.shape[2], router_logits.shape[1],
+                         device=router_logits.device, dtype=router_logits.dtype)
+    member.scatter_(-1, indices, (scores > 0).to(member.dtype))
+    losses = F.binary_cross_entropy_with_logits(router_logits.transpose(1, 2).float(), member.float(), reduction="none")
+    if attention_mask is None:
+        return losses.mean()
+    real = attention_mask.bool().unsqueeze(1).expand_as(losses)
+    return losses[real].mean()

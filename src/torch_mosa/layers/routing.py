@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from torch_mosa.checks import check_attention_input, check_positive_int, selection_size
+from torch_mosa.checks import check_attention_input, check_positive_int, check_routing, selection_size
 from torch_mosa.layers.mosa import sort_selection
 from torch_mosa.layers.rope import apply_rope, rotary_dim_for
 
@@ -55,8 +55,11 @@ class RoutingAttention(nn.Module):
         with torch.no_grad():
             self.centroids.copy_(F.normalize(torch.randn_like(self.centroids), dim=-1))
 
-    def forward(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk") -> torch.Tensor:
         check_attention_input(x, self.hidden_size, self.w_qk, attention_mask)
+        if check_routing(routing) == "causal":
+            raise ValueError("RoutingAttention has no causal mode: its clusters take top-k over the whole sequence; "
+                             "use routing='topk'")
         batch, seq_len, hidden = x.shape
         k = selection_size(seq_len, self.sparsity, None)
         w_qk, w_v, w_o = self.w_qk, self.w_v, self.w_o

@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch_mosa.checks import check_routing
 from torch_mosa.config import MoSAConfig
 from torch_mosa.layers.dense import DenseAttention
 from torch_mosa.layers.hybrid import HybridAttention
+from torch_mosa.layers.mosa import MoSAAttention
 
 
 def build_attention(config: MoSAConfig) -> nn.Module:
@@ -45,15 +47,18 @@ class Block(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.ffn = FeedForward(config.hidden_size, config.ffn_size)
 
-    def forward(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), attention_mask)
+    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk") -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), attention_mask, routing)
         return x + self.ffn(self.ffn_norm(x))
 
 
 class MoSALM(nn.Module):
-    """`logits, loss = model(input_ids [B, T], targets=None, attention_mask=None)`; logits [B, T, vocab].
+    """`logits, loss = model(input_ids [B, T], targets=None, attention_mask=None, routing="topk")`; logits [B, T, vocab].
 
-    loss is the mean next-token cross-entropy over targets != -100 when targets are given, else None.
+    loss is the mean next-token cross-entropy over targets != -100 when targets are given, else None; in training
+    mode it includes `router_aux_loss_weight` x the MoSA routers' membership loss (kept in `last_router_aux_loss`).
+    routing="topk" is the paper's expert-choice routing (non-causal: a token's selection depends on later tokens);
+    routing="causal" decides each token's heads when it arrives (thresholds), as generation must.
     Input and output embeddings are untied and projections bias-free, which gives the paper's parameter counts.
     """
 
@@ -64,6 +69,10 @@ class MoSALM(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mosa_layers = [m for m in self.modules() if isinstance(m, MoSAAttention) and hasattr(m, "router")]
+        for layer in self.mosa_layers:
+            layer.router_aux_loss = config.router_aux_loss_weight > 0
+        self.last_router_aux_loss = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -91,15 +100,30 @@ class MoSALM(nn.Module):
         if not 1 <= seq_len <= self.config.max_seq_len:
             raise ValueError(f"input_ids has seq_len={seq_len}; allowed 1..max_seq_len={self.config.max_seq_len}")
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, attention_mask=None):
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, attention_mask=None,
+                routing: str = "topk"):
         self.check_input_ids(input_ids)
+        check_routing(routing)
         x = self.embed(input_ids)
         for block in self.blocks:
-            x = block(x, attention_mask)
+            x = block(x, attention_mask, routing)
         logits = self.lm_head(self.final_norm(x))
         if targets is None:
             return logits, None
         if targets.shape != input_ids.shape:
             raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(targets.shape)}")
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        if self.training and self.config.router_aux_loss_weight > 0 and routing == "topk":
+            aux = [layer.last_router_aux_loss for layer in self.mosa_layers]
+            self.last_router_aux_loss = torch.stack(aux).mean()
+            for layer in self.mosa_layers:
+                layer.last_router_aux_loss = None
+            loss = loss + self.config.router_aux_loss_weight * self.last_router_aux_loss
         return logits, loss
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Autoregressive generation with causal routing and a sparse KV cache; see torch_mosa.inference.generate."""
+        from torch_mosa.inference.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)

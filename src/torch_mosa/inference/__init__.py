@@ -1,0 +1,9 @@
+"""Causal inference for MoSA models: causal routing thresholds, sparse KV caches, prefill/decode, generation."""
+
+from torch_mosa.inference.cache import DenseCache, LocalCache, ModelCache, MoSACache
+from torch_mosa.inference.calibrate import calibrate_causal_thresholds
+from torch_mosa.inference.decode import decode_one_token, new_cache, prefill
+from torch_mosa.inference.generate import generate, sample
+
+__all__ = ["DenseCache", "LocalCache", "ModelCache", "MoSACache", "calibrate_causal_thresholds", "decode_one_token",
+           "generate", "new_cache", "prefill", "sample"]
