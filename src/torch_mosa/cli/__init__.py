@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("flops",)
+COMMANDS = ("flops", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

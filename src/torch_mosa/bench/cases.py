@@ -1,0 +1,144 @@
+"""Timing of one attention layer (dense SDPA, MoSA reference path, MoSA fast path) and of a tiny training step.
+
+Every number is measured: median ms of forward+backward through `triton.testing.do_bench` after warm-up, on random
+bf16 data, and peak MiB via torch.cuda.max_memory_allocated over one forward+backward (parameters, input and
+gradients included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from torch_mosa.config import MoSAConfig
+from torch_mosa.layers import DenseAttention, HybridAttention
+from torch_mosa.models import MoSALM
+from torch_mosa.ops.dispatch import fast_path
+
+
+@dataclass(frozen=True)
+class Case:
+    """One SPEC §6 case: a hybrid layer (num_dense_heads + num_mosa_heads of k tokens) vs `dense_heads` dense heads."""
+
+    name: str
+    hidden: int
+    num_mosa_heads: int
+    num_dense_heads: int
+    k: int
+    seq_len: int
+    batch: int
+    include_first: bool
+    dense_heads: int
+
+
+CASES = {
+    "A": [Case("A", 512, 505, 4, 16, 1024, 64, True, 9)],
+    "B": [Case("B", 512, 142, 4, 64, 1024, 64, True, 9)],
+    "C": [Case("C", 1024, 381, 4, 16, 1024, 16, True, 9)],
+    "D": [Case(f"D T={t}", 1024, 60, 0, 64, t, 1, False, 16) for t in (8192, 16384, 32768, 65536, 131072)],
+}
+HEAD_DIM = 64
+
+
+def _layers(case: Case, device):
+    mosa = HybridAttention(case.hidden, HEAD_DIM, num_mosa_heads=case.num_mosa_heads,
+                           num_dense_heads=case.num_dense_heads, k=case.k, include_first=case.include_first)
+    dense = DenseAttention(case.hidden, case.dense_heads, HEAD_DIM)
+    return [m.to(device=device, dtype=torch.bfloat16) for m in (mosa, dense)]
+
+
+def time_layer(layer, x, grad_y, warmup_ms=50, rep_ms=200) -> tuple[float, float]:
+    """Median ms of forward+backward, and peak MiB of one forward+backward."""
+    import triton.testing
+
+    params = [p for p in layer.parameters()]
+
+    def step():
+        layer(x).backward(grad_y)
+
+    step()
+    torch.cuda.synchronize()
+    for t in [x, *params]:
+        t.grad = None
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20
+    ms = triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, grad_to_none=[x, *params],
+                                 return_mode="median")
+    for t in [x, *params]:
+        t.grad = None
+    return ms, peak
+
+
+def run_case(case: Case, paths=("dense", "reference", "fast"), reference_max_seq_len=131072) -> dict:
+    """{path: (ms, MiB) or None when skipped} for one case."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    mosa, dense = _layers(case, device)
+    x = torch.randn(case.batch, case.seq_len, case.hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    grad_y = torch.randn_like(x)
+    results = {}
+    for path in paths:
+        if path == "reference" and case.seq_len > reference_max_seq_len:
+            results[path] = None
+            continue
+        layer = dense if path == "dense" else mosa
+        with fast_path(path == "fast"):
+            results[path] = time_layer(layer, x, grad_y)
+        torch.cuda.empty_cache()
+    return results
+
+
+def run_cases(names, paths=("dense", "reference", "fast"), reference_max_seq_len=131072, log=print) -> list:
+    rows = []
+    for name in names:
+        for case in CASES[name]:
+            result = run_case(case, paths, reference_max_seq_len)
+            rows.append((case, result))
+            log(format_row(case, result))
+    return rows
+
+
+def format_row(case: Case, result: dict) -> str:
+    cells = []
+    for path in ("dense", "reference", "fast"):
+        value = result.get(path)
+        cells.append("skipped" if value is None else f"{value[0]:.3f} ms {value[1]:.0f} MiB")
+    return f"{case.name}: " + " | ".join(f"{p} {c}" for p, c in zip(("dense", "reference", "fast"), cells))
+
+
+def train_step_tokens_per_second(attention: str, batch: int = 16, steps: int = 10, sparsity: int = 64,
+                                 fast: bool = True) -> tuple[float, float]:
+    """One full training step of the tiny preset (autocast bf16, AdamW): (tokens/s from the median step, peak MiB)."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    config = MoSAConfig.from_preset("tiny", attention=attention, sparsity=sparsity if attention != "dense" else None)
+    model = MoSALM(config).to(device)
+    optimizer = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4, fused=True)
+    tokens = torch.randint(0, config.vocab_size, (batch, config.max_seq_len + 1), device=device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(inputs, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = []
+    with fast_path(fast):
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    median_ms = sorted(times)[len(times) // 2]
+    return batch * config.max_seq_len / (median_ms / 1e3), torch.cuda.max_memory_allocated() / 2 ** 20

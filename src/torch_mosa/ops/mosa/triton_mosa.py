@@ -1,0 +1,483 @@
+"""Fused Triton kernels for the MoSA head op (SPEC §6): forward, backward and the torch.library registration.
+
+Work is grouped by head across the batch: head e's selected rows from all B sequences form B*k rows, and one
+program takes a tile of BLOCK_M of them made of whole (b, e) groups (BLOCK_M // k groups of k sorted slots each).
+Inside the tile everything is fused:
+
+  forward   gather x rows -> Q|K|V GEMM -> RoPE at the original positions -> causal attention inside each group
+            (block-diagonal causal mask over the tile) -> O GEMM -> * score -> atomic fp32 scatter-add into y
+  backward  recompute Q|K|V and P in the tile, dO = score * (dy rows @ W_O^T), dscore = rowsum(O * dO / score),
+            attention backward, un-rotate, dX rows = dQKV @ W_QKV^T scatter-added into dx (fp32 atomics);
+            a second kernel per (head, hidden chunk) contracts the gathered rows into dW_QKV and dW_O.
+
+Per-row memory kept between forward and backward: the attention output O [E, B*k, d] (same size as x for an IsoFLOP
+layer); the backward keeps dQKV [E, B*k, 3d] for the weight kernel. No [B, E, k, h] tensor is ever stored.
+RoPE uses the GPT-NeoX rotate-half layout on the first rotary_dim dims, so each of Q and K is held as three column
+segments: the two rotated halves (rotary_dim/2 each) and the pass-through rest. cos/sin come from the same fp32 table
+code as the reference (layers/rope.py). Selections with k > MAX_FUSED_K (64 for float32) take the reference
+composition instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from torch_mosa.layers.rope import rope_cos_sin
+from torch_mosa.ops.mosa.reference import mosa_attention_reference
+
+MAX_FUSED_K = 128  # 16-bit inputs; float32 tiles of 128 rows overflow shared memory in the backward (H100)
+MAX_FUSED_K_FP32 = 64
+BLOCK_H = 64
+BLOCK_ROWS_WEIGHTS = 64
+
+
+@triton.jit
+def _dot_weight(rows, w_ptrs, w_mask, acc, PREC: tl.constexpr):
+    """acc += rows @ W, W loaded through w_ptrs [BLOCK_H, N] (zero where masked)."""
+    w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(rows.dtype)
+    return tl.dot(rows, w, acc, input_precision=PREC)
+
+
+@triton.jit
+def _project_qkv(x_rows, row_ok, w_e, H: tl.constexpr, D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BR: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
+    """Gathered rows x_rows [BLOCK_M] (row pointers) @ w_e [H, 3D] -> Q and K as (rot1, rot2, pass) segments, V.
+
+    All fp32 accumulators: q1, q2, k1, k2 [BLOCK_M, BR]; q3, k3 [BLOCK_M, BP]; v [BLOCK_M, BD].
+    """
+    r = tl.arange(0, BR)
+    p = tl.arange(0, BP)
+    d = tl.arange(0, BD)
+    P: tl.constexpr = D - 2 * R2
+    q1 = tl.zeros([BLOCK_M, BR], tl.float32)
+    q2 = tl.zeros([BLOCK_M, BR], tl.float32)
+    k1 = tl.zeros([BLOCK_M, BR], tl.float32)
+    k2 = tl.zeros([BLOCK_M, BR], tl.float32)
+    q3 = tl.zeros([BLOCK_M, BP], tl.float32)
+    k3 = tl.zeros([BLOCK_M, BP], tl.float32)
+    v = tl.zeros([BLOCK_M, BD], tl.float32)
+    for h0 in range(0, H, BH):
+        hs = h0 + tl.arange(0, BH)
+        hm = hs < H
+        xt = tl.load(x_rows[:, None] + hs[None, :], mask=row_ok[:, None] & hm[None, :], other=0.0)
+        w_rows = w_e + hs[:, None] * (3 * D)
+        if R2 > 0:
+            rm = hm[:, None] & (r < R2)[None, :]
+            q1 = _dot_weight(xt, w_rows + r[None, :], rm, q1, PREC)
+            q2 = _dot_weight(xt, w_rows + (R2 + r)[None, :], rm, q2, PREC)
+            k1 = _dot_weight(xt, w_rows + (D + r)[None, :], rm, k1, PREC)
+            k2 = _dot_weight(xt, w_rows + (D + R2 + r)[None, :], rm, k2, PREC)
+        if P > 0:
+            pm = hm[:, None] & (p < P)[None, :]
+            q3 = _dot_weight(xt, w_rows + (2 * R2 + p)[None, :], pm, q3, PREC)
+            k3 = _dot_weight(xt, w_rows + (D + 2 * R2 + p)[None, :], pm, k3, PREC)
+        v = _dot_weight(xt, w_rows + (2 * D + d)[None, :], hm[:, None] & (d < D)[None, :], v, PREC)
+    return q1, q2, q3, k1, k2, k3, v
+
+
+@triton.jit
+def _tile_rows(tile, B, E, K, e, GROUPS, BLOCK_M: tl.constexpr):
+    """Rows of a tile: group in tile, slot, batch index, validity, and the flat [B, E, k] selection index."""
+    rows = tl.arange(0, BLOCK_M)
+    grp = rows // K
+    slot = rows % K
+    b = tile * GROUPS + grp
+    row_ok = (grp < GROUPS) & (b < B)
+    sel = (b.to(tl.int64) * E + e) * K + slot
+    return grp, slot, b, row_ok, sel
+
+
+@triton.jit
+def _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, sm_scale, DT: tl.constexpr,
+                     R2: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+    """RoPE on Q, K segments, then softmax over each group's causal slots -> (rotated q1, q2, k1, k2, P [M, M])."""
+    q1, q2 = q1 * cos - q2 * sin, q2 * cos + q1 * sin
+    k1, k2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
+    s = tl.zeros([BLOCK_M, BLOCK_M], tl.float32)
+    if R2 > 0:
+        s = tl.dot(q1.to(DT), tl.trans(k1.to(DT)), s, input_precision=PREC)
+        s = tl.dot(q2.to(DT), tl.trans(k2.to(DT)), s, input_precision=PREC)
+    if P > 0:
+        s = tl.dot(q3.to(DT), tl.trans(k3.to(DT)), s, input_precision=PREC)
+    # same (b, e) group and key slot <= query slot; the diagonal is always open, so no row is all -inf
+    allowed = (grp[:, None] == grp[None, :]) & (slot[None, :] <= slot[:, None])
+    logits = tl.where(allowed, s * sm_scale, float("-inf"))
+    m = tl.max(logits, 1)
+    p = tl.exp(logits - m[:, None])
+    p = p / tl.sum(p, 1)[:, None]
+    return q1, q2, k1, k2, p
+
+
+@triton.jit
+def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr, dest_ptr, y_ptr, o_ptr,
+                     B, T, E, K, GROUPS, sm_scale, H: tl.constexpr,
+                     D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
+                     BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
+    e = tl.program_id(0)
+    tile = tl.program_id(1)
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    P: tl.constexpr = D - 2 * R2
+    grp, slot, b, row_ok, sel = _tile_rows(tile, B, E, K, e, GROUPS, BLOCK_M)
+    pos = tl.load(idx_ptr + sel, mask=row_ok, other=0).to(tl.int64)
+    score = tl.load(score_ptr + sel, mask=row_ok, other=0.0).to(tl.float32)
+    tok = b.to(tl.int64) * T + pos
+    x_rows = x_ptr + tok * H
+    w_e = w_qkv_ptr + e.to(tl.int64) * H * 3 * D
+    q1, q2, q3, k1, k2, k3, v = _project_qkv(x_rows, row_ok, w_e, H, D, R2, BLOCK_M, BR, BP, BD, BH, PREC)
+    r = tl.arange(0, BR)
+    rope_mask = row_ok[:, None] & (r < R2)[None, :]
+    cos = tl.load(cos_ptr + pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
+    sin = tl.load(sin_ptr + pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
+    q1, q2, k1, k2, p = _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, sm_scale, DT, R2, P,
+                                         BLOCK_M, PREC)
+    o = tl.dot(p.to(DT), v.to(DT), input_precision=PREC).to(DT)
+    d = tl.arange(0, BD)
+    head_row = e.to(tl.int64) * B * K + b * K + slot
+    tl.store(o_ptr + head_row[:, None] * D + d[None, :], o, mask=row_ok[:, None] & (d < D)[None, :])
+    dest = tl.load(dest_ptr + sel, mask=row_ok, other=0)
+    keep = row_ok & (score != 0.0)  # a zero score adds exactly zero
+    w_o_e = w_o_ptr + e.to(tl.int64) * D * H
+    for h0 in range(0, H, BH):
+        hs = h0 + tl.arange(0, BH)
+        hm = hs < H
+        wo = tl.load(w_o_e + d[:, None] * H + hs[None, :], mask=(d < D)[:, None] & hm[None, :], other=0.0)
+        out = tl.dot(o, wo.to(DT), input_precision=PREC) * score[:, None]
+        tl.atomic_add(y_ptr + dest[:, None] * H + hs[None, :], out, mask=keep[:, None] & hm[None, :], sem="relaxed")
+
+
+@triton.jit
+def _dot_weight_t(grad, w_ptrs, w_mask, acc, PREC: tl.constexpr):
+    """acc += grad @ W^T, W loaded through w_ptrs [BLOCK_H, N]."""
+    w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(grad.dtype)
+    return tl.dot(grad, tl.trans(w), acc, input_precision=PREC)
+
+
+@triton.jit
+def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr, dest_ptr, o_ptr, dy_ptr,
+                          dqkv_ptr, dx_ptr, dscore_ptr,
+                          B, T, E, K, GROUPS, sm_scale, H: tl.constexpr,
+                          D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
+                          BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
+    e = tl.program_id(0)
+    tile = tl.program_id(1)
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    P: tl.constexpr = D - 2 * R2
+    grp, slot, b, row_ok, sel = _tile_rows(tile, B, E, K, e, GROUPS, BLOCK_M)
+    pos = tl.load(idx_ptr + sel, mask=row_ok, other=0).to(tl.int64)
+    score = tl.load(score_ptr + sel, mask=row_ok, other=0.0).to(tl.float32)
+    tok = b.to(tl.int64) * T + pos
+    x_rows = x_ptr + tok * H
+    w_e = w_qkv_ptr + e.to(tl.int64) * H * 3 * D
+    q1, q2, q3, k1, k2, k3, v = _project_qkv(x_rows, row_ok, w_e, H, D, R2, BLOCK_M, BR, BP, BD, BH, PREC)
+    r = tl.arange(0, BR)
+    pp = tl.arange(0, BP)
+    d = tl.arange(0, BD)
+    rope_mask = row_ok[:, None] & (r < R2)[None, :]
+    cos = tl.load(cos_ptr + pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
+    sin = tl.load(sin_ptr + pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
+    q1, q2, k1, k2, p = _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, sm_scale, DT, R2, P,
+                                         BLOCK_M, PREC)
+    head_row = e.to(tl.int64) * B * K + b * K + slot
+    d_mask = row_ok[:, None] & (d < D)[None, :]
+    o = tl.load(o_ptr + head_row[:, None] * D + d[None, :], mask=d_mask, other=0.0).to(tl.float32)
+
+    # dO before the score: dy rows @ W_O^T
+    w_o_e = w_o_ptr + e.to(tl.int64) * D * H
+    dou = tl.zeros([BLOCK_M, BD], tl.float32)
+    for h0 in range(0, H, BH):
+        hs = h0 + tl.arange(0, BH)
+        hm = hs < H
+        g = tl.load(dy_ptr + tok[:, None] * H + hs[None, :], mask=row_ok[:, None] & hm[None, :], other=0.0)
+        wo = tl.load(w_o_e + d[:, None] * H + hs[None, :], mask=(d < D)[:, None] & hm[None, :], other=0.0)
+        dou = tl.dot(g.to(DT), tl.trans(wo.to(DT)), dou, input_precision=PREC)
+    tl.store(dscore_ptr + sel, tl.sum(o * dou, 1), mask=row_ok)
+    do = (dou * score[:, None]).to(DT)
+
+    # attention backward inside the tile (P is block-diagonal, so whole-tile products stay per group)
+    p_dt = p.to(DT)
+    dv = tl.dot(tl.trans(p_dt), do, input_precision=PREC)
+    dp = tl.dot(do, tl.trans(v.to(DT)), input_precision=PREC)
+    ds = p * (dp - tl.sum(p * dp, 1)[:, None]) * sm_scale
+    ds_dt = ds.to(DT)
+    ds_t = tl.trans(ds_dt)
+    dq1 = tl.dot(ds_dt, k1.to(DT), input_precision=PREC)
+    dq2 = tl.dot(ds_dt, k2.to(DT), input_precision=PREC)
+    dq3 = tl.dot(ds_dt, k3.to(DT), input_precision=PREC)
+    dk1 = tl.dot(ds_t, q1.to(DT), input_precision=PREC)
+    dk2 = tl.dot(ds_t, q2.to(DT), input_precision=PREC)
+    dk3 = tl.dot(ds_t, q3.to(DT), input_precision=PREC)
+    # un-rotate: a' = a cos - b sin, b' = b cos + a sin  =>  da = da' cos + db' sin, db = db' cos - da' sin
+    dq1, dq2 = dq1 * cos + dq2 * sin, dq2 * cos - dq1 * sin
+    dk1, dk2 = dk1 * cos + dk2 * sin, dk2 * cos - dk1 * sin
+    dq1, dq2, dq3 = dq1.to(DT), dq2.to(DT), dq3.to(DT)
+    dk1, dk2, dk3, dv = dk1.to(DT), dk2.to(DT), dk3.to(DT), dv.to(DT)
+
+    dqkv_rows = dqkv_ptr + head_row[:, None] * (3 * D)
+    pass_mask = row_ok[:, None] & (pp < P)[None, :]
+    if R2 > 0:
+        tl.store(dqkv_rows + r[None, :], dq1, mask=rope_mask)
+        tl.store(dqkv_rows + (R2 + r)[None, :], dq2, mask=rope_mask)
+        tl.store(dqkv_rows + (D + r)[None, :], dk1, mask=rope_mask)
+        tl.store(dqkv_rows + (D + R2 + r)[None, :], dk2, mask=rope_mask)
+    if P > 0:
+        tl.store(dqkv_rows + (2 * R2 + pp)[None, :], dq3, mask=pass_mask)
+        tl.store(dqkv_rows + (D + 2 * R2 + pp)[None, :], dk3, mask=pass_mask)
+    tl.store(dqkv_rows + (2 * D + d)[None, :], dv, mask=d_mask)
+
+    # dX rows = dQKV @ W_QKV^T, scatter-added back to the selected positions
+    dest = tl.load(dest_ptr + sel, mask=row_ok, other=0)
+    for h0 in range(0, H, BH):
+        hs = h0 + tl.arange(0, BH)
+        hm = hs < H
+        w_rows = w_e + hs[:, None] * (3 * D)
+        dx = tl.zeros([BLOCK_M, BH], tl.float32)
+        if R2 > 0:
+            rm = hm[:, None] & (r < R2)[None, :]
+            dx = _dot_weight_t(dq1, w_rows + r[None, :], rm, dx, PREC)
+            dx = _dot_weight_t(dq2, w_rows + (R2 + r)[None, :], rm, dx, PREC)
+            dx = _dot_weight_t(dk1, w_rows + (D + r)[None, :], rm, dx, PREC)
+            dx = _dot_weight_t(dk2, w_rows + (D + R2 + r)[None, :], rm, dx, PREC)
+        if P > 0:
+            pm = hm[:, None] & (pp < P)[None, :]
+            dx = _dot_weight_t(dq3, w_rows + (2 * R2 + pp)[None, :], pm, dx, PREC)
+            dx = _dot_weight_t(dk3, w_rows + (D + 2 * R2 + pp)[None, :], pm, dx, PREC)
+        dx = _dot_weight_t(dv, w_rows + (2 * D + d)[None, :], hm[:, None] & (d < D)[None, :], dx, PREC)
+        tl.atomic_add(dx_ptr + dest[:, None] * H + hs[None, :], dx, mask=row_ok[:, None] & hm[None, :],
+                      sem="relaxed")
+
+
+@triton.jit
+def _mosa_bwd_weights_kernel(x_ptr, dy_ptr, idx_ptr, score_ptr, o_ptr, dqkv_ptr, dw_qkv_ptr, dw_o_ptr,
+                             B, T, E, K, H: tl.constexpr, NUM_ROWS: tl.constexpr,
+                             D: tl.constexpr, BLOCK_R: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                             PREC: tl.constexpr):
+    """One program per (head, hidden chunk): dW_QKV[e, chunk] = X_s^T dQKV, dW_O[e, :, chunk] = (s*O)^T dy_s."""
+    num_chunks = tl.cdiv(H, BH)
+    pid = tl.program_id(0)
+    e = pid // num_chunks
+    hs = (pid % num_chunks) * BH + tl.arange(0, BH)
+    hm = hs < H
+    d = tl.arange(0, BD)
+    dm = d < D
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    acc_q = tl.zeros([BH, BD], tl.float32)
+    acc_k = tl.zeros([BH, BD], tl.float32)
+    acc_v = tl.zeros([BH, BD], tl.float32)
+    acc_o = tl.zeros([BD, BH], tl.float32)
+    num_rows = NUM_ROWS
+    for r0 in range(0, NUM_ROWS, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        ok = rows < num_rows
+        b = rows // K
+        sel = (b.to(tl.int64) * E + e) * K + rows % K
+        pos = tl.load(idx_ptr + sel, mask=ok, other=0).to(tl.int64)
+        score = tl.load(score_ptr + sel, mask=ok, other=0.0).to(tl.float32)
+        tok = b.to(tl.int64) * T + pos
+        xh_mask = ok[:, None] & hm[None, :]
+        xt = tl.load(x_ptr + tok[:, None] * H + hs[None, :], mask=xh_mask, other=0.0)
+        g = tl.load(dy_ptr + tok[:, None] * H + hs[None, :], mask=xh_mask, other=0.0).to(DT)
+        head_row = e.to(tl.int64) * num_rows + rows
+        rd_mask = ok[:, None] & dm[None, :]
+        dqkv_rows = dqkv_ptr + head_row[:, None] * (3 * D) + d[None, :]
+        dq = tl.load(dqkv_rows, mask=rd_mask, other=0.0)
+        dk = tl.load(dqkv_rows + D, mask=rd_mask, other=0.0)
+        dv = tl.load(dqkv_rows + 2 * D, mask=rd_mask, other=0.0)
+        o = tl.load(o_ptr + head_row[:, None] * D + d[None, :], mask=rd_mask, other=0.0).to(tl.float32)
+        xt_t = tl.trans(xt)
+        acc_q = tl.dot(xt_t, dq, acc_q, input_precision=PREC)
+        acc_k = tl.dot(xt_t, dk, acc_k, input_precision=PREC)
+        acc_v = tl.dot(xt_t, dv, acc_v, input_precision=PREC)
+        acc_o = tl.dot(tl.trans((o * score[:, None]).to(DT)), g, acc_o, input_precision=PREC)
+    dw_rows = dw_qkv_ptr + e.to(tl.int64) * H * 3 * D + hs[:, None] * (3 * D) + d[None, :]
+    w_mask = hm[:, None] & dm[None, :]
+    tl.store(dw_rows, acc_q.to(DT), mask=w_mask)
+    tl.store(dw_rows + D, acc_k.to(DT), mask=w_mask)
+    tl.store(dw_rows + 2 * D, acc_v.to(DT), mask=w_mask)
+    tl.store(dw_o_ptr + e.to(tl.int64) * D * H + d[:, None] * H + hs[None, :], acc_o.to(DT),
+             mask=dm[:, None] & hm[None, :])
+
+
+def _block(n: int) -> int:
+    """Smallest power of two >= n and >= 16 (tl.dot needs every dim >= 16)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _tile_config(batch: int, k: int, head_dim: int, rotary_dim: int, dtype: torch.dtype) -> dict:
+    """Rows per tile, groups per tile, block widths, warps and pipeline depth for the fused row kernels.
+
+    Measured on an H100 (case A, bf16): 64 rows x 4 warps and 128 rows x 8 warps with 64-wide hidden chunks are the
+    fastest (3.95 / 3.89 ms fwd+bwd); 128-wide chunks spill. float32 tiles of 128 rows overflow shared memory
+    (262 KB) with the default pipeline, so they take 32-wide chunks and a shallower pipeline.
+    """
+    block_m = 64 if k <= 64 else 128
+    block_m = min(block_m, _block(batch * k))
+    groups = block_m // k
+    wide = dtype == torch.float32
+    return dict(block_m=block_m, groups=groups, num_tiles=triton.cdiv(batch, groups),
+                BR=_block(rotary_dim // 2), BP=_block(head_dim - rotary_dim), BD=_block(head_dim),
+                BH=32 if wide else BLOCK_H, num_warps=4 if block_m <= 64 else 8,
+                num_stages=2 if (wide or block_m > 64) else 3)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32: three-pass tf32 keeps ~fp32 accuracy on tensor cores; 16-bit operands ignore the setting
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _rope_tables(seq_len: int, rotary_dim: int, rope_base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, rotary_dim/2] fp32 by position, from the reference's own table code."""
+    half = rotary_dim // 2
+    if half == 0:
+        empty = torch.zeros(1, device=device, dtype=torch.float32)
+        return empty, empty
+    positions = torch.arange(seq_len, device=device)
+    cos, sin = rope_cos_sin(positions, rotary_dim, rope_base, torch.float32)
+    return cos[:, :half].contiguous(), sin[:, :half].contiguous()
+
+
+def _accumulator_rows(indices: torch.Tensor, seq_len: int):
+    """Where each selected row accumulates in fp32: (dest [B, E, k] int64, accumulator rows, flat tokens or None).
+
+    Dense mode (None): the accumulator is [B*T, h] and dest is the flat token b*T + position. When the selections
+    cover under half of the tokens (long sequences, case D) a compact [B*E*k, h] accumulator is used instead: every
+    token gets one row (the winner of a scatter among the slots that picked it) and only those rows are written
+    back, so no fp32 [B, T, h] buffer is filled, read and cast.
+    """
+    batch = indices.shape[0]
+    offsets = torch.arange(batch, device=indices.device).view(-1, 1, 1) * seq_len
+    tokens = (indices.long() + offsets).reshape(-1)
+    if 2 * tokens.numel() >= batch * seq_len:
+        return tokens.view(indices.shape), batch * seq_len, None
+    row_of_token = torch.full((batch * seq_len,), -1, dtype=torch.long, device=indices.device)
+    row_of_token.scatter_(0, tokens, torch.arange(tokens.numel(), device=indices.device))
+    return row_of_token[tokens].view(indices.shape), tokens.numel(), tokens
+
+
+def _write_back(acc: torch.Tensor, dest: torch.Tensor, tokens, shape, dtype) -> torch.Tensor:
+    """fp32 accumulator -> [B, T, h] in dtype (zeros where no slot points)."""
+    if tokens is None:
+        return acc.view(shape).to(dtype)
+    out = torch.zeros(shape, device=acc.device, dtype=dtype)
+    out.view(-1, shape[-1]).index_copy_(0, tokens, acc.index_select(0, dest.reshape(-1)).to(dtype))
+    return out
+
+
+def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float):
+    """-> y [B, T, h] in x.dtype, O [E, B*k, d] (attention output per selected row, kept for the backward)."""
+    batch, seq_len, hidden = x.shape
+    num_heads, _, three_d = w_qkv.shape
+    head_dim, k = three_d // 3, indices.shape[-1]
+    cfg = _tile_config(batch, k, head_dim, rotary_dim, x.dtype)
+    cos, sin = _rope_tables(seq_len, rotary_dim, rope_base, x.device)
+    dest, acc_rows, tokens = _accumulator_rows(indices, seq_len)
+    y = torch.zeros(acc_rows, hidden, device=x.device, dtype=torch.float32)
+    o = torch.empty(num_heads, batch * k, head_dim, device=x.device, dtype=x.dtype)
+    _mosa_fwd_kernel[(num_heads, cfg["num_tiles"])](
+        x, w_qkv, w_o, indices, scores, cos, sin, dest, y, o,
+        batch, seq_len, num_heads, k, cfg["groups"], head_dim ** -0.5, H=hidden,
+        D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
+        BH=cfg["BH"], PREC=_dot_precision(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return _write_back(y, dest, tokens, x.shape, x.dtype), o
+
+
+def mosa_bwd(dy, x, w_qkv, w_o, indices, scores, o, rotary_dim: int, rope_base: float):
+    """-> dx, dw_qkv, dw_o, dscores (each in its input's dtype)."""
+    batch, seq_len, hidden = x.shape
+    num_heads, _, three_d = w_qkv.shape
+    head_dim, k = three_d // 3, indices.shape[-1]
+    cfg = _tile_config(batch, k, head_dim, rotary_dim, x.dtype)
+    cos, sin = _rope_tables(seq_len, rotary_dim, rope_base, x.device)
+    precision = _dot_precision(x.dtype)
+    dest, acc_rows, tokens = _accumulator_rows(indices, seq_len)
+    dx = torch.zeros(acc_rows, hidden, device=x.device, dtype=torch.float32)
+    dqkv = torch.empty(num_heads, batch * k, three_d, device=x.device, dtype=x.dtype)
+    dscores = torch.empty(batch, num_heads, k, device=x.device, dtype=torch.float32)
+    _mosa_bwd_rows_kernel[(num_heads, cfg["num_tiles"])](
+        x, w_qkv, w_o, indices, scores, cos, sin, dest, o, dy, dqkv, dx, dscores,
+        batch, seq_len, num_heads, k, cfg["groups"], head_dim ** -0.5, H=hidden,
+        D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
+        BH=cfg["BH"], PREC=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    dw_qkv = torch.empty_like(w_qkv)
+    dw_o = torch.empty_like(w_o)
+    _mosa_bwd_weights_kernel[(num_heads * triton.cdiv(hidden, BLOCK_H),)](
+        x, dy, indices, scores, o, dqkv, dw_qkv, dw_o,
+        batch, seq_len, num_heads, k, H=hidden, NUM_ROWS=batch * k,
+        D=head_dim, BLOCK_R=BLOCK_ROWS_WEIGHTS, BD=cfg["BD"], BH=BLOCK_H, PREC=precision, num_warps=4,
+        num_stages=cfg["num_stages"])
+    return _write_back(dx, dest, tokens, x.shape, x.dtype), dw_qkv, dw_o, dscores.to(scores.dtype)
+
+
+@torch.library.custom_op("torch_mosa::mosa_attention_fwd", mutates_args=())
+def _mosa_fwd_op(x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, indices: torch.Tensor,
+                 scores: torch.Tensor, rotary_dim: int, rope_base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base)
+
+
+@_mosa_fwd_op.register_fake
+def _mosa_fwd_fake(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base):
+    num_heads, _, three_d = w_qkv.shape
+    return x.new_empty(x.shape), x.new_empty(num_heads, x.shape[0] * indices.shape[-1], three_d // 3)
+
+
+@torch.library.custom_op("torch_mosa::mosa_attention_bwd", mutates_args=())
+def _mosa_bwd_op(dy: torch.Tensor, x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, indices: torch.Tensor,
+                 scores: torch.Tensor, o: torch.Tensor, rotary_dim: int, rope_base: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return mosa_bwd(dy, x, w_qkv, w_o, indices, scores, o, rotary_dim, rope_base)
+
+
+@_mosa_bwd_op.register_fake
+def _mosa_bwd_fake(dy, x, w_qkv, w_o, indices, scores, o, rotary_dim, rope_base):
+    return x.new_empty(x.shape), w_qkv.new_empty(w_qkv.shape), w_o.new_empty(w_o.shape), scores.new_empty(scores.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_qkv, w_o, indices, scores, rotary_dim, rope_base = inputs
+    ctx.save_for_backward(x, w_qkv, w_o, indices, scores, output[1])
+    ctx.rotary_dim, ctx.rope_base = rotary_dim, rope_base
+
+
+def _backward(ctx, dy, _d_o):
+    x, w_qkv, w_o, indices, scores, o = ctx.saved_tensors
+    dx, dw_qkv, dw_o, dscores = _mosa_bwd_op(dy.contiguous(), x, w_qkv, w_o, indices, scores, o,
+                                             ctx.rotary_dim, ctx.rope_base)
+    return dx, dw_qkv, dw_o, None, dscores, None, None
+
+
+_mosa_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mosa_attention_triton(x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, indices: torch.Tensor,
+                          scores: torch.Tensor, *, rotary_dim: int, rope_base: float) -> torch.Tensor:
+    """Fused MoSA heads: same contract as `mosa_attention_reference`.
+
+    x [B, T, h]; w_qkv [E, h, 3*d] (Q|K|V); w_o [E, d, h]; indices [B, E, k] int64 positions, ascending per (b, e)
+    except that score-0 padding slots come last; scores [B, E, k]. Returns y [B, T, h] in x.dtype, accumulated in
+    fp32. Differentiable in x, w_qkv, w_o and scores. k > MAX_FUSED_K runs the reference composition.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, T, h], got shape {tuple(x.shape)}")
+    batch, seq_len, hidden = x.shape
+    if w_qkv.dim() != 3 or w_qkv.shape[1] != hidden or w_qkv.shape[2] % 3:
+        raise ValueError(f"w_qkv must be [E, h={hidden}, 3*d], got shape {tuple(w_qkv.shape)}")
+    num_heads, head_dim = w_qkv.shape[0], w_qkv.shape[2] // 3
+    if tuple(w_o.shape) != (num_heads, head_dim, hidden):
+        raise ValueError(f"w_o must be [E={num_heads}, d={head_dim}, h={hidden}], got shape {tuple(w_o.shape)}")
+    if indices.dim() != 3 or tuple(indices.shape[:2]) != (batch, num_heads):
+        raise ValueError(f"indices must be [B={batch}, E={num_heads}, k], got shape {tuple(indices.shape)}")
+    if tuple(scores.shape) != tuple(indices.shape):
+        raise ValueError(f"scores must match indices {tuple(indices.shape)}, got shape {tuple(scores.shape)}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if w_qkv.dtype != x.dtype or w_o.dtype != x.dtype:
+        raise ValueError(f"w_qkv ({w_qkv.dtype}) and w_o ({w_o.dtype}) must have x's dtype {x.dtype}")
+    if rotary_dim % 2 or not 0 <= rotary_dim <= head_dim:
+        raise ValueError(f"rotary_dim must be even and in [0, head_dim={head_dim}], got {rotary_dim}")
+    if indices.shape[-1] > (MAX_FUSED_K_FP32 if x.dtype == torch.float32 else MAX_FUSED_K):
+        return mosa_attention_reference(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base)
+    return _mosa_fwd_op(x.contiguous(), w_qkv.contiguous(), w_o.contiguous(), indices.contiguous(),
+                        scores.contiguous(), int(rotary_dim), float(rope_base))[0]

@@ -1,0 +1,153 @@
+"""The fused Triton MoSA op against the reference: output and all four gradients, at small odd shapes.
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before the kernels are defined);
+the file is skipped when Triton is not installed.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from torch_mosa.layers.mosa import topk_selection  # noqa: E402
+from torch_mosa.ops import dispatch  # noqa: E402
+from torch_mosa.ops.mosa import mosa_attention  # noqa: E402
+from torch_mosa.ops.mosa.reference import mosa_attention_reference  # noqa: E402
+from torch_mosa.ops.mosa import triton_mosa  # noqa: E402
+from torch_mosa.ops.mosa.triton_mosa import _accumulator_rows, _mosa_fwd_op, mosa_attention_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# float32 end to end (three-pass tf32 dots on a GPU): measured ~3e-7 in the interpreter
+FP32_RTOL = 1e-5
+
+
+def assert_close(name, actual, expected, rtol):
+    """Relative RMS error ||a - e|| / ||e|| below rtol (plus an absolute floor for all-zero references)."""
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values (unwritten memory?)"
+    error = (actual.double() - expected.double()).norm().item()
+    scale = expected.double().norm().item()
+    assert error <= rtol * scale + 1e-12, f"{name}: relative error {error / max(scale, 1e-30):.3e} > {rtol:.1e}"
+
+
+@pytest.fixture
+def nan_allocations(monkeypatch):
+    """Freshly allocated float buffers start as NaN, so a kernel that leaves memory unwritten fails loudly."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
+
+
+def make_case(batch, seq_len, hidden, num_heads, head_dim, k, include_first, padded, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seq_len, hidden, generator=g)
+    w_qkv = torch.randn(num_heads, hidden, 3 * head_dim, generator=g) / hidden ** 0.5
+    w_o = torch.randn(num_heads, head_dim, hidden, generator=g) / head_dim ** 0.5
+    logits = torch.randn(batch, seq_len, num_heads, generator=g)
+    mask = None
+    if padded:  # left padding on the first sequence: fewer real tokens than k there, so padding slots appear
+        mask = torch.ones(batch, seq_len, dtype=torch.bool)
+        mask[0, : seq_len - k + 1] = False
+    grad_y = torch.randn(batch, seq_len, hidden, generator=g)
+    to = dict(device=DEVICE)
+    return [t.to(**to) for t in (x, w_qkv, w_o, logits, grad_y)], (None if mask is None else mask.to(**to))
+
+
+def run_op(op, tensors, mask, k, include_first, rotary_dim):
+    x, w_qkv, w_o, logits, grad_y = (t.detach().clone().requires_grad_(i < 4) for i, t in enumerate(tensors))
+    indices, scores = topk_selection(logits, k, include_first, mask)
+    if mask is not None:
+        assert (scores == 0).any(), "the padded case must produce score-0 padding slots"
+    y = op(x, w_qkv, w_o, indices, scores, rotary_dim, 10000.0)
+    y.backward(grad_y)
+    return [y.detach(), x.grad, w_qkv.grad, w_o.grad, logits.grad]
+
+
+def triton_op(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base):
+    return mosa_attention_triton(x, w_qkv, w_o, indices, scores, rotary_dim=rotary_dim, rope_base=rope_base)
+
+
+CASES = [
+    # batch, seq_len, hidden, heads, head_dim, k, include_first, padded, rotary_dim
+    pytest.param(1, 9, 20, 2, 8, 2, True, False, 4, id="k2-B1-include_first"),
+    pytest.param(2, 13, 24, 3, 16, 4, False, False, 8, id="k4-T13-B2"),
+    pytest.param(3, 37, 40, 5, 32, 16, True, True, 16, id="k16-T37-padded"),
+    pytest.param(2, 29, 24, 2, 16, 5, False, False, 0, id="k5-no-rope"),
+    pytest.param(2, 29, 24, 2, 16, 5, True, False, 16, id="k5-full-rope"),
+    pytest.param(2, 150, 24, 2, 16, 80, False, True, 8, id="k80-two-tile-rows-padded"),
+    pytest.param(5, 23, 36, 1, 24, 7, True, False, 12, id="d24-odd-heads"),
+]
+
+
+@pytest.mark.parametrize("batch,seq_len,hidden,num_heads,head_dim,k,include_first,padded,rotary_dim", CASES)
+def test_forward_and_gradients_match_reference(nan_allocations, monkeypatch, batch, seq_len, hidden, num_heads, head_dim, k,
+                                               include_first, padded, rotary_dim):
+    if DEVICE == "cpu":  # the float32 limit is the GPU's shared memory; the interpreter runs 128-row tiles too
+        monkeypatch.setattr(triton_mosa, "MAX_FUSED_K_FP32", triton_mosa.MAX_FUSED_K)
+    tensors, mask = make_case(batch, seq_len, hidden, num_heads, head_dim, k, include_first, padded, seed=k + batch)
+    expected = run_op(mosa_attention_reference, tensors, mask, k, include_first, rotary_dim)
+    actual = run_op(triton_op, tensors, mask, k, include_first, rotary_dim)
+    for name, a, e in zip(("y", "dx", "dw_qkv", "dw_o", "dscores"), actual, expected):
+        assert_close(name, a, e, FP32_RTOL)
+
+
+def test_accumulator_modes():
+    """Selections covering under half the tokens accumulate in a compact buffer (one row per picked token)."""
+    indices = torch.tensor([[[1, 4], [4, 7]]])
+    dest, rows, tokens = _accumulator_rows(indices, seq_len=20)
+    assert rows == 4 and tokens is not None and dest[0, 0, 1] == dest[0, 1, 0]
+    dest, rows, tokens = _accumulator_rows(indices, seq_len=6)
+    assert rows == 6 and tokens is None and dest.tolist() == indices.tolist()
+
+
+def test_wrong_weights_fail():
+    """The comparison can fail: a perturbed w_o must be caught."""
+    tensors, mask = make_case(2, 13, 24, 3, 16, 4, False, False, seed=3)
+    expected = run_op(mosa_attention_reference, tensors, mask, 4, False, 8)
+    tensors[2] = tensors[2] * 1.001
+    actual = run_op(triton_op, tensors, mask, 4, False, 8)
+    with pytest.raises(AssertionError):
+        assert_close("y", actual[0], expected[0], FP32_RTOL)
+
+
+def test_argument_checks():
+    x = torch.randn(2, 8, 16)
+    w_qkv, w_o = torch.randn(3, 16, 24), torch.randn(3, 8, 16)
+    indices = torch.zeros(2, 3, 4, dtype=torch.long)
+    scores = torch.ones(2, 3, 4)
+    with pytest.raises(ValueError, match="w_o"):
+        mosa_attention_triton(x, w_qkv, w_o[:, :4], indices, scores, rotary_dim=4, rope_base=1e4)
+    with pytest.raises(ValueError, match="rotary_dim"):
+        mosa_attention_triton(x, w_qkv, w_o, indices, scores, rotary_dim=3, rope_base=1e4)
+    with pytest.raises(ValueError, match="dtype"):
+        mosa_attention_triton(x, w_qkv.double(), w_o, indices, scores, rotary_dim=4, rope_base=1e4)
+
+
+def test_custom_op_registration():
+    """Schema, fake (meta) implementation and autograd registration as torch.compile needs them."""
+    tensors, _ = make_case(2, 11, 16, 2, 16, 3, False, False, seed=5)
+    x, w_qkv, w_o, logits, _ = tensors
+    indices, scores = topk_selection(logits, 3, False)
+    args = (x.requires_grad_(), w_qkv.requires_grad_(), w_o.requires_grad_(), indices,
+            scores.detach().requires_grad_(), 8, 10000.0)
+    torch.library.opcheck(_mosa_fwd_op, args, test_utils=("test_schema", "test_faketensor",
+                                                          "test_autograd_registration"))
+
+
+def test_dispatch_takes_reference_off_cuda():
+    x = torch.randn(1, 6, 8)
+    assert not dispatch.use_fast_path(x)
+    w_qkv, w_o = torch.randn(2, 8, 24), torch.randn(2, 8, 8)
+    indices = torch.tensor([[[0, 2, 5], [1, 3, 4]]])
+    scores = torch.rand(1, 2, 3)
+    y = mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim=4, rope_base=1e4)
+    torch.testing.assert_close(y, mosa_attention_reference(x, w_qkv, w_o, indices, scores, 4, 1e4))
+    with dispatch.fast_path(False):
+        assert not dispatch.fast_path_enabled()
