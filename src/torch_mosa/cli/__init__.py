@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("flops", "bench")
+COMMANDS = ("prepare", "train", "eval", "compare", "plot", "flops", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

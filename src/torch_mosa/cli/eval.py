@@ -1,0 +1,33 @@
+"""`mosa eval`: validation loss, perplexity (and bits per byte for byte-level data) of a checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a checkpoint (or a run's latest) on data", description=__doc__)
+    p.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest checkpoint)")
+    p.add_argument("--data", default=None, help="a prepared shard directory or raw text (default: the run's data)")
+    p.add_argument("--split", choices=("train", "val"), default="val", help="split of a shard directory")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the model's maximum)")
+    p.add_argument("--max-batches", type=int, default=None, help="evaluate at most N batches (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from torch_mosa.train.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
+                                 seq_len=args.seq_len, max_batches=args.max_batches, device=args.device)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    line = f"loss {result['loss']:.4f}, ppl {result['ppl']:.3f}"
+    if "bpb" in result:
+        line += f", {result['bpb']:.4f} bits/byte"
+    print(f"{result['checkpoint']} on {result['data']} ({result['split']}, {result['tokens']:,} tokens): {line}")
+    return 0

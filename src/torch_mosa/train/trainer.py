@@ -1,0 +1,299 @@
+"""The training loop. `Trainer(model_config, train_config, out_dir).train()` reads top to bottom like nanoGPT's
+train.py: setup, distributed from the environment, data, model, resume, compile and wrap, then the loop (lr, eval,
+checkpoint, micro-steps syncing gradients only on the last, clip, step, log), a final evaluation and the summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from torch_mosa.config import MoSAConfig
+from torch_mosa.data.shards import BatchLoader, TokenDataset
+from torch_mosa.data.synthetic import SyntheticRecall, recall_accuracy
+from torch_mosa.flops import model_flops
+from torch_mosa.models.lm import MoSALM
+from torch_mosa.train import checkpoint as ckpt
+from torch_mosa.train.config import TrainConfig
+from torch_mosa.train.data import prepare_data
+from torch_mosa.train.distributed import (DistInfo, all_reduce_mean, barrier, gradient_sync, setup_distributed,
+                                          shard_fsdp, teardown_distributed, wrap_ddp)
+from torch_mosa.train.evaluate import evaluate
+from torch_mosa.train.metrics import MetricsWriter, write_summary
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class Trainer:
+    """Trains `model_config` under `train_config`, writing everything into the run directory `out_dir`.
+
+    The model's vocab_size is taken from the data. resume=True continues from the run's latest checkpoint (an
+    error if there is none); without it a run directory that already holds checkpoints is refused.
+    """
+
+    def __init__(self, model_config: MoSAConfig, train_config: TrainConfig, out_dir: str | Path, resume: bool = False):
+        self.model_config = model_config
+        self.config = train_config
+        self.out_dir = Path(out_dir)
+        self.resume = resume
+
+    def train(self) -> dict:
+        """Run to `train_config.steps` optimizer steps; returns the summary (also written to summary.json)."""
+        cfg = self.config
+        # ---- setup: device, processes (a process group made by the caller is left to the caller), determinism
+        device_type = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        owns_process_group = not torch.distributed.is_initialized()
+        info = self.info = setup_distributed(device_type)
+        device = self.device = torch.device(device_type, info.local_rank) if device_type == "cuda" else torch.device("cpu")
+        previous_determinism = torch.are_deterministic_algorithms_enabled()
+        try:
+            if device.type == "cpu":  # free on CPU; on CUDA it would need CUBLAS_WORKSPACE_CONFIG and slow kernels
+                torch.use_deterministic_algorithms(True, warn_only=True)
+            return self._train(device, info)
+        finally:
+            torch.use_deterministic_algorithms(previous_determinism)
+            if owns_process_group:
+                teardown_distributed()
+
+    def _train(self, device: torch.device, info: DistInfo) -> dict:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        autocast_dtype = self._autocast_dtype(device, info)
+        if info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        latest = ckpt.latest_checkpoint(self.out_dir)
+        if self.resume and latest is None:
+            raise ValueError(f"resume=True but {str(self.out_dir)!r} holds no checkpoint")
+        if not self.resume and latest is not None:
+            raise ValueError(f"{str(self.out_dir)!r} already holds checkpoints ({latest.name}); resume it or choose "
+                             "another output directory")
+
+        # ---- data: every rank reads the same shards and takes its slice of each global batch
+        seq_len = cfg.seq_len or self.model_config.max_seq_len
+        if seq_len > self.model_config.max_seq_len:
+            raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={self.model_config.max_seq_len}")
+        data_dir = prepare_data(cfg.data, self.out_dir, tokenizer=cfg.tokenizer, vocab_size=cfg.data_vocab_size,
+                                seq_len=seq_len, seed=cfg.seed, info=info, progress=cfg.progress)
+        train_data, val_data = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
+        model_config = dataclasses.replace(self.model_config, vocab_size=train_data.vocab_size)
+        micro_batch = self._micro_batch_size(info)
+        loader = BatchLoader(train_data, micro_batch, seq_len, seed=cfg.seed, rank=info.rank,
+                             world_size=info.world_size, device=device)
+        tokens_per_step = cfg.batch_size * seq_len
+
+        # ---- model and optimizer (built on the raw module: its parameter names are the checkpoint's keys)
+        model = MoSALM(model_config).to(device)
+        if cfg.strategy == "fsdp" and info.world_size > 1:
+            shard_fsdp(model, device.type)
+        optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                                      eps=cfg.eps, fused=device.type == "cuda")
+        run_config = {"model": model_config.to_dict(), "train": cfg.to_dict()}
+
+        # ---- resume
+        step, tokens, elapsed_before = 0, 0, 0.0
+        if self.resume:
+            state = self._restore(latest, model, optimizer, loader, model_config)
+            step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
+        elif info.is_main:
+            (self.out_dir / ckpt.CONFIG_FILE).write_text(json.dumps(run_config, indent=2) + "\n")
+
+        # ---- compile and wrap for multi-process training
+        train_model = torch.compile(model) if cfg.compile else model
+        if cfg.strategy == "ddp" and info.world_size > 1:
+            train_model = wrap_ddp(train_model, info, device.type)
+        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                    else contextlib.nullcontext())
+
+        metrics = MetricsWriter(self.out_dir, cfg.tensorboard, resume_step=step) if info.is_main else None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (cfg.progress and info.is_main))
+        start_step, session_start = step, time.perf_counter()
+        train_time, interval_time, interval_tokens = 0.0, 0.0, 0
+        eval_kwargs = dict(batch_size=micro_batch, seq_len=seq_len, max_batches=cfg.eval_batches, device=device,
+                           rank=info.rank, world_size=info.world_size, drop_last=cfg.strategy == "fsdp",
+                           autocast_dtype=autocast_dtype)
+
+        def validate() -> dict:
+            result = evaluate(model, val_data, **eval_kwargs)
+            if metrics:
+                metrics.log(step=step, tokens=tokens, val_loss=result["loss"], val_ppl=result["ppl"],
+                            val_bpb=result.get("bpb"))
+            return result
+
+        def save() -> Path | None:
+            trainer_state = {"step": step, "tokens": tokens, "loader": loader.state_dict(), "rng": ckpt.rng_state(),
+                             "elapsed_s": elapsed_before + time.perf_counter() - session_start}
+            return self._save(step, model, optimizer, trainer_state, run_config)
+
+        # ---- the loop: one optimizer step per iteration
+        train_loss = None
+        try:
+            while step < cfg.steps:
+                lr = cfg.lr_at(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if cfg.eval_interval and step > start_step and step % cfg.eval_interval == 0:
+                    validate()
+                if cfg.checkpoint_interval and step > start_step and step % cfg.checkpoint_interval == 0:
+                    save()
+
+                step_start = time.perf_counter()
+                train_loss, grad_norm = self._step(train_model, model, optimizer, loader, autocast, step)
+                step += 1
+                tokens += tokens_per_step
+
+                step_time = time.perf_counter() - step_start
+                train_time += step_time
+                interval_time += step_time
+                interval_tokens += tokens_per_step
+                tokens_per_s = interval_tokens / interval_time
+                bar.update(1)
+                bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}")
+                if metrics and (step % cfg.log_interval == 0 or step == cfg.steps):
+                    metrics.log(step=step, tokens=tokens, lr=lr, train_loss=train_loss, grad_norm=grad_norm,
+                                tokens_per_s=tokens_per_s,
+                                elapsed_s=elapsed_before + time.perf_counter() - session_start)
+                    interval_time, interval_tokens = 0.0, 0
+
+            # ---- final evaluation, checkpoint and summary
+            result = validate()
+            checkpoint_path = save()
+        finally:
+            bar.close()
+            if metrics:
+                metrics.close()
+        summary = {
+            "steps": step, "tokens": tokens, "train_loss": train_loss,
+            "val_loss": result["loss"], "val_ppl": result["ppl"], "val_bpb": result.get("bpb"),
+            "val_tokens": result["tokens"],
+            **self._recall(model, val_data, seq_len, micro_batch, autocast),
+            "params": model.num_parameters(),
+            "forward_flops_per_token": model_flops(model_config, seq_len) / seq_len,
+            "tokens_per_s": (step - start_step) * tokens_per_step / train_time if train_time else None,
+            **peak_memory(device),
+            "wall_clock_s": elapsed_before + time.perf_counter() - session_start,
+            "device": str(device), "world_size": info.world_size, "seq_len": seq_len, "batch_size": cfg.batch_size,
+            "preset": model_config.preset, "attention": model_config.attention, "sparsity": model_config.sparsity,
+            "head_counts": model_config.head_counts(), "data": str(data_dir),
+            "checkpoint": str(checkpoint_path) if checkpoint_path else None,
+        }
+        if info.is_main:
+            write_summary(self.out_dir, summary)
+        return summary
+
+    def _step(self, train_model, model, optimizer, loader, autocast, step: int) -> tuple[float, float | None]:
+        """One optimizer step over grad_accum_steps micro-batches; gradients are all-reduced on the last one only.
+
+        Returns the step's loss (mean over micro-batches and ranks) and the gradient norm before clipping.
+        """
+        cfg = self.config
+        loss_sum = torch.zeros((), device=self.device)
+        for micro_step in range(cfg.grad_accum_steps):
+            x, y = next(loader)
+            with gradient_sync(train_model, sync=micro_step == cfg.grad_accum_steps - 1):
+                with autocast:  # the forward only: backward runs in the dtypes autocast chose for each op
+                    _, loss = train_model(x, y)
+                (loss / cfg.grad_accum_steps).backward()
+            loss_sum += loss.detach()
+        train_loss = all_reduce_mean(loss_sum / cfg.grad_accum_steps, self.info).item()
+        if not math.isfinite(train_loss):
+            latest = ckpt.latest_checkpoint(self.out_dir)
+            kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written before it"
+            raise NonFiniteLossError(f"training loss is {train_loss} at step {step + 1}; stopping ({kept}). Lower "
+                                     "the learning rate, check the data, or resume from the checkpoint.")
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # DTensor under FSDP
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return train_loss, grad_norm
+
+    @torch.no_grad()
+    def _recall(self, model, val_data: TokenDataset, seq_len: int, batch_size: int, autocast) -> dict:
+        """For the synthetic task, the share of queried keys whose value the model predicts (validation split)."""
+        task = val_data.meta.get("synthetic")
+        if not task or task["seq_len"] != seq_len:
+            return {}
+        recall = SyntheticRecall(vocab_size=val_data.vocab_size, seq_len=seq_len, num_pairs=task["num_pairs"],
+                                 num_queries=task["num_queries"], seed=val_data.meta["seed"])
+        batch = recall.get_batch(batch_size, split="val").to(self.device)
+        model.eval()
+        with autocast:
+            logits, _ = model(batch.inputs)
+        model.train()
+        return {"recall_accuracy": recall_accuracy(logits, batch)}
+
+    def _micro_batch_size(self, info: DistInfo) -> int:
+        """Sequences per rank per micro-step: batch_size / (grad_accum_steps * world_size), which must divide."""
+        cfg = self.config
+        parts = cfg.grad_accum_steps * info.world_size
+        if cfg.batch_size % parts:
+            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by grad_accum_steps x world_size = "
+                             f"{cfg.grad_accum_steps} x {info.world_size}")
+        return cfg.batch_size // parts
+
+    def _autocast_dtype(self, device: torch.device, info: DistInfo) -> torch.dtype | None:
+        """bfloat16 autocast on CUDA (or when asked for), none for float32 and under FSDP's own mixed precision."""
+        dtype = self.config.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device.type == "cuda" else "float32"
+        if dtype == "float32" or (self.config.strategy == "fsdp" and info.world_size > 1 and device.type == "cuda"):
+            return None
+        return torch.bfloat16
+
+    def _restore(self, path: Path, model, optimizer, loader, model_config: MoSAConfig) -> dict:
+        """Load model, optimizer, loader and RNG states from checkpoint `path`; returns the trainer state."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        state = ckpt.load_checkpoint(path)
+        saved = MoSAConfig.from_dict(state["config"]["model"])
+        if saved != model_config:
+            differ = {f.name: (getattr(saved, f.name), getattr(model_config, f.name))
+                      for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(model_config, f.name)}
+            raise ValueError(f"the model config differs from checkpoint {path}'s (saved, given): {differ}")
+        options = StateDictOptions(full_state_dict=True)
+        try:
+            set_model_state_dict(model, state["model"], options=options)
+            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+        except (RuntimeError, KeyError) as error:
+            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {error}") from None
+        loader.load_state_dict(state["trainer"]["loader"])
+        ckpt.set_rng_state(state["trainer"]["rng"])
+        return state["trainer"]
+
+    def _save(self, step: int, model, optimizer, trainer_state: dict, run_config: dict) -> Path | None:
+        """Gather full state dicts (a collective under FSDP, so every rank calls this); rank 0 writes them."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(model, options=options)
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+        path = None
+        if self.info.is_main:
+            path = ckpt.save_checkpoint(self.out_dir, step, model_state, optimizer_state, trainer_state, run_config,
+                                        keep=self.config.keep_checkpoints)
+        barrier(self.info)
+        return path
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak CUDA memory allocated by tensors, or on CPU the process's peak resident set (all it has ever used)."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_kind": "cuda_allocated"}
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_memory_kind": "cpu_process_rss"}

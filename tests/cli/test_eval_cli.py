@@ -1,0 +1,41 @@
+import json
+
+import pytest
+
+
+TINY = ["--num-layers", "1", "--hidden-size", "32", "--ffn-size", "64", "--head-dim", "8", "--max-seq-len", "32",
+        "--batch-size", "4", "--seq-len", "16", "--eval-batches", "2", "--no-progress"]
+
+
+
+@pytest.fixture
+def byte_run(tmp_path, mosa, shared_data):
+    """A 2-step run on two books, byte-level."""
+    data = shared_data / "gutenberg" / "0[14]_*.txt"
+    assert mosa("train", "--out", tmp_path / "run", "--steps", 2, "--data", data, "--tokenizer", "byte", *TINY) == 0
+    return tmp_path / "run"
+
+
+def test_eval_on_the_runs_data_and_on_raw_text(byte_run, mosa, capsys, shared_data):
+    capsys.readouterr()
+    assert mosa("eval", byte_run, "--seq-len", 16, "--max-batches", 3, "--json") == 0
+    own = json.loads(capsys.readouterr().out)
+    assert own["tokens"] == 3 * 8 * 16 and own["split"] == "val" and own["bpb"] > 0
+    summary = json.loads((byte_run / "summary.json").read_text())
+    assert own["checkpoint"] == summary["checkpoint"]
+
+    text = shared_data / "gutenberg" / "12_us_constitution.txt"
+    assert mosa("eval", byte_run / "checkpoints" / "step_00000002", "--data", text, "--seq-len", 16,
+                "--max-batches", 2) == 0
+    out = capsys.readouterr().out
+    assert "12_us_constitution.txt (train, 256 tokens)" in out and "bits/byte" in out
+
+
+def test_eval_errors(byte_run, mosa, capsys, tmp_path):
+    assert mosa("eval", byte_run, "--seq-len", 64) == 2
+    assert "seq_len=64 exceeds the model's max_seq_len=32" in capsys.readouterr().err
+    assert mosa("eval", tmp_path / "nowhere") == 2
+    assert "does not exist" in capsys.readouterr().err
+    (byte_run / "checkpoints" / "step_00000002" / "model.safetensors").write_bytes(b"garbage")
+    assert mosa("eval", byte_run) == 2
+    assert "model.safetensors' is corrupt" in capsys.readouterr().err

@@ -1,0 +1,56 @@
+import json
+
+import pytest
+
+
+TINY = ["--num-layers", "1", "--hidden-size", "32", "--ffn-size", "64", "--head-dim", "8", "--max-seq-len", "32",
+        "--batch-size", "4", "--seq-len", "16", "--vocab-size", "64", "--eval-batches", "2", "--no-progress"]
+
+
+
+def test_offline_default_task_trains_to_a_checkpoint_and_summary(tmp_path, mosa, capsys):
+    assert mosa("train", "--out", tmp_path, "--steps", 3, "--attention", "mosa", "--sparsity", 4, *TINY) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["preset"] == "micro" and summary["attention"] == "mosa"
+    assert (tmp_path / "checkpoints" / "step_00000003" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["tokenizer"] == "synthetic"
+    assert "recall accuracy" in capsys.readouterr().out
+
+
+def test_resume_continues_with_the_saved_configuration(tmp_path, mosa):
+    assert mosa("train", "--out", tmp_path, "--steps", 2, *TINY) == 0
+    assert mosa("train", "--out", tmp_path, "--resume", "--steps", 3, "--no-progress") == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["steps"], summary["batch_size"], summary["seq_len"]) == (3, 4, 16)
+
+
+def test_text_data_is_prepared_into_the_run(tmp_path, mosa, shared_data):
+    data = shared_data / "gutenberg" / "0[14]_*.txt"
+    assert mosa("train", "--out", tmp_path, "--steps", 2, "--data", data, "--tokenizer", "byte", *TINY) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["val_bpb"] > 0
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["num_docs"] == {"train": 1, "val": 1}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "huge", *TINY], "preset must be one of"),
+    ([*TINY, "--seq-len", "64"], "seq_len=64 exceeds the model's max_seq_len=32"),
+    (["--data", "{tmp}/missing.txt", "--tokenizer", "byte", *TINY], "missing.txt' does not exist"),
+    (["--data", "{tmp}/empty.txt", "--tokenizer", "byte", *TINY], "holds no documents"),
+    (["--data", "{tmp}/binary.txt", "--tokenizer", "byte", *TINY], "not a text file"),
+    (["--resume"], "config.json' is missing"),
+    (["--resume", "--attention", "mosa"], "--resume takes the model from the run's config.json"),
+])
+def test_bad_inputs_are_clear_errors(tmp_path, mosa, capsys, argv, message):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert mosa("train", "--out", tmp_path / "run", "--steps", 1, "--no-progress", *argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_non_finite_loss_exits_with_the_step(tmp_path, mosa, capsys):
+    argv = ["--lr", "1e30", "--warmup-steps", "0", "--grad-clip", "0", "--checkpoint-interval", "1"]
+    assert mosa("train", "--out", tmp_path, "--steps", 4, *TINY, *argv) == 1
+    assert "training loss is nan at step 2" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]
