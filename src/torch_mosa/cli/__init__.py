@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("prepare", "train", "eval", "compare", "plot", "flops", "bench")
+COMMANDS = ("prepare", "train", "eval", "calibrate", "generate", "compare", "plot", "flops", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

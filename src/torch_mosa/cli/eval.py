@@ -1,4 +1,5 @@
-"""`mosa eval`: validation loss, perplexity (and bits per byte for byte-level data) of a checkpoint."""
+"""`mosa eval`: validation loss, perplexity (and bits per byte for byte-level data) of a checkpoint, under the
+paper's top-k routing and/or causal routing side by side, with the causal KV-cache size per token."""
 
 from __future__ import annotations
 
@@ -13,21 +14,33 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the model's maximum)")
     p.add_argument("--max-batches", type=int, default=None, help="evaluate at most N batches (default: all)")
+    p.add_argument("--routing", nargs="+", choices=("topk", "causal"), default=["topk"],
+                   help="topk: the paper's expert-choice routing (sees the whole window, non-causal); causal: "
+                        "per-token thresholds, as generation uses. Several are evaluated side by side.")
+    p.add_argument("--calibrate-batches", type=int, default=0,
+                   help="before causal evaluation, calibrate the thresholds on N training batches (default 0: "
+                        "use the checkpoint's thresholds, e.g. from `mosa calibrate`)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print one JSON object per routing")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from torch_mosa.train.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
-                                 seq_len=args.seq_len, max_batches=args.max_batches, device=args.device)
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    line = f"loss {result['loss']:.4f}, ppl {result['ppl']:.3f}"
-    if "bpb" in result:
-        line += f", {result['bpb']:.4f} bits/byte"
-    print(f"{result['checkpoint']} on {result['data']} ({result['split']}, {result['tokens']:,} tokens): {line}")
+    for routing in dict.fromkeys(args.routing):
+        result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
+                                     seq_len=args.seq_len, max_batches=args.max_batches, device=args.device,
+                                     routing=routing, calibrate_batches=args.calibrate_batches)
+        if args.json:
+            print(json.dumps(result))
+            continue
+        line = f"loss {result['loss']:.4f}, ppl {result['ppl']:.3f}"
+        if "bpb" in result:
+            line += f", {result['bpb']:.4f} bits/byte"
+        if "kv_pairs_per_token" in result:
+            line += (f", KV cache {result['kv_pairs_per_token']:.1f} pairs/token "
+                     f"({result['kv_bytes_per_token']:,.0f} bytes/token)")
+        print(f"[{routing}] {result['checkpoint']} on {result['data']} ({result['split']}, "
+              f"{result['tokens']:,} tokens): {line}")
     return 0

@@ -4,6 +4,7 @@ from torch_mosa.inference.cache import DenseCache, LocalCache, ModelCache, MoSAC
 from torch_mosa.inference.calibrate import calibrate_causal_thresholds
 from torch_mosa.inference.decode import decode_one_token, new_cache, prefill
 from torch_mosa.inference.generate import generate, sample
+from torch_mosa.inference.report import decode_tokens_per_second, kv_cache_footprint
 
 __all__ = ["DenseCache", "LocalCache", "ModelCache", "MoSACache", "calibrate_causal_thresholds", "decode_one_token",
-           "generate", "new_cache", "prefill", "sample"]
+           "decode_tokens_per_second", "generate", "kv_cache_footprint", "new_cache", "prefill", "sample"]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from torch_mosa.config import MoSAConfig
 
@@ -78,7 +79,6 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict[str
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
 
-    from safetensors.torch import save_file
 
     save_file({name: t.detach().cpu().contiguous() for name, t in model_state.items()}, temporary / MODEL_FILE)
     tensors: dict[str, torch.Tensor] = {}
@@ -95,6 +95,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict[str
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final
+
+
+def write_model_weights(checkpoint: Path, model_state: dict[str, torch.Tensor]) -> None:
+    """Replace a checkpoint's model weights atomically (e.g. after calibrating its causal thresholds)."""
+    temporary = checkpoint / f".tmp-{MODEL_FILE}"
+    save_file({name: t.detach().cpu().contiguous() for name, t in model_state.items()}, temporary)
+    os.replace(temporary, checkpoint / MODEL_FILE)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

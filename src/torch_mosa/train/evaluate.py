@@ -60,16 +60,22 @@ def evaluate(model: torch.nn.Module, dataset: TokenDataset, batch_size: int, seq
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, *, split: str = "val", batch_size: int = 8,
                         seq_len: int | None = None, max_batches: int | None = None,
-                        device: torch.device | str = "cpu", progress: bool = False) -> dict:
+                        device: torch.device | str = "cpu", progress: bool = False, routing: str = "topk",
+                        calibrate_batches: int = 0) -> dict:
     """Evaluate a checkpoint (or a run directory's latest) on `split` of `data`.
 
     data: None (the run's own training data), a prepared shard directory (its tokenizer must be the model's), or
     raw text, tokenized here with the run's tokenizer and evaluated whole (the `split` is then ignored).
-    seq_len defaults to the model's max_seq_len. Returns evaluate()'s dict plus checkpoint, data and split.
+    seq_len defaults to the model's max_seq_len. routing: "topk" (the paper's, non-causal) or "causal"; with
+    "causal" the KV-cache footprint of one batch is measured too (kv_pairs_per_token, kv_bytes_per_token), and
+    calibrate_batches > 0 first calibrates the causal thresholds on that many batches of the training split
+    (otherwise the checkpoint's thresholds are used). Returns evaluate()'s dict plus checkpoint, data, split, routing.
     """
     path = resolve_checkpoint(checkpoint)
     model, config = load_model(path, device)
     seq_len = seq_len or config.max_seq_len
+    if calibrate_batches and routing == "causal":
+        calibrate_on_training_data(model, path, batch_size, seq_len, calibrate_batches, device)
     if seq_len > config.max_seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={config.max_seq_len}")
     with tempfile.TemporaryDirectory(prefix="mosa-eval-") as scratch:
@@ -84,8 +90,25 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, *, spli
         if dataset.vocab_size != config.vocab_size:
             raise ValueError(f"data {str(data_dir)!r} has vocab_size={dataset.vocab_size} but the model of {path} has "
                              f"{config.vocab_size}: evaluate on data tokenized with the model's tokenizer")
-        result = evaluate(model, dataset, batch_size, seq_len, max_batches, device)
-    return {**result, "checkpoint": str(path), "data": str(data or data_dir), "split": split}
+        result = evaluate(model, dataset, batch_size, seq_len, max_batches, device, routing=routing)
+        if routing == "causal":
+            from torch_mosa.inference.report import kv_cache_footprint
+
+            x, _ = next(iter_eval_batches(dataset, batch_size, seq_len, 1, device=device))
+            footprint = kv_cache_footprint(model, x)
+            result.update(kv_pairs_per_token=footprint["pairs_per_token"],
+                          kv_bytes_per_token=footprint["bytes_per_token"])
+    return {**result, "checkpoint": str(path), "data": str(data or data_dir), "split": split, "routing": routing}
+
+
+def calibrate_on_training_data(model, checkpoint: Path, batch_size: int, seq_len: int, num_batches: int,
+                               device) -> list[dict]:
+    """Calibrate the causal-routing thresholds on the first `num_batches` windows of the run's training split."""
+    from torch_mosa.inference.calibrate import calibrate_causal_thresholds
+
+    train = TokenDataset(training_data_dir(checkpoint), "train")
+    batches = [x for x, _ in iter_eval_batches(train, batch_size, seq_len, num_batches, device=device)]
+    return calibrate_causal_thresholds(model, batches)
 
 
 def training_data_dir(checkpoint: Path) -> Path:

@@ -1,0 +1,55 @@
+"""What causal inference costs, measured on real runs: KV-cache footprint and decode speed (SPEC §5)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from torch_mosa.inference.decode import decode_one_token, new_cache, prefill
+
+
+@torch.no_grad()
+def kv_cache_footprint(model, input_ids: torch.Tensor) -> dict:
+    """Prefill input_ids [B, T] under causal routing and count what the caches hold.
+
+    Returns pairs_per_sequence (the paper's T*H_dense + sum of MoSA-selected tokens, summed over layers),
+    pairs_per_token, bytes_per_token (keys and values in the cache dtype) and bytes_allocated.
+    """
+    batch, seq_len = input_ids.shape
+    dtype = next(model.parameters()).dtype
+    cache = new_cache(model, batch, seq_len, dtype, input_ids.device)
+    prefill(model, input_ids, torch.ones_like(input_ids, dtype=torch.bool), cache)
+    return {"seq_len": seq_len, "pairs_per_sequence": cache.pairs() / batch,
+            "pairs_per_token": cache.pairs() / (batch * seq_len),
+            "bytes_per_token": cache.bytes_held() / (batch * seq_len),
+            "bytes_allocated": cache.bytes_allocated()}
+
+
+@torch.no_grad()
+def decode_tokens_per_second(model, prompt_ids: torch.Tensor, new_tokens: int, warmup_tokens: int = 4) -> float:
+    """Greedy decode throughput (tokens per second over the batch) after a prefill of prompt_ids [B, T].
+
+    The first `warmup_tokens` decode steps are not timed; CUDA is synchronized around the timed steps.
+    """
+    batch, prompt_len = prompt_ids.shape
+    total = prompt_len + warmup_tokens + new_tokens
+    if total > model.config.max_seq_len:
+        raise ValueError(f"prompt {prompt_len} + {warmup_tokens} warm-up + {new_tokens} new tokens exceeds "
+                         f"max_seq_len={model.config.max_seq_len}")
+    dtype = next(model.parameters()).dtype
+    cache = new_cache(model, batch, total, dtype, prompt_ids.device)
+    token = prefill(model, prompt_ids, torch.ones_like(prompt_ids, dtype=torch.bool), cache)[:, -1:].argmax(-1)
+    position = prompt_len
+    for _ in range(warmup_tokens):
+        token = decode_one_token(model, token, position, cache).argmax(-1, keepdim=True)
+        position += 1
+    if prompt_ids.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        token = decode_one_token(model, token, position, cache).argmax(-1, keepdim=True)
+        position += 1
+    if prompt_ids.is_cuda:
+        torch.cuda.synchronize()
+    return batch * new_tokens / (time.perf_counter() - start)

@@ -1,0 +1,44 @@
+"""`mosa calibrate`, `mosa eval --routing topk causal` and `mosa generate` on a tiny byte-level run."""
+
+import json
+
+import pytest
+
+TINY = ["--num-layers", "1", "--hidden-size", "32", "--ffn-size", "64", "--head-dim", "8", "--max-seq-len", "64",
+        "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2", "--no-progress"]
+
+
+@pytest.fixture
+def mosa_run(tmp_path, mosa, shared_data):
+    data = shared_data / "gutenberg" / "0[14]_*.txt"
+    assert mosa("train", "--out", tmp_path / "run", "--steps", 2, "--data", data, "--tokenizer", "byte",
+                "--attention", "mosa", "--sparsity", 4, *TINY) == 0
+    return tmp_path / "run"
+
+
+def test_calibrate_then_eval_both_routings(mosa_run, mosa, capsys):
+    assert mosa("calibrate", mosa_run, "--batches", 2, "--seq-len", 32) == 0
+    assert "wrote calibrated thresholds" in capsys.readouterr().out
+    assert mosa("eval", mosa_run, "--routing", "topk", "causal", "--seq-len", 32, "--max-batches", 2, "--json") == 0
+    topk, causal = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert topk["routing"] == "topk" and causal["routing"] == "causal"
+    assert topk["tokens"] == causal["tokens"] and causal["ppl"] > 1
+    # 4 dense heads hold every token; each MoSA head about a quarter of them (sparsity 4, calibrated)
+    num_mosa_heads = json.loads((mosa_run / "config.json").read_text())["model"]["num_sparse_heads"]
+    assert 4 + 0.1 * num_mosa_heads < causal["kv_pairs_per_token"] < 4 + 0.5 * num_mosa_heads
+
+
+def test_generate_prints_continuation_and_cache(mosa_run, mosa, capsys):
+    assert mosa("generate", mosa_run, "--prompt", "To be", "--max-new-tokens", 5, "--no-stop") == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("To be")
+    assert "5 new tokens" in captured.err and "key-value pairs" in captured.err
+
+
+def test_generate_errors(mosa_run, mosa, capsys, tmp_path):
+    assert mosa("generate", mosa_run, "--prompt", "", "--max-new-tokens", 2) == 2
+    assert "prompt" in capsys.readouterr().err
+    assert mosa("generate", mosa_run, "--prompt", "x" * 70, "--max-new-tokens", 2) == 2
+    assert "max_seq_len" in capsys.readouterr().err
+    assert mosa("generate", tmp_path / "nowhere", "--prompt", "hi") == 2
+    assert "nowhere" in capsys.readouterr().err
