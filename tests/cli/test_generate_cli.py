@@ -19,9 +19,11 @@ def mosa_run(tmp_path, mosa, shared_data):
 def test_calibrate_then_eval_both_routings(mosa_run, mosa, capsys):
     assert mosa("calibrate", mosa_run, "--batches", 2, "--seq-len", 32) == 0
     assert "wrote calibrated thresholds" in capsys.readouterr().out
-    assert mosa("eval", mosa_run, "--routing", "topk", "causal", "--seq-len", 32, "--max-batches", 2, "--json") == 0
+    assert mosa("eval", mosa_run, "--routing", "topk", "causal", "--seq-len", 32, "--max-batches", 2,
+                "--decode-tokens", 4, "--json") == 0
     topk, causal = (json.loads(line) for line in capsys.readouterr().out.splitlines())
     assert topk["routing"] == "topk" and causal["routing"] == "causal"
+    assert causal["decode_tokens_per_s"] > 0 and "decode_tokens_per_s" not in topk
     assert topk["tokens"] == causal["tokens"] and causal["ppl"] > 1
     # 4 dense heads hold every token; each MoSA head about a quarter of them (sparsity 4, calibrated)
     num_mosa_heads = json.loads((mosa_run / "config.json").read_text())["model"]["num_sparse_heads"]

@@ -20,6 +20,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--calibrate-batches", type=int, default=0,
                    help="before causal evaluation, calibrate the thresholds on N training batches (default 0: "
                         "use the checkpoint's thresholds, e.g. from `mosa calibrate`)")
+    p.add_argument("--decode-tokens", type=int, default=0,
+                   help="with causal routing, also time greedy decoding of N tokens (one sequence, KV cache)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--json", action="store_true", help="print one JSON object per routing")
     p.set_defaults(run=run)
@@ -31,7 +33,8 @@ def run(args) -> int:
     for routing in dict.fromkeys(args.routing):
         result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
                                      seq_len=args.seq_len, max_batches=args.max_batches, device=args.device,
-                                     routing=routing, calibrate_batches=args.calibrate_batches)
+                                     routing=routing, calibrate_batches=args.calibrate_batches,
+                                     decode_tokens=args.decode_tokens)
         if args.json:
             print(json.dumps(result))
             continue
@@ -41,6 +44,8 @@ def run(args) -> int:
         if "kv_pairs_per_token" in result:
             line += (f", KV cache {result['kv_pairs_per_token']:.1f} pairs/token "
                      f"({result['kv_bytes_per_token']:,.0f} bytes/token)")
+        if "decode_tokens_per_s" in result:
+            line += f", decode {result['decode_tokens_per_s']:,.1f} tokens/s"
         print(f"[{routing}] {result['checkpoint']} on {result['data']} ({result['split']}, "
               f"{result['tokens']:,} tokens): {line}")
     return 0

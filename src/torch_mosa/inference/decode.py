@@ -22,6 +22,13 @@ def attention_parts(attn) -> list:
     return attn.parts() if isinstance(attn, HybridAttention) else [attn]
 
 
+def cache_dtype(model, device: torch.device) -> torch.dtype:
+    """The dtype keys and values arrive in: autocast's on `device` when it is on, else the parameters'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
+
+
 def new_cache(model, batch: int, max_len: int, dtype, device) -> ModelCache:
     cache = ModelCache()
     for block in model.blocks:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from torch_mosa.inference.decode import decode_one_token, new_cache, prefill
+from torch_mosa.inference.decode import cache_dtype, decode_one_token, new_cache, prefill
 
 
 def sample(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
@@ -70,10 +70,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, do_sample: boo
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     stop = torch.tensor(sorted(set(stop_tokens or [])), dtype=torch.long, device=input_ids.device)
-    dtype = next(model.parameters()).dtype
-    if input_ids.is_cuda and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
-    cache = new_cache(model, batch, prompt_len + max_new_tokens, dtype, input_ids.device)
+    cache = new_cache(model, batch, prompt_len + max_new_tokens, cache_dtype(model, input_ids.device),
+                      input_ids.device)
     was_training = model.training
     model.eval()
     try:

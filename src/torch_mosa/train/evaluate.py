@@ -61,7 +61,7 @@ def evaluate(model: torch.nn.Module, dataset: TokenDataset, batch_size: int, seq
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, *, split: str = "val", batch_size: int = 8,
                         seq_len: int | None = None, max_batches: int | None = None,
                         device: torch.device | str = "cpu", progress: bool = False, routing: str = "topk",
-                        calibrate_batches: int = 0) -> dict:
+                        calibrate_batches: int = 0, decode_tokens: int = 0) -> dict:
     """Evaluate a checkpoint (or a run directory's latest) on `split` of `data`.
 
     data: None (the run's own training data), a prepared shard directory (its tokenizer must be the model's), or
@@ -69,15 +69,27 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, *, spli
     seq_len defaults to the model's max_seq_len. routing: "topk" (the paper's, non-causal) or "causal"; with
     "causal" the KV-cache footprint of one batch is measured too (kv_pairs_per_token, kv_bytes_per_token), and
     calibrate_batches > 0 first calibrates the causal thresholds on that many batches of the training split
-    (otherwise the checkpoint's thresholds are used). Returns evaluate()'s dict plus checkpoint, data, split, routing.
+    (otherwise the checkpoint's thresholds are used), and decode_tokens > 0 times greedy decoding of that many
+    tokens for one sequence after a prompt of half a window (decode_tokens_per_s).
+    Returns evaluate()'s dict plus checkpoint, data, split, routing.
     """
     path = resolve_checkpoint(checkpoint)
     model, config = load_model(path, device)
     seq_len = seq_len or config.max_seq_len
-    if calibrate_batches and routing == "causal":
-        calibrate_on_training_data(model, path, batch_size, seq_len, calibrate_batches, device)
     if seq_len > config.max_seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={config.max_seq_len}")
+    # bf16 autocast on CUDA, as training runs there; fp32 elsewhere
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
+                else contextlib.nullcontext())
+    with autocast:
+        return _evaluate_loaded(model, config, path, data, split, batch_size, seq_len, max_batches, device, progress,
+                                routing, calibrate_batches, decode_tokens)
+
+
+def _evaluate_loaded(model, config, path, data, split, batch_size, seq_len, max_batches, device, progress, routing,
+                     calibrate_batches, decode_tokens) -> dict:
+    if calibrate_batches and routing == "causal":
+        calibrate_on_training_data(model, path, batch_size, seq_len, calibrate_batches, device)
     with tempfile.TemporaryDirectory(prefix="mosa-eval-") as scratch:
         if data is None:
             data_dir = training_data_dir(path)
@@ -97,7 +109,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, *, spli
             x, _ = next(iter_eval_batches(dataset, batch_size, seq_len, 1, device=device))
             footprint = kv_cache_footprint(model, x)
             result.update(kv_pairs_per_token=footprint["pairs_per_token"],
+                          kv_pairs_per_sequence=footprint["pairs_per_sequence"],
                           kv_bytes_per_token=footprint["bytes_per_token"])
+            if decode_tokens:
+                from torch_mosa.inference.report import decode_tokens_per_second
+
+                prompt = x[:1, : max(1, min(seq_len // 2, config.max_seq_len - decode_tokens - 4))]
+                result["decode_tokens_per_s"] = decode_tokens_per_second(model, prompt, decode_tokens)
     return {**result, "checkpoint": str(path), "data": str(data or data_dir), "split": split, "routing": routing}
 
 

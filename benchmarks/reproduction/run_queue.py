@@ -1,0 +1,101 @@
+"""Run a queue of reproduction runs (issue 7) on one GPU: `mosa train` then `mosa eval`, one after the other.
+
+Every command is printed and recorded, so each row of docs/reproduction.md can be repeated by hand. Results go to
+OUT/results-<gpu>.jsonl (one line per finished run) and OUT/runs-<gpu>.tar.gz (config, metrics, summary of every
+finished run), rewritten after each run so that a queue cut short still returns what it finished.
+
+Run spec: NAME:ATTENTION:SPARSITY[:SEED[:NUM_SPARSE_HEADS]], e.g. dense:dense:1, mosa64:mosa:64, t2:mosa:32:0:17.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+
+def parse_spec(spec: str) -> dict:
+    parts = spec.split(":")
+    if not 3 <= len(parts) <= 5:
+        raise SystemExit(f"bad run spec {spec!r}: NAME:ATTENTION:SPARSITY[:SEED[:NUM_SPARSE_HEADS]]")
+    name, attention, sparsity = parts[0], parts[1], int(parts[2])
+    seed = int(parts[3]) if len(parts) > 3 else 0
+    heads = int(parts[4]) if len(parts) > 4 else None
+    return {"name": name, "attention": attention, "sparsity": sparsity, "seed": seed, "num_sparse_heads": heads}
+
+
+def commands(run: dict, args) -> tuple[list[str], list[str]]:
+    steps = args.tokens // (args.batch_size * 1024)
+    warmup = max(1, round(0.04 * steps))
+    out = str(Path(args.runs) / run["name"])
+    train = ["mosa", "train", "--preset", "tiny", "--attention", run["attention"], "--data", args.data,
+             "--steps", str(steps), "--batch-size", str(args.batch_size), "--warmup-steps", str(warmup),
+             "--eval-interval", str(max(1, steps // 10)), "--eval-batches", "8", "--checkpoint-interval", "0",
+             "--seed", str(run["seed"]), "--out", out, "--no-progress"]
+    if run["attention"] != "dense":
+        train += ["--sparsity", str(run["sparsity"])]
+    if run["num_sparse_heads"] is not None:
+        train += ["--num-sparse-heads", str(run["num_sparse_heads"])]
+    routings = ["topk"] if run["attention"] == "routing" else ["topk", "causal"]
+    evaluate = ["mosa", "eval", out, "--routing", *routings, "--calibrate-batches", "4", "--max-batches",
+                str(args.eval_batches), "--batch-size", "8", "--decode-tokens", "64", "--device", "cuda", "--json"]
+    return train, evaluate
+
+
+def run_command(argv: list[str], log) -> str:
+    print("$ " + " ".join(argv), file=log, flush=True)
+    done = subprocess.run([sys.executable, "-m", "torch_mosa.cli", *argv[1:]], capture_output=True, text=True)
+    log.write(done.stdout[-4000:] + done.stderr[-4000:])
+    log.flush()
+    if done.returncode:
+        raise RuntimeError(f"exit {done.returncode}: {' '.join(argv)}\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs_spec", nargs="+")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--runs", required=True, help="directory of the run directories")
+    parser.add_argument("--out", required=True, help="where results and the tarball go")
+    parser.add_argument("--tag", default="0")
+    parser.add_argument("--tokens", type=int, default=40_000_000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--eval-batches", type=int, default=64)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / f"results-{args.tag}.jsonl"
+    finished = []
+    with open(out / f"log-{args.tag}.txt", "a") as log:
+        for run in map(parse_spec, args.runs_spec):
+            train, evaluate = commands(run, args)
+            start = time.time()
+            try:
+                run_command(train, log)
+                evals = [json.loads(line) for line in run_command(evaluate, log).splitlines() if line.startswith("{")]
+            except RuntimeError as error:
+                print(f"FAILED {run['name']}: {error}", file=log, flush=True)
+                continue
+            run_dir = Path(args.runs) / run["name"]
+            summary = json.loads((run_dir / "summary.json").read_text())
+            record = {**run, "train_command": " ".join(train), "eval_command": " ".join(evaluate),
+                      "summary": summary, "eval": evals, "seconds": time.time() - start,
+                      "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}
+            with open(results, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            finished.append(run_dir)
+            with tarfile.open(out / f"runs-{args.tag}.tar.gz", "w:gz") as tar:
+                for directory in finished:
+                    for name in ("config.json", "metrics.csv", "summary.json"):
+                        tar.add(directory / name, arcname=f"{directory.name}/{name}")
+            print(f"done {run['name']} in {time.time() - start:.0f} s", file=log, flush=True)
+
+
+if __name__ == "__main__":
+    main()
