@@ -30,12 +30,12 @@ def parse_spec(spec: str) -> dict:
 
 
 def commands(run: dict, args) -> tuple[list[str], list[str]]:
-    steps = args.tokens // (args.batch_size * 1024)
+    steps = args.tokens // (args.batch_size * args.seq_len)
     warmup = max(1, round(0.04 * steps))
     out = str(Path(args.runs) / run["name"])
-    train = ["mosa", "train", "--preset", "tiny", "--attention", run["attention"], "--data", args.data,
+    train = ["mosa", "train", "--preset", args.preset, "--attention", run["attention"], "--data", args.data,
              "--steps", str(steps), "--batch-size", str(args.batch_size), "--warmup-steps", str(warmup),
-             "--eval-interval", str(max(1, steps // 10)), "--eval-batches", "8", "--checkpoint-interval", "0",
+             "--eval-interval", str(max(1, steps // 10)), "--eval-batches", "4", "--checkpoint-interval", "0",
              "--seed", str(run["seed"]), "--out", out, "--no-progress"]
     if run["attention"] != "dense":
         train += ["--sparsity", str(run["sparsity"])]
@@ -43,7 +43,7 @@ def commands(run: dict, args) -> tuple[list[str], list[str]]:
         train += ["--num-sparse-heads", str(run["num_sparse_heads"])]
     routings = ["topk"] if run["attention"] == "routing" else ["topk", "causal"]
     evaluate = ["mosa", "eval", out, "--routing", *routings, "--calibrate-batches", "4", "--max-batches",
-                str(args.eval_batches), "--batch-size", "8", "--decode-tokens", "64", "--device", "cuda", "--json"]
+                str(args.eval_batches), "--batch-size", "8", "--decode-tokens", "64", "--device", args.device, "--json"]
     return train, evaluate
 
 
@@ -64,6 +64,9 @@ def main() -> None:
     parser.add_argument("--runs", required=True, help="directory of the run directories")
     parser.add_argument("--out", required=True, help="where results and the tarball go")
     parser.add_argument("--tag", default="0")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--seq-len", type=int, default=1024, help="the preset's sequence length")
+    parser.add_argument("--device", default="cuda", help="device of the evaluation (training picks CUDA itself)")
     parser.add_argument("--tokens", type=int, default=40_000_000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-batches", type=int, default=64)

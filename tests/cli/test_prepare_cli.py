@@ -21,3 +21,10 @@ def test_prepare_refuses_to_overwrite_and_bad_paths(tmp_path, mosa, capsys, shar
     assert "already holds a prepared corpus" in capsys.readouterr().err
     assert mosa("prepare", tmp_path / "nothing.txt", "--out", tmp_path / "other") == 2
     assert "nothing.txt' does not exist" in capsys.readouterr().err
+
+
+def test_prepare_holds_out_the_tail_of_a_single_document(tmp_path, mosa, shared_data):
+    text = shared_data / "tinyshakespeare" / "input.txt"
+    assert mosa("prepare", text, "--out", tmp_path, "--tokenizer", "byte") == 0
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert (meta["split"], meta["num_docs"]) == ("document_tail", {"train": 1, "val": 1})

@@ -17,6 +17,16 @@ def test_offline_default_task_trains_to_a_checkpoint_and_summary(tmp_path, mosa,
     assert "recall accuracy" in capsys.readouterr().out
 
 
+def test_default_run_is_micro_mosa_on_the_recall_task_size(tmp_path, mosa, capsys):
+    assert mosa("train", "--out", tmp_path, "--steps", 2, "--eval-batches", 1, "--no-progress") == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    model, train = config["model"], config["train"]
+    assert (model["preset"], model["attention"], model["sparsity"], model["vocab_size"]) == ("micro", "mosa", 4, 32)
+    assert (train["batch_size"], train["seq_len"], train["lr"]) == (64, 32, 1e-3)
+    assert json.loads((tmp_path / "summary.json").read_text())["val_recall_accuracy"] is not None
+    assert "recall accuracy" in capsys.readouterr().out
+
+
 def test_resume_continues_with_the_saved_configuration(tmp_path, mosa):
     assert mosa("train", "--out", tmp_path, "--steps", 2, *TINY) == 0
     assert mosa("train", "--out", tmp_path, "--resume", "--steps", 3, "--no-progress") == 0

@@ -99,6 +99,42 @@ def test_each_split_gets_a_document(tmp_path):
         prepare_corpus(tmp_path / "raw", tmp_path / "out3", tokenizer="byte", val_fraction=1.5, progress=False)
 
 
+def test_a_single_document_is_cut_at_a_line_break_for_validation(tmp_path):
+    (tmp_path / "one.txt").write_text("".join(f"line {i} of the only document\n" for i in range(20)))
+    text = (tmp_path / "one.txt").read_text()
+    summary = prepare_corpus(tmp_path / "one.txt", tmp_path / "out", tokenizer="byte", val_fraction=0.1,
+                             progress=False)
+    assert (summary["split"], summary["num_docs"]) == ("document_tail", {"train": 1, "val": 1})
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["split"] == "document_tail"
+    head, tail = split_documents(TokenDataset(tmp_path / "out")), split_documents(TokenDataset(tmp_path / "out", "val"))
+    # 90% of 600 characters is 540, inside line 18: the cut is at the line break before it, after line 17.
+    assert head == ["".join(f"line {i} of the only document\n" for i in range(18))]
+    assert tail == ["line 18 of the only document\nline 19 of the only document\n"]
+    assert head[0] + tail[0] == text
+    again = prepare_corpus(tmp_path / "one.txt", tmp_path / "again", tokenizer="byte", val_fraction=0.1, seed=3,
+                           progress=False)
+    assert again["num_tokens"] == summary["num_tokens"]  # the cut depends on the text alone, not the seed
+
+
+def test_a_single_document_without_line_breaks_is_cut_at_the_fraction(tmp_path):
+    (tmp_path / "one.txt").write_text("x" * 100)
+    summary = prepare_corpus(tmp_path / "one.txt", tmp_path / "out", tokenizer="byte", val_fraction=0.2,
+                             progress=False)
+    assert summary["num_tokens"] == {"train": 80 + 1, "val": 20 + 1}  # each part followed by end-of-text
+    kept = prepare_corpus(tmp_path / "one.txt", tmp_path / "kept", tokenizer="byte", val_fraction=0.0,
+                          progress=False)
+    assert (kept["split"], kept["num_docs"]) == ("documents", {"train": 1, "val": 0})
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shared/data/tinyshakespeare")
+def test_tinyshakespeare_gets_a_validation_split(tmp_path):
+    summary = prepare_corpus(SHAKESPEARE, tmp_path, tokenizer="byte", progress=False)
+    assert summary["num_docs"] == {"train": 1, "val": 1}
+    assert 0.04 < summary["num_tokens"]["val"] / sum(summary["num_tokens"].values()) < 0.06
+    train = TokenDataset(tmp_path)
+    assert train.tokenizer.decode(train.window(train.num_tokens - 2, 1)) == "\n"  # the head ends its last line
+
+
 def test_empty_validation_split_is_reported(tmp_path):
     make_corpus(tmp_path / "raw", num_docs=3)
     prepare_corpus(tmp_path / "raw", tmp_path / "out", tokenizer="byte", val_fraction=0.0, progress=False)

@@ -6,10 +6,11 @@ from torch_mosa.data import (
     SyntheticRecall,
     TokenDataset,
     load_tokenizer,
+    read_meta,
     recall_accuracy,
     validate_shard_dir,
 )
-from torch_mosa.data.synthetic import FIRST_KEY_ID, IGNORE_INDEX
+from torch_mosa.data.synthetic import FIRST_KEY_ID, IGNORE_INDEX, recall_task
 
 TASK = dict(vocab_size=64, seq_len=48, num_pairs=8, seed=0)
 
@@ -72,6 +73,18 @@ def test_batches_resume_and_shard_by_rank():
     assert torch.equal(next(task.batches(6, start_step=2)).inputs, steps[2].inputs)
 
 
+def test_accumulated_micro_batches_cut_the_same_global_batch():
+    task = SyntheticRecall(**TASK)
+    whole = next(task.batches(8, start_step=1))
+    # 2 ranks x 2 micro-steps of 2: micro-step m of rank r holds part m * 2 + r of the step's 8 examples.
+    ranks = [task.batches(2, start_step=1, rank=r, world_size=2, grad_accum_steps=2) for r in range(2)]
+    micro = [[next(r) for _ in range(2)] for r in ranks]
+    parts = [micro[rank][step] for step in range(2) for rank in range(2)]
+    assert torch.equal(whole.inputs, torch.cat([p.inputs for p in parts]))
+    assert torch.equal(whole.targets, torch.cat([p.targets for p in parts]))
+    assert torch.equal(next(ranks[0]).inputs, next(task.batches(8, start_step=2)).inputs[:2])  # then step 2
+
+
 def test_shards_hold_the_sequences_and_decode_to_names(tmp_path):
     task = SyntheticRecall(**TASK)
     summary = task.write_shards(tmp_path, num_train_sequences=1500, num_val_sequences=10, progress=False)
@@ -89,6 +102,10 @@ def test_shards_hold_the_sequences_and_decode_to_names(tmp_path):
 
     x, y = next(BatchLoader(TokenDataset(tmp_path), batch_size=2, seq_len=48))
     assert x.shape == (2, 48) and int(x.max()) < 64
+
+    again = recall_task(read_meta(tmp_path))
+    assert (again.vocab_size, again.seq_len, again.num_pairs, again.num_queries, again.seed) == (64, 48, 8, 8, 0)
+    assert torch.equal(again.get_batch(3, step=5).inputs, task.get_batch(3, step=5).inputs)
 
 
 def test_argument_errors():

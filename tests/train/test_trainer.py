@@ -17,7 +17,7 @@ def _train_losses(run_dir):
 def test_run_writes_config_metrics_checkpoints_and_summary(tmp_path, tiny_model, tiny_train):
     summary = Trainer(tiny_model(), tiny_train(tensorboard=True), tmp_path).train()
     for field in ("steps", "tokens", "train_loss", "val_loss", "val_ppl", "params", "forward_flops_per_token",
-                  "tokens_per_s", "peak_memory_bytes", "wall_clock_s", "recall_accuracy"):
+                  "tokens_per_s", "peak_memory_bytes", "wall_clock_s", "val_recall_accuracy"):
         assert summary[field] is not None, field
     assert (summary["steps"], summary["tokens"]) == (6, 6 * 4 * 16)
     assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]))
@@ -25,7 +25,10 @@ def test_run_writes_config_metrics_checkpoints_and_summary(tmp_path, tiny_model,
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model"]["vocab_size"] == 64 and config["train"]["steps"] == 6
     assert sorted(_train_losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
-    assert [r["step"] for r in read_metrics(tmp_path) if r["val_loss"] is not None] == [3, 6]
+    validations = [r for r in read_metrics(tmp_path) if r["val_loss"] is not None]
+    assert [r["step"] for r in validations] == [3, 6]
+    assert all(0 <= r["val_recall_accuracy"] <= 1 for r in validations)
+    assert validations[-1]["val_recall_accuracy"] == summary["val_recall_accuracy"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
     assert list((tmp_path / "tensorboard").iterdir())
     model, _ = load_model(tmp_path)
@@ -83,11 +86,30 @@ def test_resume_refuses_another_model(tmp_path, tiny_model, tiny_train):
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_model, tiny_train):
-    # The loader draws window starts from one generator, so two micro-batches of 2 hold the sequences of one
-    # batch of 4: the runs differ only in the order of float additions.
+    # A step's global batch is the synthetic task's batch of that step, cut into micro-batches, so two
+    # micro-batches of 2 hold the sequences of one batch of 4: the runs differ only in the order of float additions.
     Trainer(tiny_model(), tiny_train(steps=4), tmp_path / "whole").train()
     Trainer(tiny_model(), tiny_train(steps=4, grad_accum_steps=2), tmp_path / "accumulated").train()
     whole, accumulated = ([r for r in read_metrics(tmp_path / run) if r["train_loss"] is not None]
                           for run in ("whole", "accumulated"))
     for field in ("train_loss", "grad_norm"):  # the gradient norm would show a wrong scaling that Adam hides
         assert [r[field] for r in accumulated] == pytest.approx([r[field] for r in whole], rel=1e-5)
+
+
+def test_short_synthetic_run_learns_from_the_answers(tmp_path, tiny_model, tiny_train):
+    # The loss covers the answers alone: it starts at ln(vocab_size) and falls well below it once the model puts
+    # its mass on values and on the values of its own sequence (the full minute-long run is in docs/training.md).
+    config = tiny_train(steps=60, batch_size=16, vocab_size=32, lr=1e-2, eval_interval=0, checkpoint_interval=0)
+    summary = Trainer(tiny_model(num_layers=2), config, tmp_path).train()
+    first = _train_losses(tmp_path)[1]
+    assert first == pytest.approx(math.log(32), rel=0.05)
+    assert summary["val_loss"] < 0.6 * first
+    assert summary["val_tokens"] == 2 * 16 * 2  # eval_batches x batch_size x one answer per pair (2 pairs)
+    assert summary["val_recall_accuracy"] > 0.3  # chance is 1/15
+
+
+def test_synthetic_data_of_another_length_is_refused(tmp_path, tiny_model, tiny_train):
+    Trainer(tiny_model(), tiny_train(steps=1), tmp_path / "first").train()
+    with pytest.raises(ValueError, match="has sequences of 16 tokens; train it with seq_len=16, not 32"):
+        Trainer(tiny_model(), tiny_train(data=str(tmp_path / "first" / "data"), seq_len=32),
+                tmp_path / "second").train()

@@ -6,11 +6,16 @@ import os
 import sys
 from pathlib import Path
 
-# CPU-sized defaults for `mosa train` with no options (the paper: batch 64, 100k steps); TrainConfig holds the rest.
+# CPU-sized defaults for `mosa train` (the paper: batch 64, 100k steps); TrainConfig holds the rest.
+DEFAULT_PRESET, DEFAULT_ATTENTION, DEFAULT_SPARSITY = "micro", "mosa", 4
 DEFAULT_STEPS = 200
 DEFAULT_BATCH_SIZE = 16
+# With no --data, the recall task at the size where the micro MoSA model learns it within about a minute on two
+# CPU cores (measured in docs/training.md): short sequences, a wide batch and a higher learning rate.
+SYNTHETIC_DEFAULTS = dict(steps=400, batch_size=64, seq_len=32, lr=1e-3)
 # Model options (MoSAConfig fields) that override the preset.
-MODEL_OPTIONS = ("num_layers", "hidden_size", "ffn_size", "head_dim", "num_heads", "num_dense_heads", "max_seq_len")
+MODEL_OPTIONS = ("num_layers", "hidden_size", "ffn_size", "head_dim", "num_heads", "num_dense_heads", "num_sparse_heads",
+                 "max_seq_len", "router_aux_loss_weight")
 # Training options (TrainConfig fields) shared by `mosa train` and `mosa compare`.
 TRAIN_OPTIONS = ("tokenizer", "vocab_size", "batch_size", "seq_len", "grad_accum_steps", "lr", "warmup_steps",
                  "weight_decay", "grad_clip", "eval_interval", "eval_batches", "checkpoint_interval",
@@ -20,12 +25,15 @@ TRAIN_OPTIONS = ("tokenizer", "vocab_size", "batch_size", "seq_len", "grad_accum
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model (offline synthetic task when no --data is given)",
                               description=__doc__)
-    p.add_argument("--preset", default=None, help="micro, tiny, small, medium, large (default micro)")
-    p.add_argument("--attention", default=None, help="dense, mosa, pure_mosa, fixed, routing, local (default dense)")
-    p.add_argument("--sparsity", type=int, default=None, help="sparsity rho of the sparse heads")
+    p.add_argument("--preset", default=None, help=f"micro, tiny, small, medium, large (default {DEFAULT_PRESET})")
+    p.add_argument("--attention", default=None,
+                   help=f"dense, mosa, pure_mosa, fixed, routing, local (default {DEFAULT_ATTENTION})")
+    p.add_argument("--sparsity", type=int, default=None,
+                   help=f"sparsity rho of the sparse heads (default {DEFAULT_SPARSITY})")
     p.add_argument("--data", default=None, help="a prepared shard directory, text files/dirs/globs/tar archives, or "
                                                 "hf:NAME[:CONFIG[:SPLIT]] (default: the synthetic recall task)")
-    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {DEFAULT_STEPS})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps (default {DEFAULT_STEPS}; {SYNTHETIC_DEFAULTS['steps']} without --data)")
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>-<attention>[-s<sparsity>])")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint, with its saved configuration "
@@ -39,19 +47,25 @@ def add_parser(subparsers) -> None:
 def add_model_arguments(p) -> None:
     group = p.add_argument_group("model overrides (default: the preset's)")
     for name in MODEL_OPTIONS:
-        group.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+        kind = float if name == "router_aux_loss_weight" else int
+        group.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
 
 
 def add_train_arguments(p) -> None:
     group = p.add_argument_group("training (defaults: TrainConfig, SPEC §4)")
     group.add_argument("--tokenizer", choices=("bpe", "byte"), default=None, help="for raw text data (default bpe)")
     group.add_argument("--vocab-size", type=int, default=None,
-                       help="BPE vocabulary to train (default 8000) or synthetic vocabulary (default 256)")
+                       help="BPE vocabulary to train (default 8000) or synthetic vocabulary (default: at least "
+                            "32, see docs/training.md)")
     group.add_argument("--batch-size", type=int, default=None,
-                       help=f"sequences per optimizer step, over all processes (default {DEFAULT_BATCH_SIZE})")
-    group.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's maximum)")
+                       help=f"sequences per optimizer step, over all processes (default {DEFAULT_BATCH_SIZE}; "
+                            f"{SYNTHETIC_DEFAULTS['batch_size']} without --data)")
+    group.add_argument("--seq-len", type=int, default=None,
+                       help=f"tokens per sequence (default: the model's maximum; {SYNTHETIC_DEFAULTS['seq_len']} "
+                            "without --data)")
     group.add_argument("--grad-accum-steps", type=int, default=None, help="micro-steps per optimizer step")
-    group.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2.5e-4)")
+    group.add_argument("--lr", type=float, default=None,
+                       help=f"peak learning rate (default 2.5e-4; {SYNTHETIC_DEFAULTS['lr']} without --data)")
     group.add_argument("--warmup-steps", type=int, default=None,
                        help="linear warmup steps, capped at 10%% of the run (default 4000)")
     group.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0)")
@@ -91,9 +105,13 @@ def run(args) -> int:
         model_config = MoSAConfig.from_dict(saved["model"])
         train_config = TrainConfig.from_dict({**saved["train"], **train_overrides})
     else:
-        preset, attention = args.preset or "micro", args.attention or "dense"
-        model_config = MoSAConfig.from_preset(preset, attention=attention, sparsity=args.sparsity, **model_overrides)
-        train_config = TrainConfig(**{"steps": DEFAULT_STEPS, "batch_size": DEFAULT_BATCH_SIZE, **train_overrides})
+        attention = args.attention or DEFAULT_ATTENTION
+        sparsity = DEFAULT_SPARSITY if args.sparsity is None and attention != "dense" else args.sparsity
+        model_config = MoSAConfig.from_preset(args.preset or DEFAULT_PRESET, attention=attention, sparsity=sparsity,
+                                              **model_overrides)
+        defaults = (dict(steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH_SIZE) if args.data is not None
+                    else SYNTHETIC_DEFAULTS)
+        train_config = TrainConfig(**{**defaults, **train_overrides})
     out = Path(args.out or Path("runs") / run_name(model_config))
     try:
         summary = Trainer(model_config, train_config, out, resume=args.resume).train()
@@ -113,8 +131,8 @@ def print_summary(out: Path, summary: dict) -> None:
     line = f"val loss {summary['val_loss']:.4f}, val ppl {summary['val_ppl']:.3f}"
     if summary.get("val_bpb") is not None:
         line += f", {summary['val_bpb']:.4f} bits/byte"
-    if summary.get("recall_accuracy") is not None:
-        line += f", recall accuracy {summary['recall_accuracy']:.3f}"
+    if summary.get("val_recall_accuracy") is not None:
+        line += f", recall accuracy {summary['val_recall_accuracy']:.3f}"
     print(f"run {out}: {summary['steps']} steps, {summary['tokens']:,} tokens, "
           f"{summary['tokens_per_s'] or 0:,.0f} tokens/s, {summary['params']:,} params")
     print(f"  {line}")

@@ -165,7 +165,10 @@ def prepare_corpus(
         saved tokenizer; the tokenizer used is saved beside the shards.
     val_fraction / val_docs: the validation split, in whole documents, chosen by a permutation seeded with
         ``seed``; ``val_docs`` (a count) overrides ``val_fraction``. With ``val_fraction > 0`` and at least two
-        documents each split gets at least one document.
+        documents each split gets at least one document. A single document (with ``val_fraction > 0`` and no
+        ``val_docs``) is cut in two instead, at its last line break before ``1 - val_fraction`` of its characters
+        (at that character if no line break comes before): the head is train, the tail validation, and
+        ``meta.json`` says ``"split": "document_tail"`` (else ``"documents"``).
     max_docs: read only the first ``max_docs`` documents (needed for huge streams such as ``hf:allenai/c4:en``,
         which are streamed once per pass: counting, BPE training, tokenizing).
     overwrite: replace a corpus already prepared in ``out_dir``.
@@ -199,7 +202,19 @@ def prepare_corpus(
         return islice(iter_documents(spec_str, text_field=text_field), max_docs)
 
     num_docs_total = sum(1 for _ in tqdm(documents(), desc="reading documents", unit="doc", disable=not progress))
-    is_val = split_documents(num_docs_total, val_fraction=val_fraction, val_docs=val_docs, seed=seed)
+    # One document (a single text file such as tinyshakespeare) leaves no document to validate on: its tail is
+    # held out instead, as nanoGPT does.
+    parts = (split_document_tail(next(documents()), val_fraction)
+             if num_docs_total == 1 and val_fraction > 0 and val_docs is None else ())
+    if len(parts) == 2:
+        split, num_docs_total, is_val = "document_tail", 2, np.array([False, True])
+
+        def documents() -> Iterator[str]:
+            return iter(parts)
+
+    else:
+        split = "documents"
+        is_val = split_documents(num_docs_total, val_fraction=val_fraction, val_docs=val_docs, seed=seed)
     if tok is None:
         train_docs = (doc for doc, val in zip(documents(), is_val) if not val)
         tok = train_bpe_tokenizer(train_docs, vocab_size, show_progress=progress)
@@ -220,9 +235,21 @@ def prepare_corpus(
         tok,
         source=spec_str,
         seed=seed,
+        split=split,
         val_fraction=None if val_docs is not None else val_fraction,
         val_docs=val_docs,
     )
+
+
+def split_document_tail(text: str, val_fraction: float) -> tuple[str, ...]:
+    """``(head, tail)`` of ``text`` cut after its last line break before ``1 - val_fraction`` of its characters
+    (at that character if none comes before), or ``(text,)`` when either part would hold nothing but whitespace."""
+    cut = int((1.0 - val_fraction) * len(text))
+    line_break = text.rfind("\n", 0, cut)
+    if line_break >= 0:
+        cut = line_break + 1
+    head, tail = text[:cut], text[cut:]
+    return (head, tail) if head.strip() and tail.strip() else (text,)
 
 
 def split_documents(num_docs: int, *, val_fraction: float, val_docs: int | None, seed: int) -> np.ndarray:

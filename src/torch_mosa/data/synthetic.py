@@ -16,8 +16,9 @@ Batches (``RecallBatch``): ``inputs`` = tokens[:, :-1], ``targets`` = tokens[:, 
 ``cross_entropy``) everywhere except the answer positions, the positions of a queried key, whose target is its
 value; ``answer_mask`` marks them and ``recall_accuracy`` scores only them.
 
-Shards (``write_shards``) store tokens only, so a model trained from them learns plain next-token prediction over
-whole sequences; recall is still measured with ``recall_accuracy`` on batches from ``get_batch``.
+Shards (``write_shards``) store a sample of sequences as tokens only (for inspection and ``mosa eval``); the
+trainer recognizes them by their ``meta.json`` (``recall_task``) and trains on whole sequences from ``batches``
+with the loss on the answers alone, since random windows of the token stream would cut queries off their pairs.
 
 Everything is a deterministic function of (seed, split, step): batch ``step`` of a split never depends on what was
 drawn before, so resuming only needs the step.
@@ -210,17 +211,26 @@ class SyntheticRecall:
         start_step: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        grad_accum_steps: int = 1,
     ) -> Iterator[RecallBatch]:
-        """Endless batches from ``start_step`` on. As in ``BatchLoader``, each step is one global batch of
-        ``batch_size * world_size`` examples and rank r gets rows ``[r * batch_size, (r + 1) * batch_size)``."""
+        """Endless micro-batches of ``batch_size`` examples, ``grad_accum_steps`` per step, from ``start_step`` on.
+
+        Step s is one global batch, ``get_batch(batch_size * world_size * grad_accum_steps, s)``, cut into equal
+        parts: micro-step m of rank r gets part ``m * world_size + r``. A step's examples are thus the same however
+        they are spread over processes and micro-steps (as in ``BatchLoader``, one process with the same global
+        batch sees them all), and resuming needs only the step.
+        """
         check_positive_int("world_size", world_size)
+        check_positive_int("grad_accum_steps", grad_accum_steps)
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank!r} must be an int in [0, world_size={world_size})")
         step = start_step
         while True:
-            batch = self.get_batch(batch_size * world_size, step, split)
-            rows = slice(rank * batch_size, (rank + 1) * batch_size)
-            yield RecallBatch(batch.inputs[rows], batch.targets[rows], batch.answer_mask[rows])
+            batch = self.get_batch(batch_size * world_size * grad_accum_steps, step, split)
+            for micro_step in range(grad_accum_steps):
+                part = micro_step * world_size + rank
+                rows = slice(part * batch_size, (part + 1) * batch_size)
+                yield RecallBatch(batch.inputs[rows], batch.targets[rows], batch.answer_mask[rows])
             step += 1
 
     def write_shards(
@@ -272,3 +282,17 @@ def recall_accuracy(logits: torch.Tensor, batch: RecallBatch) -> float:
     answer_mask = batch.answer_mask.to(logits.device)
     correct = (logits.argmax(dim=-1) == batch.targets.to(logits.device)) & answer_mask
     return correct.sum().item() / answer_mask.sum().item()
+
+
+def recall_task(meta: dict) -> SyntheticRecall | None:
+    """The task that wrote a shard directory, from its ``meta.json`` header; None for any other data."""
+    task = meta.get("synthetic")
+    if task is None:
+        return None
+    return SyntheticRecall(
+        vocab_size=meta["vocab_size"],
+        seq_len=task["seq_len"],
+        num_pairs=task["num_pairs"],
+        num_queries=task["num_queries"],
+        seed=meta["seed"],
+    )

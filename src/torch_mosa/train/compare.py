@@ -22,7 +22,7 @@ from torch_mosa.train.plots import plot_ppl_vs_sparsity
 from torch_mosa.train.trainer import Trainer
 
 RESULT_FIELDS = ("val_loss", "val_ppl", "val_bpb", "params", "forward_flops_per_token", "tokens_per_s",
-                 "peak_memory_bytes", "peak_memory_kind", "head_counts", "steps", "tokens", "recall_accuracy")
+                 "peak_memory_bytes", "peak_memory_kind", "head_counts", "steps", "tokens", "val_recall_accuracy")
 
 
 def comparison_plan(attentions: list[str], sparsities: list[int]) -> list[tuple[str, int | None]]:

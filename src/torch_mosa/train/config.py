@@ -12,7 +12,6 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
 STRATEGIES = ("ddp", "fsdp")
 BPE_VOCAB_SIZE = 8000
-SYNTHETIC_VOCAB_SIZE = 256
 
 
 @dataclass
@@ -24,7 +23,8 @@ class TrainConfig:
     files, directories, globs, tar archives, hf:NAME[:CONFIG[:SPLIT]]) prepared once into `<run>/data` with
     `tokenizer` (bpe | byte). The model's vocab_size is always the data's.
     vocab_size: the vocabulary to prepare: BPE target size (None: the paper's 8000) or the synthetic task's
-    (None: 256); unused for byte-level data and prepared shard directories.
+    (None: the task's default for seq_len, see `synthetic_task`); unused for byte-level data and prepared shard
+    directories.
     seq_len: tokens per training sequence; None takes the model's max_seq_len.
     Schedule: linear warmup over min(warmup_steps, warmup_fraction * steps) steps, then cosine decay from lr to
     min_lr_ratio * lr at the last step.
@@ -92,11 +92,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     @property
-    def data_vocab_size(self) -> int:
-        """vocab_size, or its default for the kind of data (8000 for BPE as in the paper, 256 for the synthetic task)."""
-        if self.vocab_size is not None:
+    def data_vocab_size(self) -> int | None:
+        """vocab_size, or its default for the kind of data: 8000 for BPE as in the paper, None for the synthetic
+        task, whose default depends on its sequence length."""
+        if self.vocab_size is not None or self.data is None:
             return self.vocab_size
-        return SYNTHETIC_VOCAB_SIZE if self.data is None else BPE_VOCAB_SIZE
+        return BPE_VOCAB_SIZE
 
     @property
     def warmup(self) -> int:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
-FIELDS = ("step", "tokens", "lr", "train_loss", "grad_norm", "val_loss", "val_ppl", "val_bpb", "tokens_per_s",
-          "elapsed_s")
+FIELDS = ("step", "tokens", "lr", "train_loss", "grad_norm", "val_loss", "val_ppl", "val_bpb", "val_recall_accuracy",
+          "tokens_per_s", "elapsed_s")
 
 
 class MetricsWriter:

@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 
 from torch_mosa.config import MoSAConfig
 from torch_mosa.data.shards import BatchLoader, TokenDataset
-from torch_mosa.data.synthetic import SyntheticRecall, recall_accuracy
+from torch_mosa.data.synthetic import recall_task
 from torch_mosa.flops import model_flops
 from torch_mosa.models.lm import MoSALM
 from torch_mosa.train import checkpoint as ckpt
 from torch_mosa.train.config import TrainConfig
-from torch_mosa.train.data import prepare_data
+from torch_mosa.train.data import RecallLoader, evaluate_recall, prepare_data
 from torch_mosa.train.distributed import (DistInfo, all_reduce_mean, barrier, gradient_sync, setup_distributed,
                                           shard_fsdp, teardown_distributed, wrap_ddp)
 from torch_mosa.train.evaluate import evaluate
@@ -78,7 +78,7 @@ class Trainer:
             raise ValueError(f"{str(self.out_dir)!r} already holds checkpoints ({latest.name}); resume it or choose "
                              "another output directory")
 
-        # ---- data: every rank reads the same shards and takes its slice of each global batch
+        # ---- data: every rank reads the same data and takes its slice of each global batch
         seq_len = cfg.seq_len or self.model_config.max_seq_len
         if seq_len > self.model_config.max_seq_len:
             raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={self.model_config.max_seq_len}")
@@ -87,8 +87,18 @@ class Trainer:
         train_data, val_data = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
         model_config = dataclasses.replace(self.model_config, vocab_size=train_data.vocab_size)
         micro_batch = self._micro_batch_size(info)
-        loader = BatchLoader(train_data, micro_batch, seq_len, seed=cfg.seed, rank=info.rank,
-                             world_size=info.world_size, device=device)
+        # The synthetic task trains on whole generated sequences, loss on the answers only: random windows of
+        # its token stream would cut queries off the pairs they ask for, and recall would stay at chance.
+        task = recall_task(train_data.meta)
+        if task is None:
+            loader = BatchLoader(train_data, micro_batch, seq_len, seed=cfg.seed, rank=info.rank,
+                                 world_size=info.world_size, device=device)
+        elif task.seq_len != seq_len:
+            raise ValueError(f"the synthetic task in {str(data_dir)!r} has sequences of {task.seq_len} tokens; "
+                             f"train it with seq_len={task.seq_len}, not {seq_len}")
+        else:
+            loader = RecallLoader(task, micro_batch, grad_accum_steps=cfg.grad_accum_steps, rank=info.rank,
+                                  world_size=info.world_size, device=device)
         tokens_per_step = cfg.batch_size * seq_len
 
         # ---- model and optimizer (built on the raw module: its parameter names are the checkpoint's keys)
@@ -121,15 +131,19 @@ class Trainer:
                    disable=not (cfg.progress and info.is_main))
         start_step, session_start = step, time.perf_counter()
         train_time, interval_time, interval_tokens = 0.0, 0.0, 0
-        eval_kwargs = dict(batch_size=micro_batch, seq_len=seq_len, max_batches=cfg.eval_batches, device=device,
-                           rank=info.rank, world_size=info.world_size, drop_last=cfg.strategy == "fsdp",
-                           autocast_dtype=autocast_dtype)
 
         def validate() -> dict:
-            result = evaluate(model, val_data, **eval_kwargs)
+            if task is None:
+                result = evaluate(model, val_data, micro_batch, seq_len, cfg.eval_batches, device, rank=info.rank,
+                                  world_size=info.world_size, drop_last=cfg.strategy == "fsdp",
+                                  autocast_dtype=autocast_dtype)
+            else:
+                result = evaluate_recall(model, task, micro_batch, cfg.eval_batches,
+                                         grad_accum_steps=cfg.grad_accum_steps, rank=info.rank,
+                                         world_size=info.world_size, device=device, autocast=autocast)
             if metrics:
                 metrics.log(step=step, tokens=tokens, val_loss=result["loss"], val_ppl=result["ppl"],
-                            val_bpb=result.get("bpb"))
+                            val_bpb=result.get("bpb"), val_recall_accuracy=result.get("recall_accuracy"))
             return result
 
         def save() -> Path | None:
@@ -177,8 +191,7 @@ class Trainer:
         summary = {
             "steps": step, "tokens": tokens, "train_loss": train_loss,
             "val_loss": result["loss"], "val_ppl": result["ppl"], "val_bpb": result.get("bpb"),
-            "val_tokens": result["tokens"],
-            **self._recall(model, val_data, seq_len, micro_batch, autocast),
+            "val_tokens": result["tokens"], "val_recall_accuracy": result.get("recall_accuracy"),
             "params": model.num_parameters(),
             "forward_flops_per_token": model_flops(model_config, seq_len) / seq_len,
             "tokens_per_s": (step - start_step) * tokens_per_step / train_time if train_time else None,
@@ -220,21 +233,6 @@ class Trainer:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return train_loss, grad_norm
-
-    @torch.no_grad()
-    def _recall(self, model, val_data: TokenDataset, seq_len: int, batch_size: int, autocast) -> dict:
-        """For the synthetic task, the share of queried keys whose value the model predicts (validation split)."""
-        task = val_data.meta.get("synthetic")
-        if not task or task["seq_len"] != seq_len:
-            return {}
-        recall = SyntheticRecall(vocab_size=val_data.vocab_size, seq_len=seq_len, num_pairs=task["num_pairs"],
-                                 num_queries=task["num_queries"], seed=val_data.meta["seed"])
-        batch = recall.get_batch(batch_size, split="val").to(self.device)
-        model.eval()
-        with autocast:
-            logits, _ = model(batch.inputs)
-        model.train()
-        return {"recall_accuracy": recall_accuracy(logits, batch)}
 
     def _micro_batch_size(self, info: DistInfo) -> int:
         """Sequences per rank per micro-step: batch_size / (grad_accum_steps * world_size), which must divide."""
