@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 
@@ -9,6 +11,14 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def dataclass_from_dict(cls, values: dict):
+    """cls(**values), refusing names that are not fields of the dataclass (a typo in a saved config)."""
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**values)
 
 
 def check_attention_input(x: torch.Tensor, hidden_size: int, weight: torch.Tensor, attention_mask) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from torch_mosa.checks import dataclass_from_dict
 from torch_mosa.flops import isoflop_num_heads
 
 ATTENTION_KINDS = ("dense", "mosa", "pure_mosa", "fixed", "routing", "local")
@@ -111,11 +112,7 @@ class MoSAConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "MoSAConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown MoSAConfig fields: {sorted(unknown)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
