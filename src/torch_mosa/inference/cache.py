@@ -32,9 +32,12 @@ class DenseCache:
         self.length += n
 
     def keys_values_mask(self):
-        """k, v [B, H, L, d] and the attention mask [B, 1, 1, L] of the stored tokens."""
-        end = self.length
-        return self.k[:, :, :end], self.v[:, :, :end], self.key_real[:, None, None, :end]
+        """k, v [B, H, max_len, d] and the attention mask [B, 1, 1, max_len] of the stored tokens.
+
+        The whole buffer, not the filled prefix: a key length that grows every step gives attention a new shape per
+        token, and backends that plan per shape (cuDNN) would plan again at every step.
+        """
+        return self.k, self.v, self.key_real[:, None, None, :]
 
     def pairs(self) -> int:
         return self.k.shape[0] * self.k.shape[1] * self.length
@@ -62,10 +65,6 @@ class LocalCache(DenseCache):
         self.key_real[:, slots] = real[:, n - keep:]
         self.length += n
 
-    def keys_values_mask(self):
-        """Slot order does not matter to attention (RoPE is already in the keys); only the filled slots count."""
-        filled = min(self.length, self.window)
-        return self.k[:, :, :filled], self.v[:, :, :filled], self.key_real[:, None, None, :filled]
 
     def pairs(self) -> int:
         return self.k.shape[0] * self.k.shape[1] * min(self.length, self.window)
