@@ -35,6 +35,11 @@ def test_generate_prints_continuation_and_cache(mosa_run, mosa, capsys):
     captured = capsys.readouterr()
     assert captured.out.startswith("To be")
     assert "5 new tokens" in captured.err and "key-value pairs" in captured.err
+    assert "uncalibrated" in captured.err  # this run was never calibrated
+    assert mosa("calibrate", mosa_run, "--batches", 1, "--seq-len", 32) == 0
+    capsys.readouterr()
+    assert mosa("generate", mosa_run, "--prompt", "To be", "--max-new-tokens", 2) == 0
+    assert "uncalibrated" not in capsys.readouterr().err
 
 
 def test_generate_errors(mosa_run, mosa, capsys, tmp_path):

@@ -89,6 +89,17 @@ def test_cache_size_matches_formula_and_bytes():
     assert 0.05 * total_len < per_head < 0.6 * total_len
 
 
+def test_uncalibrated_is_detected():
+    from torch_mosa.inference.calibrate import uncalibrated
+
+    model = MoSALM(MoSAConfig.from_preset("micro", attention="mosa", sparsity=8, vocab_size=VOCAB)).eval()
+    assert uncalibrated(model)
+    calibrate_causal_thresholds(model, [torch.randint(0, VOCAB, (2, 64))])
+    assert not uncalibrated(model)
+    aux = MoSAConfig.from_preset("micro", attention="mosa", sparsity=8, vocab_size=VOCAB, router_aux_loss_weight=0.1)
+    assert not uncalibrated(MoSALM(aux))  # threshold 0 is the natural one for a router trained on membership
+
+
 def test_calibration_hits_topk_rate():
     model = MoSALM(MoSAConfig.from_preset("micro", attention="mosa", sparsity=8, vocab_size=VOCAB)).eval()
     ids = torch.randint(0, VOCAB, (4, 128))

@@ -25,11 +25,15 @@ def run(args) -> int:
     import torch
 
     from torch_mosa.data.tokenizer import load_tokenizer
+    from torch_mosa.inference.calibrate import uncalibrated
     from torch_mosa.train.checkpoint import load_model, resolve_checkpoint
     from torch_mosa.train.evaluate import training_data_dir
 
     path = resolve_checkpoint(args.checkpoint)
     model, _ = load_model(path, args.device)
+    if uncalibrated(model):
+        print(f"warning: {path} has uncalibrated causal-routing thresholds; run `mosa calibrate` first for the "
+              "cache sizes and quality of top-k routing", file=sys.stderr)
     tokenizer = load_tokenizer(training_data_dir(path))
     prompt = tokenizer.encode(args.prompt)
     if not prompt:

@@ -16,6 +16,13 @@ def routed_layers(model) -> list[MoSAAttention]:
     return list(model.mosa_layers)
 
 
+def uncalibrated(model) -> bool:
+    """True when causal routing would use thresholds never set: all 0 in some layer of a model whose router was not
+    trained to predict membership (router_aux_loss_weight 0). Such a router keeps far more than T/sparsity tokens."""
+    return model.config.router_aux_loss_weight == 0 and any(
+        not layer.causal_threshold.any() for layer in routed_layers(model))
+
+
 def _target_rate(layer: MoSAAttention, seq_len: int) -> float:
     """Fraction of tokens a head keeps under top-k; with include_first, of the tokens after the first."""
     k = layer.selection_size(seq_len)

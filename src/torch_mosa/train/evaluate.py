@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import math
 import tempfile
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from torch_mosa.data.shards import TokenDataset, is_shard_dir, iter_eval_batches, prepare_corpus
+from torch_mosa.inference.calibrate import calibrate_causal_thresholds, uncalibrated
 from torch_mosa.train.checkpoint import load_model, read_config, resolve_checkpoint
 from torch_mosa.train.data import DATA_DIR
 
@@ -90,6 +93,9 @@ def _evaluate_loaded(model, config, path, data, split, batch_size, seq_len, max_
                      calibrate_batches, decode_tokens) -> dict:
     if calibrate_batches and routing == "causal":
         calibrate_on_training_data(model, path, batch_size, seq_len, calibrate_batches, device)
+    elif routing == "causal" and uncalibrated(model):
+        warnings.warn(f"{path} has uncalibrated causal-routing thresholds (all 0): pass calibrate_batches "
+                      "(`--calibrate-batches`) or run `mosa calibrate` first", stacklevel=2)
     with tempfile.TemporaryDirectory(prefix="mosa-eval-") as scratch:
         if data is None:
             data_dir = training_data_dir(path)
@@ -121,12 +127,14 @@ def _evaluate_loaded(model, config, path, data, split, batch_size, seq_len, max_
 
 def calibrate_on_training_data(model, checkpoint: Path, batch_size: int, seq_len: int, num_batches: int,
                                device) -> list[dict]:
-    """Calibrate the causal-routing thresholds on the first `num_batches` windows of the run's training split."""
-    from torch_mosa.inference.calibrate import calibrate_causal_thresholds
-
+    """Calibrate the causal-routing thresholds on `num_batches` x `batch_size` windows of the run's training split,
+    spread evenly over it (the first windows would all come from one document)."""
     train = TokenDataset(training_data_dir(checkpoint), "train")
-    batches = [x for x, _ in iter_eval_batches(train, batch_size, seq_len, num_batches, device=device)]
-    return calibrate_causal_thresholds(model, batches)
+    if train.num_tokens < seq_len:
+        raise ValueError(f"the training split holds {train.num_tokens} tokens, fewer than seq_len={seq_len}")
+    starts = np.linspace(0, train.num_tokens - seq_len, num_batches * batch_size).astype(np.int64)
+    windows = torch.from_numpy(np.stack([train.window(int(s), seq_len) for s in starts]).astype(np.int64))
+    return calibrate_causal_thresholds(model, windows.to(device).split(batch_size))
 
 
 def training_data_dir(checkpoint: Path) -> Path:
