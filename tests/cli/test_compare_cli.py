@@ -1,6 +1,5 @@
 import json
 
-import pytest
 
 
 TINY = ["--num-layers", "1", "--hidden-size", "32", "--ffn-size", "64", "--head-dim", "8", "--batch-size", "4",

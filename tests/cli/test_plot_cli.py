@@ -1,4 +1,3 @@
-import pytest
 
 
 TINY = ["--num-layers", "1", "--hidden-size", "32", "--ffn-size", "64", "--head-dim", "8", "--max-seq-len", "32",
