@@ -1,0 +1,37 @@
+"""The benchmark package on a CPU machine: its cases match SPEC §6, its report is well formed, and `mosa bench`
+refuses clearly without a GPU (the timings themselves only run on CUDA)."""
+
+import pytest
+import torch
+
+from torch_mosa.bench.cases import CASES
+from torch_mosa.bench.report import markdown_report
+from torch_mosa.flops import isoflop_num_heads
+
+
+def test_cases_are_the_spec_cases():
+    a, = CASES["A"]
+    assert (a.hidden, a.num_dense_heads, a.num_mosa_heads, a.k, a.seq_len, a.batch) == (512, 4, 505, 16, 1024, 64)
+    assert a.num_mosa_heads == isoflop_num_heads(512, 64, 9, 1024, 64)
+    b, = CASES["B"]
+    assert (b.num_mosa_heads, b.k) == (142, 64)
+    c, = CASES["C"]
+    assert (c.hidden, c.num_mosa_heads, c.batch) == (1024, 381, 16)
+    assert [d.seq_len for d in CASES["D"]][-1] == 131072 and all(d.k == 64 for d in CASES["D"])
+
+
+def test_report_table_has_ratios_and_skips():
+    a, = CASES["A"]
+    report = markdown_report([(a, {"dense": (2.0, 100.0), "reference": None, "fast": (3.0, 150.0)})],
+                             train_rows=[("dense", 16, 1e5, 4000.0)], command="mosa bench --cases A")
+    assert "| A | 4+505 vs 9 | 16 | 64 x 1024 | 2.000 ms, 100 MiB | not run | 3.000 ms, 150 MiB (1.50x, 1.50x mem) |" \
+        in report
+    assert "`mosa bench --cases A`" in report and "100,000" in report
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_needs_cuda(capsys):
+    from torch_mosa.cli import main
+
+    assert main(["bench", "--cases", "A"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
