@@ -6,7 +6,6 @@ spills of each kernel. Random bf16 data, median of triton.testing.do_bench.
 """
 
 import argparse
-import itertools
 
 import torch
 import triton.testing
