@@ -12,7 +12,17 @@ import torch
 _GROW = 16  # MoSA caches grow in chunks of this many slots, so allocation stays close to what is held
 
 
-class DenseCache:
+class _KVCache:
+    """Size accounting shared by every cache: `k`, `v` [B, heads, slots, d] and `pairs()` key-value pairs held."""
+
+    def bytes_held(self) -> int:
+        return 2 * self.pairs() * self.k.shape[-1] * self.k.element_size()
+
+    def bytes_allocated(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class DenseCache(_KVCache):
     """k, v [B, H, max_len, d]; `key_real` [B, max_len] marks real (non-padding) tokens."""
 
     def __init__(self, batch: int, num_heads: int, head_dim: int, max_len: int, dtype, device):
@@ -42,12 +52,6 @@ class DenseCache:
     def pairs(self) -> int:
         return self.k.shape[0] * self.k.shape[1] * self.length
 
-    def bytes_held(self) -> int:
-        return 2 * self.pairs() * self.k.shape[-1] * self.k.element_size()
-
-    def bytes_allocated(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
 
 class LocalCache(DenseCache):
     """A ring of `window` slots per head: token at position p lives in slot p % window."""
@@ -65,12 +69,11 @@ class LocalCache(DenseCache):
         self.key_real[:, slots] = real[:, n - keep:]
         self.length += n
 
-
     def pairs(self) -> int:
         return self.k.shape[0] * self.k.shape[1] * min(self.length, self.window)
 
 
-class MoSACache:
+class MoSACache(_KVCache):
     """Per head only its selected tokens: k, v [B, E, capacity, d], `counts` [B, E] tokens held per head."""
 
     def __init__(self, batch: int, num_heads: int, head_dim: int, dtype, device):
@@ -112,12 +115,6 @@ class MoSACache:
 
     def pairs(self) -> int:
         return int(self.counts.sum())
-
-    def bytes_held(self) -> int:
-        return 2 * self.pairs() * self.k.shape[-1] * self.k.element_size()
-
-    def bytes_allocated(self) -> int:
-        return self.k.nbytes + self.v.nbytes
 
 
 class LayerCache:

@@ -11,16 +11,11 @@ import torch
 from torch_mosa.layers.mosa import MoSAAttention
 
 
-def routed_layers(model) -> list[MoSAAttention]:
-    """The MoSA layers with a learned router, bottom to top (fixed heads route by position and need nothing)."""
-    return list(model.mosa_layers)
-
-
 def uncalibrated(model) -> bool:
     """True when causal routing would use thresholds never set: all 0 in some layer of a model whose router was not
     trained to predict membership (router_aux_loss_weight 0). Such a router keeps far more than T/sparsity tokens."""
     return model.config.router_aux_loss_weight == 0 and any(
-        not layer.causal_threshold.any() for layer in routed_layers(model))
+        not layer.causal_threshold.any() for layer in model.mosa_layers)
 
 
 def _target_rate(layer: MoSAAttention, seq_len: int) -> float:
@@ -43,15 +38,14 @@ def calibrate_causal_thresholds(model, batches, attention_mask=None) -> list[dic
     model.eval()
     report = []
     try:
-        for index, layer in enumerate(routed_layers(model)):
+        # model.mosa_layers: the routed MoSA layers, bottom to top (fixed heads route by position, need nothing)
+        for index, layer in enumerate(model.mosa_layers):
             logits = _collect_router_logits(model, layer, batches, attention_mask)  # [N, T, E]
             seq_len = logits.shape[1]
             rate = _target_rate(layer, seq_len)
             candidates = logits[:, 1:] if layer.include_first else logits
             flat = candidates.reshape(-1, logits.shape[-1]).float()
-            # the threshold sits between the (n_keep)-th and next largest logit of each head
-            layer.causal_threshold.copy_(torch.quantile(flat, 1.0 - rate, dim=0).to(layer.causal_threshold.dtype)
-                                         if flat.shape[0] <= 16_000_000 else _sorted_quantile(flat, 1.0 - rate))
+            layer.causal_threshold.copy_(_keep_threshold(flat, rate))
             kept = (flat > layer.causal_threshold.float()).float().mean().item()
             report.append({"layer": index, "threshold_mean": layer.causal_threshold.float().mean().item(),
                            "kept_fraction": kept, "target_fraction": rate})
@@ -60,9 +54,14 @@ def calibrate_causal_thresholds(model, batches, attention_mask=None) -> list[dic
     return report
 
 
-def _sorted_quantile(flat: torch.Tensor, q: float) -> torch.Tensor:
-    values = flat.sort(dim=0).values
-    return values[min(values.shape[0] - 1, int(q * (values.shape[0] - 1)))]
+def _keep_threshold(flat: torch.Tensor, rate: float) -> torch.Tensor:
+    """Per column of flat [N, E], the value that `rate` of the entries exceed: the (N - n_keep)-th smallest.
+    kthvalue has no input-size limit (torch.quantile refuses more than 2**24 elements)."""
+    num = flat.shape[0]
+    n_keep = min(num, max(1, round(rate * num)))
+    if n_keep == num:
+        return torch.full((flat.shape[1],), float("-inf"))
+    return flat.kthvalue(num - n_keep, dim=0).values
 
 
 def _collect_router_logits(model, layer: MoSAAttention, batches, attention_mask) -> torch.Tensor:

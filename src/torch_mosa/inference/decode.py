@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch_mosa.layers.dense import DenseAttention
 from torch_mosa.layers.hybrid import HybridAttention
 from torch_mosa.layers.local import LocalAttention
-from torch_mosa.layers.mosa import MoSAAttention, sort_selection
+from torch_mosa.layers.mosa import MoSAAttention, membership_selection
 from torch_mosa.layers.rope import apply_rope
 from torch_mosa.layers.routing import RoutingAttention
 from torch_mosa.inference.cache import DenseCache, LayerCache, LocalCache, ModelCache, MoSACache
@@ -47,6 +47,14 @@ def new_cache(model, batch: int, max_len: int, dtype, device) -> ModelCache:
     return cache
 
 
+def prefilled_cache(model, input_ids: torch.Tensor, max_len: int, attention_mask=None):
+    """Caches for `max_len` tokens, filled by a prefill of input_ids [B, T]: -> (logits [B, T, vocab], cache)."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    cache = new_cache(model, input_ids.shape[0], max_len, cache_dtype(model, input_ids.device), input_ids.device)
+    return prefill(model, input_ids, attention_mask, cache), cache
+
+
 def _cache_of(layer_cache: LayerCache, part):
     if isinstance(part, LocalAttention):
         return layer_cache.local
@@ -68,10 +76,11 @@ def _fill(part, cache, h: torch.Tensor, attention_mask: torch.Tensor) -> None:
         _, k, v = part.project_qkv(h, positions)
         cache.append(k, v, attention_mask.bool())
         return
-    joined, _ = part.causal_route(h, attention_mask)
-    indices, valid, _ = sort_selection(positions.expand_as(joined), joined, seq_len)
-    width = max(1, int(joined.sum(-1).max()))
-    indices, valid = indices[..., :width], valid[..., :width]
+    joined = part.causal_route(h, attention_mask)[0]
+    counts = joined.sum(-1, keepdim=True)
+    width = max(1, int(counts.max()))
+    indices = membership_selection(joined, joined)[0][..., :width]  # members first, in position order
+    valid = torch.arange(width, device=h.device) < counts
     batch, num_heads = indices.shape[:2]
     selected = h.gather(1, indices.reshape(batch, -1, 1).expand(-1, -1, h.shape[-1])).view(batch, num_heads, width, -1)
     _, k, v = _mosa_qkv(part, selected, indices)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from torch_mosa.inference.decode import cache_dtype, decode_one_token, new_cache, prefill
+from torch_mosa.inference.decode import decode_one_token, prefilled_cache
 
 
 def sample(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
@@ -64,18 +64,15 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, do_sample: boo
     _check_generate_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask)
     model.check_input_ids(input_ids)
     batch, prompt_len = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     stop = torch.tensor(sorted(set(stop_tokens or [])), dtype=torch.long, device=input_ids.device)
-    cache = new_cache(model, batch, prompt_len + max_new_tokens, cache_dtype(model, input_ids.device),
-                      input_ids.device)
     was_training = model.training
     model.eval()
     try:
-        logits = prefill(model, input_ids, attention_mask, cache)[:, -1]
+        logits, cache = prefilled_cache(model, input_ids, prompt_len + max_new_tokens, attention_mask)
+        logits = logits[:, -1]
         tokens = [input_ids]
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from torch_mosa.inference.decode import cache_dtype, decode_one_token, new_cache, prefill
+from torch_mosa.inference.decode import decode_one_token, prefilled_cache
 
 
 @torch.no_grad()
@@ -17,8 +17,7 @@ def kv_cache_footprint(model, input_ids: torch.Tensor) -> dict:
     pairs_per_token, bytes_per_token (keys and values in the cache dtype) and bytes_allocated.
     """
     batch, seq_len = input_ids.shape
-    cache = new_cache(model, batch, seq_len, cache_dtype(model, input_ids.device), input_ids.device)
-    prefill(model, input_ids, torch.ones_like(input_ids, dtype=torch.bool), cache)
+    _, cache = prefilled_cache(model, input_ids, seq_len)
     return {"seq_len": seq_len, "pairs_per_sequence": cache.pairs() / batch,
             "pairs_per_token": cache.pairs() / (batch * seq_len),
             "bytes_per_token": cache.bytes_held() / (batch * seq_len),
@@ -36,18 +35,19 @@ def decode_tokens_per_second(model, prompt_ids: torch.Tensor, new_tokens: int, w
     if total > model.config.max_seq_len:
         raise ValueError(f"prompt {prompt_len} + {warmup_tokens} warm-up + {new_tokens} new tokens exceeds "
                          f"max_seq_len={model.config.max_seq_len}")
-    cache = new_cache(model, batch, total, cache_dtype(model, prompt_ids.device), prompt_ids.device)
-    token = prefill(model, prompt_ids, torch.ones_like(prompt_ids, dtype=torch.bool), cache)[:, -1:].argmax(-1)
-    position = prompt_len
-    for _ in range(warmup_tokens):
-        token = decode_one_token(model, token, position, cache).argmax(-1, keepdim=True)
-        position += 1
+    logits, cache = prefilled_cache(model, prompt_ids, total)
+    token = logits[:, -1:].argmax(-1)
+
+    def decode(token, first_position, count):
+        for position in range(first_position, first_position + count):
+            token = decode_one_token(model, token, position, cache).argmax(-1, keepdim=True)
+        return token
+
+    token = decode(token, prompt_len, warmup_tokens)
     if prompt_ids.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(new_tokens):
-        token = decode_one_token(model, token, position, cache).argmax(-1, keepdim=True)
-        position += 1
+    decode(token, prompt_len + warmup_tokens, new_tokens)
     if prompt_ids.is_cuda:
         torch.cuda.synchronize()
     return batch * new_tokens / (time.perf_counter() - start)
