@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from torch_mosa.checks import check_positive_int
+
 from .sources import HF_PREFIX, DataError, iter_documents
 from .tokenizer import ByteTokenizer, Tokenizer, check_bpe_vocab_size, load_tokenizer, train_bpe_tokenizer
 
@@ -40,15 +42,6 @@ _ENCODE_BATCH_DOCS = 1024
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id (< vocab_size) fits in 16 bits, else uint32."""
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
-def check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
-    """Raise ValueError naming ``name`` unless ``value`` is a positive int (or None where allowed)."""
-    if allow_none and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        allowed = "None or a positive int" if allow_none else "a positive int"
-        raise ValueError(f"{name}={value!r} must be {allowed}")
 
 
 class ShardWriter:
@@ -187,7 +180,8 @@ def prepare_corpus(
         raise ValueError(f"val_docs={val_docs!r} must be None or an int >= 0")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r} must be an int >= 0")
-    check_positive_int("max_docs", max_docs, allow_none=True)
+    if max_docs is not None:
+        check_positive_int("max_docs", max_docs)
     check_positive_int("shard_tokens", shard_tokens)
 
     if tokenizer == "bpe":
@@ -524,7 +518,8 @@ def iter_eval_batches(
     global batches (every rank the same number of equal batches, e.g. for FSDP).
     """
     _check_batch_args(dataset, batch_size, seq_len, rank, world_size)
-    check_positive_int("max_batches", max_batches, allow_none=True)
+    if max_batches is not None:
+        check_positive_int("max_batches", max_batches)
     num_windows = (dataset.num_tokens - 1) // seq_len
     global_batch = batch_size * world_size
     num_batches = num_windows // global_batch if drop_last else math.ceil(num_windows / global_batch)

@@ -34,11 +34,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from torch_mosa.checks import check_positive_int
+
 from .shards import (
     DEFAULT_SHARD_TOKENS,
     SPLITS,
     ShardWriter,
-    check_positive_int,
     finish_shard_dir,
     start_shard_dir,
     token_dtype,
