@@ -136,6 +136,9 @@ def test_router_aux_loss_is_added_in_training():
     torch.testing.assert_close(loss, plain + 0.5 * aux)
     loss.backward()
     assert model.mosa_layers[0].router.weight.grad.abs().sum() > 0
+    model.train()
+    with torch.no_grad():  # e.g. a validation pass left in training mode: no aux loss, no error
+        torch.testing.assert_close(model(ids, ids)[1], plain)
 
 
 @pytest.mark.parametrize("call,match", [

@@ -113,7 +113,8 @@ class MoSALM(nn.Module):
         if targets.shape != input_ids.shape:
             raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(targets.shape)}")
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        if self.training and self.config.router_aux_loss_weight > 0 and routing == "topk":
+        # the routers record their loss only when gradients flow (MoSAAttention.select)
+        if self.training and self.config.router_aux_loss_weight > 0 and routing == "topk" and torch.is_grad_enabled():
             aux = [layer.last_router_aux_loss for layer in self.mosa_layers]
             self.last_router_aux_loss = torch.stack(aux).mean()
             for layer in self.mosa_layers:
