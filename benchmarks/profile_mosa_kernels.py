@@ -50,7 +50,7 @@ def main():
             y, o = tm.mosa_fwd(x, w_qkv, w_o, indices, scores, rot, 1e4)
             fwd = triton.testing.do_bench(lambda: tm.mosa_fwd(x, w_qkv, w_o, indices, scores, rot, 1e4),
                                           return_mode="median")
-            bwd = triton.testing.do_bench(lambda: tm.mosa_bwd(dy, x, w_qkv, w_o, indices, scores, o, rot, 1e4),
+            bwd = triton.testing.do_bench(lambda: tm.mosa_bwd(dy, x, w_qkv, w_o, None, indices, scores, o, rot, 1e4),
                                           return_mode="median")
         except Exception as error:  # a configuration that does not compile (shared memory) is reported, not fatal
             print(f"BLOCK_M={block_m} warps={warps} BLOCK_H={block_h}: failed {type(error).__name__}: {error}"[:300])

@@ -41,6 +41,20 @@ def test_bad_config(kwargs, match):
         MoSAConfig.from_preset(**kwargs)
 
 
+@pytest.mark.parametrize("attention", ["dense", "fixed", "local", "routing"])
+def test_router_aux_loss_needs_mosa_routers(attention):
+    """Only MoSA heads have routers to train; other kinds used to crash every training step (issue 14, defect 1)."""
+    with pytest.raises(ValueError, match=r"router_aux_loss_weight.*'mosa', 'pure_mosa'"):
+        MoSAConfig.from_preset("micro", attention=attention, sparsity=None if attention == "dense" else 4,
+                               router_aux_loss_weight=0.1)
+
+
+def test_router_aux_loss_weight_zero_is_allowed_everywhere():
+    for attention in ("dense", "fixed", "local", "routing"):
+        MoSAConfig.from_preset("micro", attention=attention, sparsity=None if attention == "dense" else 4,
+                               router_aux_loss_weight=0.0)
+
+
 def test_unknown_field_in_dict():
     with pytest.raises(ValueError, match="unknown"):
         MoSAConfig.from_dict({"hidden": 3})

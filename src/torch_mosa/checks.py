@@ -13,6 +13,13 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+def check_head_sizes(hidden_size, num_heads, head_dim) -> None:
+    """The three sizes every attention layer is built from, each a positive integer."""
+    check_positive_int("hidden_size", hidden_size)
+    check_positive_int("num_heads", num_heads)
+    check_positive_int("head_dim", head_dim)
+
+
 def dataclass_from_dict(cls, values: dict):
     """cls(**values), refusing names that are not fields of the dataclass (a typo in a saved config)."""
     unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
@@ -48,7 +55,8 @@ def check_attention_input(x: torch.Tensor, hidden_size: int, weight: torch.Tenso
 
 
 def selection_size(seq_len: int, sparsity: int | None, k: int | None) -> int:
-    """k = max(2, seq_len // sparsity) capped at seq_len, or the fixed k (which must not exceed seq_len)."""
+    """Tokens per sparse head, the one definition that every layer and the FLOP accounting use (SPEC §1):
+    k = max(2, seq_len // sparsity) capped at seq_len, or the fixed k (which must not exceed seq_len)."""
     if k is not None:
         if k > seq_len:
             raise ValueError(f"k={k} exceeds the sequence length seq_len={seq_len}; use k <= seq_len or a sparsity")
@@ -70,3 +78,38 @@ def first_real_position(attention_mask, batch: int, device) -> torch.Tensor:
     if attention_mask is None:
         return torch.zeros(batch, dtype=torch.long, device=device)
     return attention_mask.bool().long().argmax(dim=1)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A usable torch.device from 'auto' (CUDA when present, else the CPU), 'cpu', 'cuda' or 'cuda:N'; a device
+    that does not exist here is an error naming it and what is available."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={str(device)!r} but CUDA is not available here: use 'cpu' or 'auto'")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device={str(device)!r} but only {count} CUDA device(s) exist (cuda:0 to "
+                             f"cuda:{count - 1})")
+    elif resolved.type != "cpu":
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return resolved
+
+
+def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
+    """Every id in [0, vocab_size), else an error naming the first bad id and where it is.
+
+    Skipped while torch.compile traces (a data-dependent branch would break the graph, and the check would sync the
+    GPU every step): a compiled model meets a bad id in the embedding instead."""
+    if torch.compiler.is_compiling():
+        return
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        where = tuple(i.item() for i in bad.nonzero()[0])
+        raise ValueError(f"{name} holds id {ids[where].item()} at index {where}; allowed 0..{vocab_size - 1} "
+                         f"(vocab_size={vocab_size})")

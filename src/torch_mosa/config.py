@@ -6,10 +6,11 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from torch_mosa.checks import dataclass_from_dict
+from torch_mosa.checks import dataclass_from_dict, selection_size
 from torch_mosa.flops import isoflop_num_heads
 
 ATTENTION_KINDS = ("dense", "mosa", "pure_mosa", "fixed", "routing", "local")
+ROUTED_ATTENTION_KINDS = ("mosa", "pure_mosa")  # the kinds with MoSA routers, which router_aux_loss_weight trains
 SPARSE_HEAD_KIND = {"mosa": "mosa", "pure_mosa": "mosa", "fixed": "fixed", "routing": "routing", "local": "local"}
 
 # The paper's dense baselines (SPEC §4) plus `micro`, which trains on a CPU in minutes.
@@ -29,7 +30,8 @@ class MoSAConfig:
     attention: dense | mosa (hybrid: `num_dense_heads` dense heads kept + sparse MoSA heads) | pure_mosa |
     fixed | routing | local (hybrids with that sparse kind). `num_sparse_heads=None` means IsoFLOP-matched
     (SPEC §3) to `num_heads` dense heads at `max_seq_len`. `router_aux_loss_weight` > 0 adds the MoSA routers'
-    top-k membership loss (for causal routing, SPEC §5); 0 keeps paper runs exact.
+    top-k membership loss (for causal routing, SPEC §5); 0 keeps paper runs exact. Only mosa and pure_mosa have
+    routers: a weight > 0 with any other attention is refused.
     """
 
     vocab_size: int = 8000
@@ -62,9 +64,16 @@ class MoSAConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.router_aux_loss_weight >= 0:
             raise ValueError(f"router_aux_loss_weight must be >= 0, got {self.router_aux_loss_weight}")
+        if self.router_aux_loss_weight > 0 and self.attention not in ROUTED_ATTENTION_KINDS:
+            raise ValueError(f"router_aux_loss_weight={self.router_aux_loss_weight} needs MoSA routers: allowed with "
+                             f"attention in {ROUTED_ATTENTION_KINDS}, got attention={self.attention!r} (use 0)")
         if self.ffn_size is None:
             self.ffn_size = 4 * self.hidden_size
         if self.attention == "dense":
+            if self.sparsity is not None or self.k is not None:
+                raise ValueError(f"attention='dense' attends to every token and takes no sparsity or k, got "
+                                 f"sparsity={self.sparsity!r}, k={self.k!r}: drop them or choose a sparse attention "
+                                 f"({', '.join(kind for kind in ATTENTION_KINDS if kind != 'dense')})")
             return
         if self.sparsity is None and self.k is None:
             raise ValueError(f"attention={self.attention!r} needs a sparsity (or a fixed k)")
@@ -94,10 +103,12 @@ class MoSAConfig:
         counts[SPARSE_HEAD_KIND[self.attention]] = self.num_sparse_heads
         return counts
 
-    def local_window(self, seq_len: int | None = None) -> int | None:
+    def local_window(self) -> int | None:
+        """The local heads' window: `window`, or the tokens per sparse head at max_seq_len (checks.selection_size);
+        fixed when the layer is built, so the FLOPs at any sequence length use it too. None without local heads."""
         if self.attention != "local":
             return None
-        return self.window or max(1, (seq_len or self.max_seq_len) // self.sparsity)
+        return self.window or selection_size(self.max_seq_len, self.sparsity, None)
 
     @classmethod
     def from_preset(cls, name: str, attention: str = "dense", sparsity: int | None = None, **overrides) -> "MoSAConfig":

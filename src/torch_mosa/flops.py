@@ -1,23 +1,15 @@
 """FLOP accounting of the paper (SPEC §3): forward pass only, an [i,j]x[j,k] matmul costs 2ijk.
 
-Embeddings and norms are excluded. h = hidden size, d = head dim, T = sequence length, k = tokens per sparse head.
+Embeddings and norms are excluded. h = hidden size, d = head dim, T = sequence length, k = tokens per sparse head
+(checks.selection_size, the definition the layers use). The formulas take numbers only; `model_flops` reads the
+numbers of a MoSAConfig (or anything with its fields) without depending on the config class.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from torch_mosa.checks import check_positive_int
-
-if TYPE_CHECKING:
-    from torch_mosa.config import MoSAConfig
+from torch_mosa.checks import check_positive_int, selection_size
 
 HEAD_KINDS = ("dense", "mosa", "fixed", "routing", "local")
-
-
-def tokens_per_head(seq_len: int, sparsity: int) -> int:
-    """k = max(2, T // sparsity), at most T (SPEC §1)."""
-    return min(seq_len, max(2, seq_len // sparsity))
 
 
 def dense_head_flops(hidden_size: int, head_dim: int, seq_len: int) -> int:
@@ -48,22 +40,24 @@ def ffn_flops(hidden_size: int, ffn_size: int, seq_len: int) -> int:
 def head_flops(kind: str, hidden_size: int, head_dim: int, seq_len: int, sparsity: int | None = None,
                k: int | None = None, window: int | None = None) -> int:
     """Forward FLOPs of one head of `kind` (one of HEAD_KINDS). Sparse kinds take a sparsity or a fixed k
-    (routing uses num_clusters = sparsity, or T // k with a fixed k); local takes a window (default T // sparsity)."""
+    (routing uses num_clusters = sparsity, or T // k with a fixed k); local takes a window (default: k)."""
     if kind not in HEAD_KINDS:
         raise ValueError(f"kind must be one of {HEAD_KINDS}, got {kind!r}")
     if kind == "dense":
         return dense_head_flops(hidden_size, head_dim, seq_len)
+    if kind == "local" and window is not None:
+        return local_head_flops(hidden_size, head_dim, seq_len, window)
     if k is None:
         if sparsity is None:
             raise ValueError(f"a {kind} head needs sparsity or k")
-        k = tokens_per_head(seq_len, check_positive_int("sparsity", sparsity))
+        k = selection_size(seq_len, check_positive_int("sparsity", sparsity), None)
     if kind == "mosa":
         return mosa_head_flops(hidden_size, head_dim, seq_len, k)
     if kind == "fixed":
         return fixed_head_flops(hidden_size, head_dim, k)
     if kind == "routing":
         return routing_head_flops(hidden_size, head_dim, seq_len, k, sparsity or max(1, seq_len // k))
-    return local_head_flops(hidden_size, head_dim, seq_len, window or k)
+    return local_head_flops(hidden_size, head_dim, seq_len, k)
 
 
 def isoflop_num_heads(hidden_size: int, head_dim: int, num_heads: int, seq_len: int, sparsity: int,
@@ -80,20 +74,26 @@ def isoflop_num_heads(hidden_size: int, head_dim: int, num_heads: int, seq_len: 
     return (num_heads - keep_dense_heads) * dense // sparse
 
 
-def attention_layer_flops(config: "MoSAConfig", seq_len: int) -> int:
-    """Forward FLOPs of one attention layer of `config` on a sequence of seq_len tokens."""
-    h, d = config.hidden_size, config.head_dim
+def attention_flops(hidden_size: int, head_dim: int, seq_len: int, head_counts: dict[str, int],
+                    sparsity: int | None = None, k: int | None = None, window: int | None = None) -> int:
+    """Forward FLOPs of one attention layer holding head_counts[kind] heads of each kind (e.g. {'dense': 4,
+    'mosa': 505}); a fixed k applies to the mosa, fixed and routing heads, the window to the local heads."""
     total = 0
-    for kind, count in config.head_counts().items():
+    for kind, count in head_counts.items():
         if count:
-            k = config.k if kind in ("mosa", "fixed", "routing") else None
-            total += count * head_flops(kind, h, d, seq_len, sparsity=config.sparsity, k=k,
-                                        window=config.local_window(seq_len))
+            total += count * head_flops(kind, hidden_size, head_dim, seq_len, sparsity=sparsity,
+                                        k=k if kind in ("mosa", "fixed", "routing") else None, window=window)
     return total
 
 
-def model_flops(config: "MoSAConfig", seq_len: int | None = None) -> int:
-    """Forward FLOPs of the whole model on one sequence (default: config.max_seq_len)."""
+def attention_layer_flops(config, seq_len: int) -> int:
+    """Forward FLOPs of one attention layer of `config` (a MoSAConfig) on a sequence of seq_len tokens."""
+    return attention_flops(config.hidden_size, config.head_dim, seq_len, config.head_counts(),
+                           sparsity=config.sparsity, k=config.k, window=config.local_window())
+
+
+def model_flops(config, seq_len: int | None = None) -> int:
+    """Forward FLOPs of the whole model of `config` (a MoSAConfig) on one sequence (default: config.max_seq_len)."""
     seq_len = config.max_seq_len if seq_len is None else check_positive_int("seq_len", seq_len)
     per_layer = attention_layer_flops(config, seq_len) + ffn_flops(config.hidden_size, config.ffn_size, seq_len)
     return config.num_layers * per_layer

@@ -28,7 +28,7 @@ def test_eval_on_the_runs_data_and_on_raw_text(byte_run, mosa, capsys, shared_da
     assert mosa("eval", byte_run / "checkpoints" / "step_00000002", "--data", text, "--seq-len", 16,
                 "--max-batches", 2) == 0
     out = capsys.readouterr().out
-    assert "12_us_constitution.txt (train, 256 tokens)" in out and "bits/byte" in out
+    assert "12_us_constitution.txt (train, 16 of " in out and "256 tokens)" in out and "bits/byte" in out
 
 
 def test_eval_errors(byte_run, mosa, capsys, tmp_path):
@@ -39,3 +39,15 @@ def test_eval_errors(byte_run, mosa, capsys, tmp_path):
     (byte_run / "checkpoints" / "step_00000002" / "model.safetensors").write_bytes(b"garbage")
     assert mosa("eval", byte_run) == 2
     assert "model.safetensors' is corrupt" in capsys.readouterr().err
+
+
+def test_eval_reads_a_few_batches_by_default_and_the_whole_split_with_full(byte_run, mosa, capsys):
+    capsys.readouterr()
+    assert mosa("eval", byte_run, "--seq-len", 16, "--batch-size", 1, "--json") == 0
+    default = json.loads(capsys.readouterr().out)
+    assert default["windows"] == 8 < default["split_windows"]
+    assert mosa("eval", byte_run, "--seq-len", 16, "--batch-size", 1, "--full", "--json") == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["windows"] == full["split_windows"] == default["split_windows"]
+    assert mosa("eval", byte_run, "--seq-len", 16, "--batch-size", 1) == 0
+    assert f"8 of {full['split_windows']:,} windows, --full for all" in capsys.readouterr().out

@@ -29,3 +29,8 @@ def test_console_entry_point_module():
     out = subprocess.run([sys.executable, "-m", "torch_mosa.cli", "flops", "--preset", "micro", "--attention", "dense",
                           "--json"], capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["num_mosa_heads"] == 0
+
+
+def test_dense_with_a_sparsity_is_refused(mosa, capsys):
+    assert mosa("flops", "--attention", "dense", "--sparsity", 8) == 2
+    assert "attention='dense' attends to every token and takes no sparsity" in capsys.readouterr().err

@@ -30,6 +30,18 @@ def test_calibrate_then_eval_both_routings(mosa_run, mosa, capsys):
     assert 4 + 0.1 * num_mosa_heads < causal["kv_pairs_per_token"] < 4 + 0.5 * num_mosa_heads
 
 
+
+def test_calibrate_reads_a_few_windows_by_default_with_a_progress_bar(mosa_run, mosa, capsys):
+    capsys.readouterr()
+    assert mosa("calibrate", mosa_run) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("calibrating on 16 windows of 64 tokens (2 batches of 8) spread over the ")
+    assert "calibrate (a pass per MoSA layer):   0%|          | 0/2" in captured.err  # 2 batches x 1 layer
+    assert mosa("calibrate", mosa_run, "--batches", 3, "--batch-size", 2, "--no-progress") == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("calibrating on 6 windows of 64 tokens (3 batches of 2)") and captured.err == ""
+
+
 def test_generate_prints_continuation_and_cache(mosa_run, mosa, capsys):
     assert mosa("generate", mosa_run, "--prompt", "To be", "--max-new-tokens", 5, "--no-stop") == 0
     captured = capsys.readouterr()

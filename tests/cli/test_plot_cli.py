@@ -7,9 +7,9 @@ TINY = ["--num-layers", "1", "--hidden-size", "32", "--ffn-size", "64", "--head-
 
 
 def test_plot_writes_a_png_comparing_runs(tmp_path, mosa, capsys):
-    for attention in ("dense", "mosa"):
-        assert mosa("train", "--out", tmp_path / attention, "--steps", 4, "--attention", attention,
-                    "--sparsity", 4, *TINY) == 0
+    for attention, sparsity in (("dense", []), ("mosa", ["--sparsity", 4])):  # dense takes no sparsity
+        assert mosa("train", "--out", tmp_path / attention, "--steps", 4, "--attention", attention, *sparsity,
+                    *TINY) == 0
     out = tmp_path / "curves.png"
     assert mosa("plot", tmp_path / "dense", tmp_path / "mosa", "--out", out, "--labels", "dense", "MoSA") == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

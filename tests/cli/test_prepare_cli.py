@@ -20,6 +20,9 @@ def test_prepare_refuses_to_overwrite_and_bad_paths(tmp_path, mosa, capsys, shar
     assert "already holds a prepared corpus" in capsys.readouterr().err
     assert mosa("prepare", tmp_path / "nothing.txt", "--out", tmp_path / "other") == 2
     assert "nothing.txt' does not exist" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text(" \n")
+    assert mosa("prepare", tmp_path / "empty.txt", "--out", tmp_path / "new", "--tokenizer", "byte") == 2
+    assert not (tmp_path / "new").exists() and not (tmp_path / "other").exists()  # no empty directory left
 
 
 def test_prepare_holds_out_the_tail_of_a_single_document(tmp_path, mosa, shared_data):

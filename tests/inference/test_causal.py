@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from torch_mosa import MoSAConfig, MoSALM
-from torch_mosa.inference import calibrate_causal_thresholds, decode_one_token, new_cache, prefill
+from torch_mosa.inference import calibrate_causal_thresholds, decode_one_token, new_cache, prefill, set_causal_limits
+from torch_mosa.layers import MoSAAttention
 
 VOCAB = 61
 CAUSAL_KINDS = ["dense", "mosa", "pure_mosa", "fixed", "local"]
@@ -56,16 +57,73 @@ def test_cached_decode_equals_full_causal_forward(attention):
                                    rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("attention", ["dense", "mosa", "local"])
+def left_padded(prompts):
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = True
+    return ids, mask
+
+
+@pytest.mark.parametrize("attention", CAUSAL_KINDS)
+def test_left_padded_cached_decode_equals_full_causal_forward(attention):
+    """Prompts of different lengths, left-padded: prefill + decode equals the full causal forward of the padded
+    batch at every real position."""
+    model = model_for(attention, window=8) if attention == "local" else model_for(attention)
+    ids, mask = left_padded([torch.randint(0, VOCAB, (n,)) for n in (30, 17, 23)])
+    full, _ = model(ids, attention_mask=mask, routing="causal")
+    prompt_len = 19
+    cache = new_cache(model, 3, ids.shape[1], torch.float64, ids.device)
+    prompt_logits = prefill(model, ids[:, :prompt_len], mask[:, :prompt_len], cache)
+    real = mask[:, :prompt_len]
+    torch.testing.assert_close(prompt_logits[real], full[:, :prompt_len][real], rtol=1e-10, atol=1e-10)
+    for t in range(prompt_len, ids.shape[1]):
+        torch.testing.assert_close(decode_one_token(model, ids[:, t:t + 1], t, cache), full[:, t],
+                                   rtol=1e-10, atol=1e-10)
+
+
+def test_causal_limits_are_applied_alike_and_counted():
+    """With a small capacity per head and few heads per token, joins are dropped: decode still equals the full causal
+    forward (both apply the same rule), and the cache counts exactly the drops the full forward counts."""
+    model = model_for("pure_mosa")
+    set_causal_limits(model, capacity=5, heads_per_token=2)
+    ids = torch.randint(0, VOCAB, (2, 40))
+    full, _ = model(ids, routing="causal")
+    expected = {key: sum(int(layer.last_causal_overflow[key]) for layer in model.mosa_layers)
+                for key in ("capacity", "heads_per_token")}
+    cache = new_cache(model, 2, 40, torch.float64, ids.device)
+    prefill(model, ids[:, :9], None, cache)
+    for t in range(9, 40):
+        torch.testing.assert_close(decode_one_token(model, ids[:, t:t + 1], t, cache), full[:, t],
+                                   rtol=1e-10, atol=1e-10)
+    assert expected["capacity"] > 0 and expected["heads_per_token"] > 0
+    assert cache.overflow() == expected
+    assert all(int(layer.sparse.counts.max()) <= 5 for layer in cache)
+
+
+def test_capacity_makes_the_causal_forward_narrow_and_still_causal(monkeypatch):
+    """With a capacity the causal forward runs each head at that width instead of T, and stays causal bit for bit."""
+    model = model_for("mosa")
+    set_causal_limits(model, capacity=12)
+    widths = []
+    attend = MoSAAttention.attend
+    monkeypatch.setattr(MoSAAttention, "attend", lambda self, x, i, s: widths.append(i.shape[-1]) or attend(self, x, i, s))
+    ids = torch.randint(0, VOCAB, (2, 40))
+    base, _ = model(ids, routing="causal")
+    assert set(widths) == {12}
+    changed = ids.clone()
+    changed[:, 21:] = torch.randint(0, VOCAB, (2, 19))
+    assert torch.equal(model(changed, routing="causal")[0][:, :21], base[:, :21])
+
+
+@pytest.mark.parametrize("attention", ["dense", "mosa", "local", "fixed"])
 def test_left_padded_batch_generates_like_single_prompts(attention):
     model = model_for(attention)
     prompts = [torch.randint(0, VOCAB, (n,)) for n in (9, 4)]
     width = max(len(p) for p in prompts)
-    ids = torch.zeros(2, width, dtype=torch.long)
-    mask = torch.zeros(2, width, dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = True
+    ids, mask = left_padded(prompts)
     batched = model.generate(ids, 12, attention_mask=mask)
     for row, prompt in enumerate(prompts):
         alone = model.generate(prompt[None], 12)
@@ -74,19 +132,22 @@ def test_left_padded_batch_generates_like_single_prompts(attention):
 
 def test_cache_size_matches_formula_and_bytes():
     """KV pairs = T * H_dense + sum of tokens each MoSA head selected, per sequence and layer (SPEC §5)."""
+    total_len = 59  # 50 prompt tokens + 9 decoded (the 10th sampled token is never fed back)
     model = model_for("mosa")
+    calibrate_causal_thresholds(model, [torch.randint(0, VOCAB, (8, total_len))])  # at the length it will hold
     ids = torch.randint(0, VOCAB, (3, 50))
     out, cache = model.generate(ids, 10, return_cache=True)
-    total_len = 59  # 50 prompt tokens + 9 decoded (the 10th sampled token is never fed back)
     dense_heads = model.config.head_counts()["dense"]
     mosa_pairs = sum(int(layer.sparse.counts.sum()) for layer in cache)
     assert cache.pairs() == 3 * model.config.num_layers * total_len * dense_heads + mosa_pairs
     assert cache.bytes_held() == 2 * cache.pairs() * model.config.head_dim * 8
     assert sum(layer.dense.k.nbytes + layer.dense.v.nbytes + layer.sparse.k.nbytes + layer.sparse.v.nbytes
                for layer in cache) == cache.bytes_allocated()
-    # the sparse part holds about k = T/sparsity tokens per head (calibrated), far fewer than a dense head
+    # calibrated, a MoSA head holds about the k tokens top-k would pick at this length (14 of 59), within 25%;
+    # uncalibrated thresholds (0) keep about half of the tokens
+    target = model.mosa_layers[0].selection_size(total_len)
     per_head = mosa_pairs / (3 * model.config.num_layers * model.config.num_sparse_heads)
-    assert 0.05 * total_len < per_head < 0.6 * total_len
+    assert 0.75 * target <= per_head <= 1.25 * target, (per_head, target)
 
 
 def test_uncalibrated_is_detected():
@@ -98,6 +159,44 @@ def test_uncalibrated_is_detected():
     assert not uncalibrated(model)
     aux = MoSAConfig.from_preset("micro", attention="mosa", sparsity=8, vocab_size=VOCAB, router_aux_loss_weight=0.1)
     assert not uncalibrated(MoSALM(aux))  # threshold 0 is the natural one for a router trained on membership
+
+
+def test_calibration_on_padded_batches_keeps_the_target_rate():
+    """Padding and the forced first real token are left out: on left- and right-padded batches of varied lengths the
+    kept rate over real tokens is within 5% of what top-k keeps of each row."""
+    model = MoSALM(MoSAConfig.from_preset("micro", attention="mosa", sparsity=8, vocab_size=VOCAB)).eval()
+    lengths = [[128, 40, 77, 9], [100, 128, 16, 64]]
+    batches = []
+    for index, row_lengths in enumerate(lengths):
+        ids, mask = left_padded([torch.randint(0, VOCAB, (n,)) for n in row_lengths])
+        batches.append((ids, mask) if index == 0 else (ids.flip(1), mask.flip(1)))  # left, then right padding
+    calibrate_causal_thresholds(model, batches)
+    logits = {layer: [] for layer in model.mosa_layers}
+    hooks = [layer.router.register_forward_hook(lambda m, a, out, layer=layer: logits[layer].append(out))
+             for layer in model.mosa_layers]
+    for ids, mask in batches:
+        model(ids, attention_mask=mask, routing="causal")
+    for hook in hooks:
+        hook.remove()
+    for layer in model.mosa_layers:
+        kept = candidates = target = 0
+        for (ids, mask), layer_logits in zip(batches, logits[layer]):
+            candidate = mask.clone()
+            candidate[torch.arange(len(mask)), mask.long().argmax(1)] = False  # the forced first real token
+            kept += int((layer_logits > layer.causal_threshold)[candidate].sum())
+            candidates += int(candidate.sum()) * layer.num_heads
+            target += sum(layer.selection_size(n) - 1 for n in mask.sum(1).tolist()) * layer.num_heads
+        assert abs(kept / target - 1) < 0.05, (kept, target, candidates)
+
+
+def test_calibration_ties_keep_the_closer_count():
+    """Tied logits (bf16) at the boundary: keep all of them or none, whichever is closer to the target."""
+    from torch_mosa.inference.calibrate import _keep_threshold
+
+    flat = torch.tensor([[3.0], [2.0], [2.0], [2.0], [1.0], [0.0]], dtype=torch.bfloat16)
+    assert int((flat > _keep_threshold(flat, 3)).sum()) == 4  # 4 (all ties) is closer to 3 than 1
+    assert int((flat > _keep_threshold(flat, 2)).sum()) == 1  # 1 is closer to 2 than 4
+    assert int((flat > _keep_threshold(flat, 6)).sum()) == 6
 
 
 def test_calibration_hits_topk_rate():
@@ -159,3 +258,23 @@ def test_routing_attention_cannot_generate():
     model = MoSALM(MoSAConfig.from_preset("micro", attention="routing", sparsity=4, vocab_size=VOCAB))
     with pytest.raises(ValueError, match="no causal mode"):
         model.generate(torch.zeros(1, 4, dtype=torch.long), 2)
+
+
+@pytest.mark.parametrize("attention", ["dense", "mosa", "fixed", "local"])
+def test_decode_step_traces_as_one_graph(attention):
+    """torch.compile(fullgraph=True) traces the whole decode step (what GraphedDecodeStep(compile=True) compiles with
+    Inductor on a GPU) and the traced steps equal the eager ones; the eager backend keeps it cheap here."""
+    torch._dynamo.reset()
+    config = MoSAConfig.from_preset("micro", attention=attention, sparsity=None if attention == "dense" else 4,
+                                    vocab_size=64, window=8 if attention == "local" else None)
+    model = MoSALM(config).double().eval()
+    ids = torch.randint(0, 64, (2, 24))
+    traced = torch.compile(decode_one_token, fullgraph=True, dynamic=False, backend="eager")
+    with torch.no_grad():
+        logits = []
+        for step in (decode_one_token, traced):
+            cache = new_cache(model, 2, 24, torch.float64, "cpu")
+            prefill(model, ids[:, :16], None, cache)
+            position = torch.tensor([16])
+            logits.append(torch.stack([step(model, ids[:, t:t + 1], position.fill_(t), cache) for t in range(16, 24)]))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-12, atol=1e-12)

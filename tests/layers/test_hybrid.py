@@ -28,7 +28,7 @@ def test_baseline_kinds(kind):
 
 
 def test_single_token_with_include_first():
-    """At T=1 token 0 is the only token, selected either way: the hybrid runs; the bare MoSA layer refuses."""
+    """At T=1 token 0 is the only token, selected either way."""
     layer = HybridAttention(16, 8, num_mosa_heads=2, num_dense_heads=1, sparsity=4, include_first=True).double()
     x = torch.randn(2, 1, 16, **F64)
     no_first = HybridAttention(16, 8, num_mosa_heads=2, num_dense_heads=1, sparsity=4).double()
@@ -56,3 +56,8 @@ def test_gradcheck():
 def test_bad_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HybridAttention(16, 8, **kwargs)
+
+
+def test_seq_len_zero_is_a_clear_error():
+    with pytest.raises(ValueError, match="seq_len must be an integer >= 1, got seq_len=0"):
+        HybridAttention(64, head_dim=16, num_heads=4, seq_len=0, sparsity=4)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from torch_mosa import MoSAAttention
-from torch_mosa.layers.mosa import topk_selection
+from torch_mosa.ops.selection import topk_route
 from torch_mosa.ops.mosa.reference import mosa_attention_reference
 
 
@@ -27,7 +27,7 @@ def test_sorting_invariance():
     # explicit position mask on the shuffled order
     xs = x.gather(1, shuffled_idx.reshape(2, -1, 1).expand(-1, -1, 16)).view(2, 3, -1, 16)
     q, k, v = torch.einsum("bekh,ehd->bekd", xs, layer.w_qkv).split(8, dim=-1)
-    from torch_mosa.layers.rope import apply_rope
+    from torch_mosa.ops.rope import apply_rope
     q, k = (apply_rope(t, shuffled_idx, layer.rotary_dim, layer.rope_base) for t in (q, k))
     mask = shuffled_idx.unsqueeze(-1) >= shuffled_idx.unsqueeze(-2)
     att = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -38,18 +38,18 @@ def test_sorting_invariance():
 
 
 def test_selection_is_sorted_and_topk():
-    logits = torch.randn(2, 13, 4, dtype=torch.float64)
-    indices, scores = topk_selection(logits, 4, include_first=False)
+    logits = torch.randn(2, 4, 13, dtype=torch.float64)
+    indices, scores = topk_route(logits, 4, include_first=False)
     assert (indices.diff(dim=-1) > 0).all()
-    expected = logits.transpose(1, 2).topk(4, dim=-1).indices.sort(dim=-1).values
+    expected = logits.topk(4, dim=-1).indices.sort(dim=-1).values
     assert torch.equal(indices, expected)
-    torch.testing.assert_close(scores, torch.sigmoid(logits.transpose(1, 2).gather(-1, indices)))
+    torch.testing.assert_close(scores, torch.sigmoid(logits.gather(-1, indices)))
 
 
 def test_include_first_always_selects_token_zero():
-    logits = torch.randn(3, 9, 5)
-    logits[:, 0] = -100.0
-    indices, _ = topk_selection(logits, 2, include_first=True)
+    logits = torch.randn(3, 5, 9)
+    logits[..., 0] = -100.0
+    indices, _ = topk_route(logits, 2, include_first=True)
     assert (indices[..., 0] == 0).all()
 
 
@@ -152,6 +152,10 @@ def test_k_larger_than_seq_len():
         make(sparsity=None, k=6)(torch.randn(1, 5, 16, dtype=torch.float64))
 
 
-def test_include_first_needs_two_tokens():
-    with pytest.raises(ValueError, match="include_first.*seq_len"):
-        make(include_first=True)(torch.randn(1, 1, 16, dtype=torch.float64))
+def test_single_token_with_include_first():
+    """At T=1 the only token is picked with or without include_first: one rule (top-k's), no special case."""
+    layer = make(include_first=True)
+    plain = make()
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 1, 16, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), plain(x), rtol=0, atol=0)

@@ -1,22 +1,18 @@
 """The fused Triton MoSA op against the reference: output and all four gradients, at small odd shapes.
 
-Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before the kernels are defined);
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1);
 the file is skipped when Triton is not installed.
 """
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from torch_mosa.layers.mosa import topk_selection  # noqa: E402
 from torch_mosa.ops import dispatch  # noqa: E402
 from torch_mosa.ops.mosa import mosa_attention  # noqa: E402
 from torch_mosa.ops.mosa.reference import mosa_attention_reference  # noqa: E402
+from torch_mosa.ops.selection.reference import topk_route_reference  # noqa: E402
 from torch_mosa.ops.mosa import triton_mosa  # noqa: E402
 from torch_mosa.ops.mosa.triton_mosa import _accumulator_rows, _mosa_fwd_op, mosa_attention_triton  # noqa: E402
 
@@ -33,24 +29,12 @@ def assert_close(name, actual, expected, rtol):
     assert error <= rtol * scale + 1e-12, f"{name}: relative error {error / max(scale, 1e-30):.3e} > {rtol:.1e}"
 
 
-@pytest.fixture
-def nan_allocations(monkeypatch):
-    """Freshly allocated float buffers start as NaN, so a kernel that leaves memory unwritten fails loudly."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
-
-
 def make_case(batch, seq_len, hidden, num_heads, head_dim, k, include_first, padded, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, seq_len, hidden, generator=g)
     w_qkv = torch.randn(num_heads, hidden, 3 * head_dim, generator=g) / hidden ** 0.5
     w_o = torch.randn(num_heads, head_dim, hidden, generator=g) / head_dim ** 0.5
-    logits = torch.randn(batch, seq_len, num_heads, generator=g)
+    logits = torch.randn(batch, num_heads, seq_len, generator=g)
     mask = None
     if padded:  # left padding on the first sequence: fewer real tokens than k there, so padding slots appear
         mask = torch.ones(batch, seq_len, dtype=torch.bool)
@@ -61,17 +45,30 @@ def make_case(batch, seq_len, hidden, num_heads, head_dim, k, include_first, pad
 
 
 def run_op(op, tensors, mask, k, include_first, rotary_dim):
-    x, w_qkv, w_o, logits, grad_y = (t.detach().clone().requires_grad_(i < 4) for i, t in enumerate(tensors))
-    indices, scores = topk_selection(logits, k, include_first, mask)
+    x, w_qkv, w_o, grad_y = (t.detach().clone().requires_grad_(i < 3) for i, t in enumerate(tensors[:3] + [tensors[4]]))
+    indices, scores = topk_route_reference(tensors[3], k, include_first, mask)
     if mask is not None:
         assert (scores == 0).any(), "the padded case must produce score-0 padding slots"
+    scores.requires_grad_()
     y = op(x, w_qkv, w_o, indices, scores, rotary_dim, 10000.0)
     y.backward(grad_y)
-    return [y.detach(), x.grad, w_qkv.grad, w_o.grad, logits.grad]
+    return [y.detach(), x.grad, w_qkv.grad, w_o.grad, scores.grad]
 
 
-def triton_op(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base):
-    return mosa_attention_triton(x, w_qkv, w_o, indices, scores, rotary_dim=rotary_dim, rope_base=rope_base)
+def run_router_op(op, tensors, router_weight, mask, k, include_first, rotary_dim):
+    """The op with the router's gradient taken inside it: scores = sigmoid(x . router_weight) at the selection."""
+    x, w_qkv, w_o, w_router, grad_y = (t.detach().clone().requires_grad_()
+                                       for t in (tensors[0], tensors[1], tensors[2], router_weight, tensors[4]))
+    logits = torch.einsum("eh,bth->bet", w_router.detach(), x.detach())
+    indices, scores = topk_route_reference(logits, k, include_first, mask)
+    y = op(x, w_qkv, w_o, indices, scores, rotary_dim, 10000.0, router_weight=w_router)
+    y.backward(grad_y)
+    return [y.detach(), x.grad, w_qkv.grad, w_o.grad, w_router.grad]
+
+
+def triton_op(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, router_weight=None):
+    return mosa_attention_triton(x, w_qkv, w_o, indices, scores, rotary_dim=rotary_dim, rope_base=rope_base,
+                                 router_weight=router_weight)
 
 
 CASES = [
@@ -96,6 +93,38 @@ def test_forward_and_gradients_match_reference(nan_allocations, monkeypatch, bat
     actual = run_op(triton_op, tensors, mask, k, include_first, rotary_dim)
     for name, a, e in zip(("y", "dx", "dw_qkv", "dw_o", "dscores"), actual, expected):
         assert_close(name, a, e, FP32_RTOL)
+
+
+@pytest.mark.parametrize("batch,seq_len,hidden,num_heads,head_dim,k,include_first,padded,rotary_dim", CASES[1:4])
+def test_router_gradient_inside_the_op_matches_reference(nan_allocations, batch, seq_len, hidden, num_heads, head_dim,
+                                                          k, include_first, padded, rotary_dim):
+    tensors, mask = make_case(batch, seq_len, hidden, num_heads, head_dim, k, include_first, padded, seed=k + 7)
+    router_weight = torch.randn(num_heads, hidden, device=DEVICE) / hidden ** 0.5
+    expected = run_router_op(mosa_attention_reference, tensors, router_weight, mask, k, include_first, rotary_dim)
+    actual = run_router_op(triton_op, tensors, router_weight, mask, k, include_first, rotary_dim)
+    for name, a, e in zip(("y", "dx", "dw_qkv", "dw_o", "dw_router"), actual, expected):
+        assert_close(name, a, e, FP32_RTOL)
+
+
+def test_reference_router_mode_equals_differentiable_scores():
+    """The reference's router mode gives the gradients of plain autograd through sigmoid(gather(x @ w_r^T))."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 17, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    w_qkv = torch.randn(3, 12, 24, dtype=torch.float64, generator=g, requires_grad=True)
+    w_o = torch.randn(3, 8, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    w_router = torch.randn(3, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    mask = torch.ones(2, 17, dtype=torch.bool)
+    mask[1, :14] = False  # 3 real tokens for k = 5: padding slots
+    grad_y = torch.randn(2, 17, 12, dtype=torch.float64, generator=g)
+    logits = torch.einsum("eh,bth->bet", w_router, x)
+    indices, scores = topk_route_reference(logits, 5, True, mask)
+    plain_scores = torch.sigmoid(logits.gather(-1, indices)) * (scores != 0)
+    grads = []
+    for kwargs in (dict(scores=plain_scores), dict(scores=scores, router_weight=w_router)):
+        y = mosa_attention_reference(x, w_qkv, w_o, indices, rotary_dim=4, rope_base=1e4, **kwargs)
+        grads.append(torch.autograd.grad(y, (x, w_qkv, w_o, w_router), grad_y))
+    for plain, fused in zip(*grads):
+        torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
 
 
 def test_accumulator_modes():
@@ -134,11 +163,13 @@ def test_custom_op_registration():
     """Schema, fake (meta) implementation and autograd registration as torch.compile needs them."""
     tensors, _ = make_case(2, 11, 16, 2, 16, 3, False, False, seed=5)
     x, w_qkv, w_o, logits, _ = tensors
-    indices, scores = topk_selection(logits, 3, False)
-    args = (x.requires_grad_(), w_qkv.requires_grad_(), w_o.requires_grad_(), indices,
-            scores.detach().requires_grad_(), 8, 10000.0)
-    torch.library.opcheck(_mosa_fwd_op, args, test_utils=("test_schema", "test_faketensor",
-                                                          "test_autograd_registration"))
+    indices, scores = topk_route_reference(logits, 3, False)
+    w_router = torch.randn(2, 16, device=DEVICE)
+    for router, score_grad in ((None, True), (w_router.requires_grad_(), False)):
+        args = (x.requires_grad_(), w_qkv.requires_grad_(), w_o.requires_grad_(), router, indices,
+                scores.detach().requires_grad_(score_grad), 8, 10000.0)
+        torch.library.opcheck(_mosa_fwd_op, args, test_utils=("test_schema", "test_faketensor",
+                                                              "test_autograd_registration"))
 
 
 def test_dispatch_takes_reference_off_cuda():
@@ -151,3 +182,26 @@ def test_dispatch_takes_reference_off_cuda():
     torch.testing.assert_close(y, mosa_attention_reference(x, w_qkv, w_o, indices, scores, 4, 1e4))
     with dispatch.fast_path(False):
         assert not dispatch.fast_path_enabled()
+
+
+def test_dispatch_by_dtype_and_thread():
+    """float64 never takes the kernels; a fast_path(False) block in one thread leaves other threads alone."""
+    import threading
+
+    assert not dispatch.use_fast_path(torch.randn(1, 2, 2, dtype=torch.float64))
+    seen = {}
+    inside, release = threading.Event(), threading.Event()
+
+    def other_thread():
+        inside.wait()
+        seen["other"] = dispatch.fast_path_enabled()
+        release.set()
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    with dispatch.fast_path(False):
+        inside.set()
+        release.wait(timeout=10)
+        seen["inside"] = dispatch.fast_path_enabled()
+    worker.join()
+    assert seen == {"inside": False, "other": dispatch.fast_path_enabled()} and seen["other"]

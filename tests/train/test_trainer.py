@@ -113,3 +113,35 @@ def test_synthetic_data_of_another_length_is_refused(tmp_path, tiny_model, tiny_
     with pytest.raises(ValueError, match="has sequences of 16 tokens; train it with seq_len=16, not 32"):
         Trainer(tiny_model(), tiny_train(data=str(tmp_path / "first" / "data"), seq_len=32),
                 tmp_path / "second").train()
+
+
+def test_router_health_goes_to_the_csv_and_tensorboard(tmp_path, tiny_model, tiny_train):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from torch_mosa.train.metrics import ROUTER_FIELDS
+
+    Trainer(tiny_model(num_layers=2), tiny_train(steps=4, log_interval=2, tensorboard=True), tmp_path).train()
+    logged = [row for row in read_metrics(tmp_path) if row["train_loss"] is not None]
+    assert [row["step"] for row in logged] == [2, 4]
+    for row in logged:
+        for field in ROUTER_FIELDS:
+            if field in ("router_join_rate", "router_join_target"):
+                assert row[field] is None  # top-k training: no causal join target
+            else:
+                assert row[field] is not None and math.isfinite(row[field]), field
+        assert 0 < row["router_score_mean"] < 1 and 0 <= row["router_unchosen_frac"] <= 1
+        assert row["router_first_token_share"] > 0  # micro uses include_first
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    tags = set(events.Tags()["scalars"])
+    for layer in (0, 1):
+        for metric in ("score_mean", "score_std", "unchosen_frac", "heads_per_token", "jaccard",
+                       "first_token_share", "tail_share"):
+            assert f"router/layer{layer}/{metric}" in tags
+    assert [event.step for event in events.Scalars("router/layer1/jaccard")] == [2, 4]
+    assert "router_unchosen_frac" in tags
+
+
+def test_dense_models_leave_the_router_columns_empty(tmp_path, tiny_model, tiny_train):
+    Trainer(tiny_model(attention="dense", sparsity=None), tiny_train(steps=2), tmp_path).train()
+    rows = read_metrics(tmp_path)
+    assert rows and all(row["router_score_mean"] is None for row in rows)

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from torch_mosa.cli.bench import add_arguments, run
+from torch_mosa.bench.command import add_arguments, run
 
 
 def main(argv=None) -> int:

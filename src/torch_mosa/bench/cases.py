@@ -109,20 +109,31 @@ def format_row(case: Case, result: dict) -> str:
     return f"{case.name}: " + " | ".join(f"{p} {c}" for p, c in zip(("dense", "reference", "fast"), cells))
 
 
-def train_step_tokens_per_second(attention: str, batch: int = 16, steps: int = 10, sparsity: int = 64,
-                                 fast: bool = True) -> tuple[float, float]:
-    """One full training step of the tiny preset (autocast bf16, AdamW): (tokens/s from the median step, peak MiB)."""
+# The whole-model table of issue 10: Tiny, dense vs the IsoFLOP MoSA models and the paper's perplexity-matched one.
+TRAIN_MODELS = {
+    "dense": dict(attention="dense"),
+    "MoSA sparsity 64 (4 + 505)": dict(attention="mosa", sparsity=64),
+    "MoSA sparsity 16 (4 + 142)": dict(attention="mosa", sparsity=16),
+    "MoSA 4 + 17, sparsity 32": dict(attention="mosa", sparsity=32, num_sparse_heads=17),
+}
+
+
+def train_step_tokens_per_second(model_kwargs: dict, batch: int = 64, steps: int = 10, compile_model: bool = True,
+                                 fast: bool = True, preset: str = "tiny") -> tuple[float, float]:
+    """Full training steps of a preset model (autocast bf16, fused AdamW, optionally torch.compile):
+    (tokens/s from the median step, peak MiB)."""
     device = torch.device("cuda")
     torch.manual_seed(0)
-    config = MoSAConfig.from_preset("tiny", attention=attention, sparsity=sparsity if attention != "dense" else None)
+    config = MoSAConfig.from_preset(preset, **model_kwargs)
     model = MoSALM(config).to(device)
     optimizer = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4, fused=True)
+    forward = torch.compile(model) if compile_model else model
     tokens = torch.randint(0, config.vocab_size, (batch, config.max_seq_len + 1), device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = model(inputs, targets)
+            _, loss = forward(inputs, targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

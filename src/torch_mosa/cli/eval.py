@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 
 
+# Batches read by default: a few seconds for the micro preset on a CPU; --full reads the whole split.
+DEFAULT_MAX_BATCHES = 8
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate a checkpoint (or a run's latest) on data", description=__doc__)
     p.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest checkpoint)")
@@ -13,28 +17,37 @@ def add_parser(subparsers) -> None:
     p.add_argument("--split", choices=("train", "val"), default="val", help="split of a shard directory")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the model's maximum)")
-    p.add_argument("--max-batches", type=int, default=None, help="evaluate at most N batches (default: all)")
+    p.add_argument("--max-batches", type=int, default=DEFAULT_MAX_BATCHES,
+                   help=f"evaluate the first N batches of the split (default {DEFAULT_MAX_BATCHES}: seconds on a CPU)")
+    p.add_argument("--full", action="store_true", help="evaluate the whole split (overrides --max-batches)")
     p.add_argument("--routing", nargs="+", choices=("topk", "causal"), default=["topk"],
                    help="topk: the paper's expert-choice routing (sees the whole window, non-causal); causal: "
                         "per-token thresholds, as generation uses. Several are evaluated side by side.")
     p.add_argument("--calibrate-batches", type=int, default=0,
                    help="before causal evaluation, calibrate the thresholds on N training batches (default 0: "
                         "use the checkpoint's thresholds, e.g. from `mosa calibrate`)")
+    p.add_argument("--causal-capacity", type=int, default=None,
+                   help="with causal routing, a MoSA head keeps at most N tokens per sequence and the causal forward "
+                        "runs at that width (default: no limit); dropped joins are reported as the overflow rate")
     p.add_argument("--decode-tokens", type=int, default=0,
                    help="with causal routing, also time greedy decoding of N tokens (one sequence, KV cache)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ... (default auto)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object per routing")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from torch_mosa.train.evaluate import evaluate_checkpoint
+    from torch_mosa.checks import resolve_device
+    from torch_mosa.evaluation import evaluate_checkpoint
 
+    device = resolve_device(args.device)
     for routing in dict.fromkeys(args.routing):
         result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
-                                     seq_len=args.seq_len, max_batches=args.max_batches, device=args.device,
-                                     routing=routing, calibrate_batches=args.calibrate_batches,
-                                     decode_tokens=args.decode_tokens)
+                                     seq_len=args.seq_len, max_batches=None if args.full else args.max_batches,
+                                     device=device, progress=args.progress and not args.json, routing=routing,
+                                     calibrate_batches=args.calibrate_batches, decode_tokens=args.decode_tokens,
+                                     causal_capacity=args.causal_capacity)
         if args.json:
             print(json.dumps(result))
             continue
@@ -44,8 +57,14 @@ def run(args) -> int:
         if "kv_pairs_per_token" in result:
             line += (f", KV cache {result['kv_pairs_per_token']:.1f} pairs/token "
                      f"({result['kv_bytes_per_token']:,.0f} bytes/token)")
+        if "causal_overflow_rate" in result:
+            line += (f", joins {result['causal_join_rate']:.4f} of (token, head) slots, "
+                     f"{result['causal_overflow_rate']:.4f} dropped by the causal limits")
         if "decode_tokens_per_s" in result:
             line += f", decode {result['decode_tokens_per_s']:,.1f} tokens/s"
-        print(f"[{routing}] {result['checkpoint']} on {result['data']} ({result['split']}, "
+        windows = f"{result['windows']:,} of {result['split_windows']:,} windows"
+        if result["windows"] < result["split_windows"]:
+            windows += ", --full for all"
+        print(f"[{routing}] {result['checkpoint']} on {result['data']} ({result['split']}, {windows}, "
               f"{result['tokens']:,} tokens): {line}")
     return 0

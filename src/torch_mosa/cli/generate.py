@@ -8,7 +8,8 @@ import time
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text from a checkpoint", description=__doc__)
-    p.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest checkpoint)")
+    p.add_argument("checkpoint", help="a checkpoint directory, a run directory (its latest checkpoint) or a Hugging Face "
+                                      "model folder written by `mosa export-hf`")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -17,28 +18,35 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ... (default auto)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     import torch
 
+    from torch_mosa.checks import resolve_device
+    from torch_mosa.cli.export_hf import import_hf, is_model_folder
     from torch_mosa.data.tokenizer import load_tokenizer
     from torch_mosa.inference.calibrate import uncalibrated
-    from torch_mosa.train.checkpoint import load_model, resolve_checkpoint
-    from torch_mosa.train.evaluate import training_data_dir
+    from torch_mosa.runs import load_model, load_run_tokenizer, resolve_checkpoint
 
-    path = resolve_checkpoint(args.checkpoint)
-    model, _ = load_model(path, args.device)
+    device = resolve_device(args.device)
+    if is_model_folder(args.checkpoint):
+        path = args.checkpoint
+        model = import_hf().MoSAForCausalLM.from_pretrained(path).model.to(device).eval()
+        tokenizer = load_tokenizer(path)
+    else:
+        path = resolve_checkpoint(args.checkpoint)
+        model, _ = load_model(path, device)
+        tokenizer = load_run_tokenizer(path)
     if uncalibrated(model):
         print(f"warning: {path} has uncalibrated causal-routing thresholds; run `mosa calibrate` first for the "
               "cache sizes and quality of top-k routing", file=sys.stderr)
-    tokenizer = load_tokenizer(training_data_dir(path))
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise ValueError("--prompt is empty after tokenization: give at least one character")
-    input_ids = torch.tensor([prompt], device=args.device)
+    input_ids = torch.tensor([prompt], device=device)
     start = time.perf_counter()
     output, cache = model.generate(input_ids, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed,

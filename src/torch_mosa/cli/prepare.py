@@ -20,11 +20,20 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    import shutil
+    from pathlib import Path
+
     from torch_mosa.data.shards import prepare_corpus
 
-    meta = prepare_corpus(args.data, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                          val_fraction=args.val_fraction, seed=args.seed, max_docs=args.max_docs,
-                          text_field=args.text_field, overwrite=args.overwrite)
+    created = not Path(args.out).exists()
+    try:
+        meta = prepare_corpus(args.data, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                              val_fraction=args.val_fraction, seed=args.seed, max_docs=args.max_docs,
+                              text_field=args.text_field, overwrite=args.overwrite)
+    except BaseException:
+        if created:  # a failed preparation leaves no half-written or empty directory
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
     tokens, docs = meta["num_tokens"], meta["num_docs"]
     print(f"prepared {meta['out_dir']}: {meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']}, "
           f"train {tokens['train']:,} tokens ({docs['train']} docs), val {tokens['val']:,} tokens ({docs['val']} docs)")

@@ -10,6 +10,11 @@ from pathlib import Path
 DEFAULT_PRESET, DEFAULT_ATTENTION, DEFAULT_SPARSITY = "micro", "mosa", 4
 DEFAULT_STEPS = 200
 DEFAULT_BATCH_SIZE = 16
+# With --data: a learning rate and warmup for runs of hundreds to thousands of steps, where the paper's (tuned for
+# 100k steps) barely moves the model: measured on Tiny Shakespeare in docs/training.md.
+DATA_DEFAULTS = dict(steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH_SIZE, lr=3e-3, warmup_steps=100)
+# --paper-recipe: the paper's optimizer schedule (SPEC §4), for long runs.
+PAPER_RECIPE = dict(lr=2.5e-4, warmup_steps=4000)
 # With no --data, the recall task at the size where the micro MoSA model learns it within about a minute on two
 # CPU cores (measured in docs/training.md): short sequences, a wide batch and a higher learning rate.
 SYNTHETIC_DEFAULTS = dict(steps=400, batch_size=64, seq_len=32, lr=1e-3)
@@ -19,7 +24,8 @@ MODEL_OPTIONS = ("num_layers", "hidden_size", "ffn_size", "head_dim", "num_heads
 # Training options (TrainConfig fields) shared by `mosa train` and `mosa compare`.
 TRAIN_OPTIONS = ("tokenizer", "vocab_size", "batch_size", "seq_len", "grad_accum_steps", "lr", "warmup_steps",
                  "weight_decay", "grad_clip", "eval_interval", "eval_batches", "checkpoint_interval",
-                 "keep_checkpoints", "log_interval", "seed", "device", "dtype", "compile", "strategy")
+                 "keep_checkpoints", "log_interval", "seed", "device", "dtype", "compile", "strategy", "routing",
+                 "causal_capacity_factor", "threshold_momentum")
 
 
 def add_parser(subparsers) -> None:
@@ -40,8 +46,16 @@ def add_parser(subparsers) -> None:
                         "(options given here override it, e.g. a larger --steps)")
     add_model_arguments(p)
     add_train_arguments(p)
+    add_paper_recipe_argument(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     p.set_defaults(run=run)
+
+
+def add_paper_recipe_argument(p) -> None:
+    p.add_argument("--paper-recipe", action="store_true",
+                   help=f"the paper's lr {PAPER_RECIPE['lr']:g} and {PAPER_RECIPE['warmup_steps']} warmup steps "
+                        "(default with --data: lr {lr:g}, {warmup_steps} warmup steps, for short runs)".format(
+                            **DATA_DEFAULTS))
 
 
 def add_model_arguments(p) -> None:
@@ -51,7 +65,7 @@ def add_model_arguments(p) -> None:
         group.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
 
 
-def add_train_arguments(p) -> None:
+def add_train_arguments(p, lr_sweep: bool = False) -> None:
     group = p.add_argument_group("training (defaults: TrainConfig, SPEC §4)")
     group.add_argument("--tokenizer", choices=("bpe", "byte"), default=None, help="for raw text data (default bpe)")
     group.add_argument("--vocab-size", type=int, default=None,
@@ -64,10 +78,17 @@ def add_train_arguments(p) -> None:
                        help=f"tokens per sequence (default: the model's maximum; {SYNTHETIC_DEFAULTS['seq_len']} "
                             "without --data)")
     group.add_argument("--grad-accum-steps", type=int, default=None, help="micro-steps per optimizer step")
-    group.add_argument("--lr", type=float, default=None,
-                       help=f"peak learning rate (default 2.5e-4; {SYNTHETIC_DEFAULTS['lr']} without --data)")
+    lr_help = (f"peak learning rate (default {DATA_DEFAULTS['lr']:g} with --data, {SYNTHETIC_DEFAULTS['lr']:g} "
+               "without)")
+    if lr_sweep:
+        group.add_argument("--lr", type=float, nargs="+", default=None,
+                           help="peak learning rates to train every model at; each family is reported at its best "
+                                "(default: half, once and twice the single-run default)")
+    else:
+        group.add_argument("--lr", type=float, default=None, help=lr_help)
     group.add_argument("--warmup-steps", type=int, default=None,
-                       help="linear warmup steps, capped at 10%% of the run (default 4000)")
+                       help=f"linear warmup steps, capped at 10%% of the run (default {DATA_DEFAULTS['warmup_steps']} "
+                            f"with --data, 4000 without)")
     group.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0)")
     group.add_argument("--grad-clip", type=float, default=None, help="gradient norm clip, 0 = none (default 0.25)")
     group.add_argument("--eval-interval", type=int, default=None, help="steps between validations, 0 = end only")
@@ -81,6 +102,13 @@ def add_train_arguments(p) -> None:
                        help="auto: bfloat16 autocast on CUDA, float32 on CPU")
     group.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     group.add_argument("--strategy", choices=("ddp", "fsdp"), default=None, help="multi-process wrapping (torchrun)")
+    group.add_argument("--routing", choices=("topk", "causal"), default=None,
+                       help="topk: the paper's expert-choice routing (default); causal: causal training, routing by "
+                            "the per-token thresholds that generation uses (docs/causal_inference.md)")
+    group.add_argument("--causal-capacity-factor", type=float, default=None,
+                       help="causal training: a MoSA head keeps at most factor x k tokens per sequence (default 2)")
+    group.add_argument("--threshold-momentum", type=float, default=None,
+                       help="causal training: EMA momentum of the thresholds, in [0, 1) (default 0.9)")
 
 
 def given(args, names) -> dict:
@@ -91,10 +119,11 @@ def given(args, names) -> dict:
 def run(args) -> int:
     from torch_mosa.config import MoSAConfig
     from torch_mosa.train import NonFiniteLossError, Trainer, TrainConfig
-    from torch_mosa.train.checkpoint import read_config
+    from torch_mosa.runs import read_config
 
     model_overrides = given(args, MODEL_OPTIONS)
-    train_overrides = given(args, TRAIN_OPTIONS + ("data", "steps", "progress"))
+    train_overrides = {**(PAPER_RECIPE if args.paper_recipe else {}),
+                       **given(args, TRAIN_OPTIONS + ("data", "steps", "progress"))}
     if args.resume:
         if args.out is None:
             raise ValueError("--resume needs --out, the run directory to continue")
@@ -109,9 +138,7 @@ def run(args) -> int:
         sparsity = DEFAULT_SPARSITY if args.sparsity is None and attention != "dense" else args.sparsity
         model_config = MoSAConfig.from_preset(args.preset or DEFAULT_PRESET, attention=attention, sparsity=sparsity,
                                               **model_overrides)
-        defaults = (dict(steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH_SIZE) if args.data is not None
-                    else SYNTHETIC_DEFAULTS)
-        train_config = TrainConfig(**{**defaults, **train_overrides})
+        train_config = TrainConfig(**{**training_defaults(args), **train_overrides})
     out = Path(args.out or Path("runs") / run_name(model_config))
     try:
         summary = Trainer(model_config, train_config, out, resume=args.resume).train()
@@ -121,6 +148,11 @@ def run(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the summary; one prints it
         print_summary(out, summary)
     return 0
+
+
+def training_defaults(args) -> dict:
+    """The defaults of a new run, sized for a CPU with or without --data (--paper-recipe overrides them)."""
+    return DATA_DEFAULTS if args.data is not None else SYNTHETIC_DEFAULTS
 
 
 def run_name(config) -> str:

@@ -68,7 +68,7 @@ class ShardWriter:
                 self._open_next()
             room = self.shard_tokens - self.shards[-1]["num_tokens"]
             head, tokens = tokens[:room], tokens[room:]
-            self._file.write(head.tobytes())
+            head.tofile(self._file)
             self.shards[-1]["num_tokens"] += int(head.size)
 
     def _open_next(self) -> None:

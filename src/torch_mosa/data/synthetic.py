@@ -27,7 +27,7 @@ drawn before, so resuming only needs the step.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,72 +44,10 @@ from .shards import (
     start_shard_dir,
     token_dtype,
 )
-from .tokenizer import EOT_TOKEN, Tokenizer, as_token_list
+from .tokenizer import EOT_ID, FILLER_ID, FIRST_KEY_ID, SyntheticTokenizer
 
-EOT_ID = 0
-FILLER_ID = 1
-FIRST_KEY_ID = 2
-FILLER_TOKEN = "_"
 IGNORE_INDEX = -100
 _SHARD_CHUNK_SEQUENCES = 1024
-
-
-class SyntheticTokenizer(Tokenizer):
-    """Names the MQAR ids: ``<|endoftext|>``, ``_``, keys ``k<i>``, values ``v<j>``; text is space-separated names."""
-
-    kind = "synthetic"
-
-    def __init__(self, vocab_size: int) -> None:
-        if not isinstance(vocab_size, int) or vocab_size < 4:
-            raise ValueError(f"vocab_size={vocab_size!r} must be an int >= 4 (end-of-text, filler, a key, a value)")
-        self._vocab_size = vocab_size
-        self.num_keys = (vocab_size - FIRST_KEY_ID) // 2
-        self.first_value_id = FIRST_KEY_ID + self.num_keys
-        self.num_values = vocab_size - self.first_value_id
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eot_id(self) -> int:
-        return EOT_ID
-
-    def encode(self, text: str) -> list[int]:
-        return [self._id_of(name) for name in text.split()]
-
-    def _id_of(self, name: str) -> int:
-        if name == EOT_TOKEN:
-            return EOT_ID
-        if name == FILLER_TOKEN:
-            return FILLER_ID
-        kind, number = name[:1], name[1:]
-        if number.isdigit():
-            if kind == "k" and int(number) < self.num_keys:
-                return FIRST_KEY_ID + int(number)
-            if kind == "v" and int(number) < self.num_values:
-                return self.first_value_id + int(number)
-        raise ValueError(
-            f"token {name!r} is not one of {EOT_TOKEN!r}, {FILLER_TOKEN!r}, k0..k{self.num_keys - 1}, "
-            f"v0..v{self.num_values - 1}"
-        )
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return " ".join(self._name_of(token) for token in as_token_list(ids))
-
-    def _name_of(self, token: int) -> str:
-        if token == EOT_ID:
-            return EOT_TOKEN
-        if token == FILLER_ID:
-            return FILLER_TOKEN
-        if FIRST_KEY_ID <= token < self.first_value_id:
-            return f"k{token - FIRST_KEY_ID}"
-        if self.first_value_id <= token < self._vocab_size:
-            return f"v{token - self.first_value_id}"
-        raise ValueError(f"token id {token} is outside the vocabulary [0, {self._vocab_size})")
-
-    def save(self, directory: str | os.PathLike) -> None:
-        self._write_meta(directory)
 
 
 @dataclass(frozen=True, eq=False)

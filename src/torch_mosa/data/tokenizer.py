@@ -1,4 +1,5 @@
-"""Tokenizers behind one small interface: bytes (no training) and byte-level BPE (Hugging Face ``tokenizers``).
+"""Tokenizers behind one small interface: bytes (no training), byte-level BPE (Hugging Face ``tokenizers``) and
+the names of the synthetic recall task's ids.
 
 Every tokenizer has ``encode``, ``encode_batch``, ``decode``, ``vocab_size``, ``eot_id`` (the end-of-text token
 written after every document of a corpus) and ``save(dir)``; ``load_tokenizer(dir)`` reads any of them back
@@ -11,7 +12,7 @@ import json
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -20,9 +21,13 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from .sources import DataError
 
 EOT_TOKEN = "<|endoftext|>"
+# The synthetic recall task's vocabulary (synthetic.py): end-of-text, filler, then keys and values.
+EOT_ID = 0
+FILLER_ID = 1
+FIRST_KEY_ID = 2
+FILLER_TOKEN = "_"
 META_FILE = "tokenizer_meta.json"
 BPE_FILE = "tokenizer.json"
-_TRAIN_BATCH_PIECES = 256
 # Long documents are encoded in pieces of about this many characters (see BPETokenizer.encode_batch).
 _PIECE_CHARS = 10_000
 # A cut before " " or "\n" that sits between two printable ASCII non-space characters is always a boundary of
@@ -174,6 +179,64 @@ class BPETokenizer(Tokenizer):
         return cls(HFTokenizer.from_file(str(path)))
 
 
+class SyntheticTokenizer(Tokenizer):
+    """Names the ids of the synthetic recall task (synthetic.py): ``<|endoftext|>``, ``_``, keys ``k<i>``, values ``v<j>``; text is space-separated names."""
+
+    kind = "synthetic"
+
+    def __init__(self, vocab_size: int) -> None:
+        if not isinstance(vocab_size, int) or vocab_size < 4:
+            raise ValueError(f"vocab_size={vocab_size!r} must be an int >= 4 (end-of-text, filler, a key, a value)")
+        self._vocab_size = vocab_size
+        self.num_keys = (vocab_size - FIRST_KEY_ID) // 2
+        self.first_value_id = FIRST_KEY_ID + self.num_keys
+        self.num_values = vocab_size - self.first_value_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eot_id(self) -> int:
+        return EOT_ID
+
+    def encode(self, text: str) -> list[int]:
+        return [self._id_of(name) for name in text.split()]
+
+    def _id_of(self, name: str) -> int:
+        if name == EOT_TOKEN:
+            return EOT_ID
+        if name == FILLER_TOKEN:
+            return FILLER_ID
+        kind, number = name[:1], name[1:]
+        if number.isdigit():
+            if kind == "k" and int(number) < self.num_keys:
+                return FIRST_KEY_ID + int(number)
+            if kind == "v" and int(number) < self.num_values:
+                return self.first_value_id + int(number)
+        raise ValueError(
+            f"token {name!r} is not one of {EOT_TOKEN!r}, {FILLER_TOKEN!r}, k0..k{self.num_keys - 1}, "
+            f"v0..v{self.num_values - 1}"
+        )
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join(self._name_of(token) for token in as_token_list(ids))
+
+    def _name_of(self, token: int) -> str:
+        if token == EOT_ID:
+            return EOT_TOKEN
+        if token == FILLER_ID:
+            return FILLER_TOKEN
+        if FIRST_KEY_ID <= token < self.first_value_id:
+            return f"k{token - FIRST_KEY_ID}"
+        if self.first_value_id <= token < self._vocab_size:
+            return f"v{token - self.first_value_id}"
+        raise ValueError(f"token id {token} is outside the vocabulary [0, {self._vocab_size})")
+
+    def save(self, directory: str | os.PathLike) -> None:
+        self._write_meta(directory)
+
+
 def _cut_into_pieces(text: str) -> list[str]:
     """``text`` cut at ``_PIECE_BOUNDARY`` points into pieces of about ``_PIECE_CHARS`` characters or more."""
     pieces, start = [], 0
@@ -211,22 +274,11 @@ def train_bpe_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-    # Pieces cut at pre-token boundaries give the trainer the same word counts as whole documents, faster.
+    # Pieces cut at pre-token boundaries give the trainer the same word counts as whole documents, faster;
+    # tokenizers buffers the iterator itself and pre-tokenizes in parallel.
     pieces = (piece for document in documents for piece in _cut_into_pieces(document))
-    hf_tokenizer.train_from_iterator(_batched(pieces, _TRAIN_BATCH_PIECES), trainer=trainer)
+    hf_tokenizer.train_from_iterator(pieces, trainer=trainer)
     return BPETokenizer(hf_tokenizer)
-
-
-def _batched(texts: Iterable[str], size: int) -> Iterator[list[str]]:
-    # tokenizers takes lists of strings and pre-tokenizes each list in parallel.
-    batch = []
-    for text in texts:
-        batch.append(text)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
@@ -243,9 +295,6 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
         if not (path / BPE_FILE).is_file():
             raise DataError(f"tokenizer directory {str(path)!r} says kind 'bpe' but has no {BPE_FILE}")
         return BPETokenizer.from_file(path / BPE_FILE)
-    if kind == "synthetic":
-        # Imported here: synthetic.py builds on this module.
-        from .synthetic import SyntheticTokenizer
-
+    if kind == SyntheticTokenizer.kind:
         return SyntheticTokenizer(meta["vocab_size"])
     raise DataError(f"{meta_path}: kind={kind!r} is not one of 'byte', 'bpe', 'synthetic'")

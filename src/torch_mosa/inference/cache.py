@@ -1,15 +1,17 @@
-"""KV caches, one per head kind (SPEC §5): dense heads keep every token, local heads a window, MoSA heads only the
-tokens they selected. Keys are stored after RoPE, at their original positions.
+"""KV caches, one per head kind (SPEC §5): dense heads keep every token, local heads a window, sparse (MoSA, fixed)
+heads only the tokens they selected. Keys are stored after RoPE, at their original positions.
+
+Every cache is allocated once, at its final size, and updated in place with indices held on the device, so a decode
+step never reads a number back to the host and can be captured as a CUDA graph. The attention layers own the
+updates (`prefill`, `decode_step`), as gpt-fast keeps `cache.update` in its attention module.
 
 Sizes are reported as key-value pairs and bytes held, as the paper counts them: T*H_dense + sum over MoSA heads of
-their selected tokens.
+their selected tokens; `bytes_allocated` is what the preallocated buffers take.
 """
 
 from __future__ import annotations
 
 import torch
-
-_GROW = 16  # MoSA caches grow in chunks of this many slots, so allocation stays close to what is held
 
 
 class _KVCache:
@@ -23,102 +25,133 @@ class _KVCache:
 
 
 class DenseCache(_KVCache):
-    """k, v [B, H, max_len, d]; `key_real` [B, max_len] marks real (non-padding) tokens."""
+    """k, v [B, H, max_len, d] by position; `key_real` [B, max_len] marks the real tokens written so far."""
 
     def __init__(self, batch: int, num_heads: int, head_dim: int, max_len: int, dtype, device):
         self.k = torch.zeros(batch, num_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.key_real = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.length = 0
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor) -> None:
-        """k, v [B, H, n, d]; real [B, n]."""
-        n = k.shape[2]
-        if self.length + n > self.k.shape[2]:
-            raise ValueError(f"KV cache is full: {self.length} + {n} tokens > max_len={self.k.shape[2]}")
-        self.k[:, :, self.length:self.length + n] = k
-        self.v[:, :, self.length:self.length + n] = v
-        self.key_real[:, self.length:self.length + n] = real
-        self.length += n
+    def reset(self) -> None:
+        """Forget every token (the buffers stay: a captured CUDA graph keeps pointing at them)."""
+        self.key_real.zero_()
+
+    def fill(self, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor) -> None:
+        """Prefill: k, v [B, H, T, d] of positions 0..T-1; real [B, T] (False for left padding)."""
+        length = k.shape[2]
+        if length > self.k.shape[2]:
+            raise ValueError(f"the prompt has {length} tokens but the cache holds max_len={self.k.shape[2]}")
+        self.k[:, :, :length] = k
+        self.v[:, :, :length] = v
+        self.key_real[:, :length] = real
+
+    def update(self, position: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One token at `position` ([1] long tensor) for every row: k, v [B, H, 1, d]."""
+        self.k.index_copy_(2, position, k.to(self.k.dtype))
+        self.v.index_copy_(2, position, v.to(self.v.dtype))
+        self.key_real.index_fill_(1, position, True)
 
     def keys_values_mask(self):
         """k, v [B, H, max_len, d] and the attention mask [B, 1, 1, max_len] of the stored tokens.
 
-        The whole buffer, not the filled prefix: a key length that grows every step gives attention a new shape per
-        token, and backends that plan per shape (cuDNN) would plan again at every step.
-        """
+        The whole buffer, not the filled prefix: a fixed key length keeps shapes fixed across steps (no replanning
+        per shape, and a CUDA graph can be replayed)."""
         return self.k, self.v, self.key_real[:, None, None, :]
 
     def pairs(self) -> int:
-        return self.k.shape[0] * self.k.shape[1] * self.length
+        return self.k.shape[1] * int(self.key_real.sum())
 
 
 class LocalCache(DenseCache):
-    """A ring of `window` slots per head: token at position p lives in slot p % window."""
+    """A ring of `window` slots per head: the token at position p lives in slot p % window."""
 
     def __init__(self, batch: int, num_heads: int, head_dim: int, window: int, dtype, device):
         super().__init__(batch, num_heads, head_dim, window, dtype, device)
         self.window = window
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor) -> None:
-        n = k.shape[2]
-        keep = min(n, self.window)  # of a long prefill only the last `window` tokens can ever be attended again
-        slots = torch.arange(self.length + n - keep, self.length + n, device=k.device) % self.window
-        self.k[:, :, slots] = k[:, :, n - keep:]
-        self.v[:, :, slots] = v[:, :, n - keep:]
-        self.key_real[:, slots] = real[:, n - keep:]
-        self.length += n
+    def fill(self, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor) -> None:
+        length = k.shape[2]
+        keep = min(length, self.window)  # of a long prompt only the last `window` tokens can ever be attended again
+        slots = torch.arange(length - keep, length, device=k.device) % self.window
+        self.k[:, :, slots] = k[:, :, length - keep:]
+        self.v[:, :, slots] = v[:, :, length - keep:]
+        self.key_real[:, slots] = real[:, length - keep:]
 
-    def pairs(self) -> int:
-        return self.k.shape[0] * self.k.shape[1] * min(self.length, self.window)
+    def update(self, position: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        super().update(position % self.window, k, v)
 
 
-class MoSACache(_KVCache):
-    """Per head only its selected tokens: k, v [B, E, capacity, d], `counts` [B, E] tokens held per head."""
+class SparseCache(_KVCache):
+    """Per head only the tokens it selected, in arrival order: k, v [B, E, capacity + 1, d]; `counts` [B, E] tokens
+    held per head; `first` [B] each row's first real position (fixed heads stride from it).
 
-    def __init__(self, batch: int, num_heads: int, head_dim: int, dtype, device):
-        self.k = torch.zeros(batch, num_heads, _GROW, head_dim, dtype=dtype, device=device)
+    Overflow policy: a head holds at most `capacity` tokens; a token that would join a full head does not join it
+    (the full causal forward drops it alike when the layer's capacity is set) and is counted in `capacity_overflow`;
+    joins dropped by a per-token head limit are counted in `token_overflow` (both 0-dim long tensors on the device:
+    read them after generation, not inside the loop). The extra last slot takes the writes of tokens that joined
+    nothing, so every update is one unconditional scatter.
+    """
+
+    def __init__(self, batch: int, num_heads: int, head_dim: int, capacity: int, dtype, device):
+        self.capacity = capacity
+        self.k = torch.zeros(batch, num_heads, capacity + 1, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.counts = torch.zeros(batch, num_heads, dtype=torch.long, device=device)
+        self.first = torch.zeros(batch, dtype=torch.long, device=device)
+        self.capacity_overflow = torch.zeros((), dtype=torch.long, device=device)
+        self.token_overflow = torch.zeros((), dtype=torch.long, device=device)
+        self._rows = torch.arange(batch, device=device)[:, None]
+        self._slots = torch.arange(capacity + 1, device=device)
 
-    def _reserve(self, needed: int) -> None:
-        capacity = self.k.shape[2]
-        if needed <= capacity:
-            return
-        grown = -(-needed // _GROW) * _GROW
-        pad = (0, 0, 0, grown - capacity)
-        self.k = torch.nn.functional.pad(self.k, pad)
-        self.v = torch.nn.functional.pad(self.v, pad)
+    def reset(self) -> None:
+        for t in (self.counts, self.first, self.capacity_overflow, self.token_overflow):
+            t.zero_()
 
-    def fill(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
-        """Prefill: k, v [B, E, K, d] sorted by position with valid [B, E, K] slots first."""
-        self._reserve(k.shape[2] + 1)
-        self.k[:, :, :k.shape[2]] = k * valid.unsqueeze(-1)
-        self.v[:, :, :k.shape[2]] = v * valid.unsqueeze(-1)
-        self.counts = valid.sum(-1)
+    def fill(self, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Prefill: k, v [B, E, W, d] with each head's counts [B, E] members first, in position order."""
+        width = min(k.shape[2], self.capacity)
+        self.k[:, :, :width] = k[:, :, :width]
+        self.v[:, :, :width] = v[:, :, :width]
+        self.counts.copy_(counts)
+        self.first.copy_(attention_mask.bool().long().argmax(dim=1))
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, joined: torch.Tensor) -> None:
-        """One token: k, v [B, E, d] written only where joined [B, E]."""
-        self._reserve(int(self.counts.max()) + 2)  # +1 for this token, +1 so the write slot of any head exists
-        slot = self.counts.view(*self.counts.shape, 1, 1).expand(-1, -1, 1, k.shape[-1])
-        keep = joined.view(*joined.shape, 1, 1)
-        self.k.scatter_(2, slot, torch.where(keep, k.unsqueeze(2), self.k.gather(2, slot)))
-        self.v.scatter_(2, slot, torch.where(keep, v.unsqueeze(2), self.v.gather(2, slot)))
-        self.counts = self.counts + joined.long()
+    def _heads(self, heads):
+        return torch.arange(self.counts.shape[1], device=self.counts.device).expand_as(self.counts) \
+            if heads is None else heads
 
-    def keys_values_mask(self):
-        """k, v [B, E, C, d] and mask [B, E, 1, C]. Slot 0 stays open for a head that holds nothing yet, so the
-        softmax is finite; that head's output is multiplied by a zero score."""
-        slots = torch.arange(self.k.shape[2], device=self.k.device)
-        mask = (slots < self.counts.unsqueeze(-1)) | (slots == 0)
-        return self.k, self.v, mask.unsqueeze(2)
+    def append(self, heads, joined: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One token: heads [B, J] (None: all heads in order), joined [B, J], k, v [B, J, d] -> written [B, J] (joined
+        and not over capacity)."""
+        heads = self._heads(heads)
+        slot = self.counts.gather(1, heads)
+        written = joined & (slot < self.capacity)
+        self.capacity_overflow += (joined & ~written).sum()
+        slot = torch.where(written, slot, self.capacity)
+        self.k.index_put_((self._rows, heads, slot), k.to(self.k.dtype))
+        self.v.index_put_((self._rows, heads, slot), v.to(self.v.dtype))
+        self.counts.scatter_add_(1, heads, written.long())
+        return written
+
+    def keys_values_mask(self, heads):
+        """k, v [B, J, capacity + 1, d] of the given heads (all E, without a copy, when heads is None) and their mask
+        [B, J, 1, capacity + 1]. Slot 0 stays open for a head that holds nothing yet, so the softmax is finite; such
+        a head's output is multiplied by a zero score."""
+        if heads is None:
+            keys, values, counts = self.k, self.v, self.counts
+        else:
+            keys, values, counts = self.k[self._rows, heads], self.v[self._rows, heads], self.counts.gather(1, heads)
+        mask = (self._slots < counts.unsqueeze(-1)) | (self._slots == 0)
+        return keys, values, mask.unsqueeze(2)
 
     def pairs(self) -> int:
         return int(self.counts.sum())
 
+    def overflow(self) -> dict:
+        return {"capacity": int(self.capacity_overflow), "heads_per_token": int(self.token_overflow)}
+
 
 class LayerCache:
-    """The caches of one attention layer: `dense`, `local`, `sparse` (None where the layer has no such heads)."""
+    """The caches of one hybrid layer: `dense`, `local`, `sparse` (None where the layer has no such heads)."""
 
     def __init__(self, dense=None, local=None, sparse=None):
         self.dense, self.local, self.sparse = dense, local, sparse
@@ -127,14 +160,35 @@ class LayerCache:
         return [c for c in (self.dense, self.local, self.sparse) if c is not None]
 
 
+def cache_parts(layer_cache) -> list:
+    """A block's caches: the parts of a LayerCache (hybrid block), or the block's one cache."""
+    return layer_cache.parts() if isinstance(layer_cache, LayerCache) else [layer_cache]
+
+
 class ModelCache(list):
-    """One LayerCache per block, with the size report the paper uses."""
+    """One cache per block (a DenseCache for a dense layer, a LayerCache for a hybrid), with the paper's size report."""
+
+    def caches(self) -> list:
+        return [c for layer in self for c in cache_parts(layer)]
+
+    def reset(self) -> None:
+        for c in self.caches():
+            c.reset()
 
     def pairs(self) -> int:
-        return sum(c.pairs() for layer in self for c in layer.parts())
+        return sum(c.pairs() for c in self.caches())
 
     def bytes_held(self) -> int:
-        return sum(c.bytes_held() for layer in self for c in layer.parts())
+        return sum(c.bytes_held() for c in self.caches())
 
     def bytes_allocated(self) -> int:
-        return sum(c.bytes_allocated() for layer in self for c in layer.parts())
+        return sum(c.bytes_allocated() for c in self.caches())
+
+    def overflow(self) -> dict:
+        """Sparse-head joins dropped by the causal limits, summed over layers: {"capacity", "heads_per_token"}."""
+        total = {"capacity": 0, "heads_per_token": 0}
+        for c in self.caches():
+            if isinstance(c, SparseCache):
+                for key, value in c.overflow().items():
+                    total[key] += value
+        return total

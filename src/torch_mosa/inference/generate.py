@@ -75,6 +75,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, do_sample: boo
         logits = logits[:, -1]
         tokens = [input_ids]
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        position = torch.tensor([prompt_len], device=input_ids.device)  # on the device: the loop never syncs
         for step in range(max_new_tokens):
             next_token = sample(logits, do_sample, temperature, top_k, top_p, generator)
             if stop.numel():
@@ -83,7 +84,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, do_sample: boo
             tokens.append(next_token.unsqueeze(1))
             if step == max_new_tokens - 1 or (stop.numel() and bool(finished.all())):
                 break
-            logits = decode_one_token(model, tokens[-1], prompt_len + step, cache)
+            logits = decode_one_token(model, tokens[-1], position, cache)
+            position += 1
     finally:
         model.train(was_training)
     output = torch.cat(tokens, dim=1)

@@ -37,17 +37,19 @@ def decode_tokens_per_second(model, prompt_ids: torch.Tensor, new_tokens: int, w
                          f"max_seq_len={model.config.max_seq_len}")
     logits, cache = prefilled_cache(model, prompt_ids, total)
     token = logits[:, -1:].argmax(-1)
+    position = torch.tensor([prompt_len], device=prompt_ids.device)  # on the device: the loop never syncs
 
-    def decode(token, first_position, count):
-        for position in range(first_position, first_position + count):
+    def decode(token, count):
+        for _ in range(count):
             token = decode_one_token(model, token, position, cache).argmax(-1, keepdim=True)
+            position.add_(1)
         return token
 
-    token = decode(token, prompt_len, warmup_tokens)
+    token = decode(token, warmup_tokens)
     if prompt_ids.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    decode(token, prompt_len + warmup_tokens, new_tokens)
+    decode(token, new_tokens)
     if prompt_ids.is_cuda:
         torch.cuda.synchronize()
     return batch * new_tokens / (time.perf_counter() - start)

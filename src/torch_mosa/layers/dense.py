@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_mosa.checks import check_attention_input, check_positive_int, check_routing
-from torch_mosa.layers.rope import apply_rope, rotary_dim_for
+from torch_mosa.checks import check_attention_input, check_head_sizes, check_routing
+from torch_mosa.ops.rope import apply_rope, rotary_dim_for
 
 
 def padding_causal_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -26,9 +26,7 @@ class DenseAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int = 64, rotate_fraction: float = 0.5,
                  rope_base: float = 10000.0):
         super().__init__()
-        check_positive_int("hidden_size", hidden_size)
-        check_positive_int("num_heads", num_heads)
-        check_positive_int("head_dim", head_dim)
+        check_head_sizes(hidden_size, num_heads, head_dim)
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.rotary_dim = rotary_dim_for(head_dim, rotate_fraction)
         self.rope_base = rope_base
@@ -52,10 +50,32 @@ class DenseAttention(nn.Module):
         """Dense attention is causal under either routing mode; `routing` is accepted for a uniform call."""
         check_attention_input(x, self.hidden_size, self.w_o.weight, attention_mask)
         check_routing(routing)
-        seq_len = x.shape[1]
-        q, k, v = self.project_qkv(x, torch.arange(seq_len, device=x.device))
+        q, k, v = self.project_qkv(x, torch.arange(x.shape[1], device=x.device))
+        return self.merge_heads(self.attend(q, k, v, attention_mask))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """Causal attention of q, k, v [B, H, T, d] (keys masked by attention_mask [B, T]) -> [B, H, T, d]."""
         if attention_mask is None or bool(attention_mask.all()):
-            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=padding_causal_mask(attention_mask, seq_len))
-        return self.merge_heads(attended)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=padding_causal_mask(attention_mask, q.shape[2]))
+
+    # ---- causal inference: a preallocated cache, prefill of a prompt, one decode step ----
+
+    def new_cache(self, batch: int, max_len: int, dtype, device):
+        from torch_mosa.inference.cache import DenseCache
+
+        return DenseCache(batch, self.num_heads, self.head_dim, max_len, dtype, device)
+
+    def prefill(self, x: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
+        """Causal forward of the prompt x [B, T, h] (left padding by attention_mask), storing keys and values."""
+        q, k, v = self.project_qkv(x, torch.arange(x.shape[1], device=x.device))
+        cache.fill(k, v, attention_mask.bool())
+        return self.merge_heads(self.attend(q, k, v, attention_mask))
+
+    def decode_step(self, x: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
+        """x [B, 1, h] at `position` ([1] long tensor) -> [B, 1, h]: one attention call over the whole cache buffer
+        (fixed shapes: no host sync, CUDA-graph safe)."""
+        q, k, v = self.project_qkv(x, position)
+        cache.update(position, k, v)
+        keys, values, mask = cache.keys_values_mask()
+        return self.merge_heads(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from torch_mosa.flops import isoflop_num_heads
-from torch_mosa.checks import check_attention_input, check_routing
+from torch_mosa.checks import check_attention_input, check_positive_int, check_routing
 from torch_mosa.layers.dense import DenseAttention
 from torch_mosa.layers.fixed import FixedSparseAttention
 from torch_mosa.layers.local import LocalAttention
@@ -45,6 +45,8 @@ class HybridAttention(nn.Module):
         super().__init__()
         if sparse_kind not in SPARSE_KINDS:
             raise ValueError(f"sparse_kind must be one of {SPARSE_KINDS}, got {sparse_kind!r}")
+        if seq_len is not None:
+            check_positive_int("seq_len", seq_len)
         if num_mosa_heads is None:
             if num_heads is None or seq_len is None or sparsity is None:
                 raise ValueError("num_mosa_heads=None (IsoFLOP matching) needs num_heads, seq_len and sparsity; got "
@@ -79,13 +81,28 @@ class HybridAttention(nn.Module):
         first = self.parts()[0]
         check_attention_input(x, self.hidden_size, next(first.parameters()), attention_mask)
         check_routing(routing)
-        y = None
-        for part in self.parts():
-            if isinstance(part, MoSAAttention):
-                # at T=1 top-k picks the only token with or without include_first, so the flag can be dropped
-                include_first = part.include_first and (routing == "causal" or x.shape[1] > 1)
-                out = part.attend(x, *part.select(x, attention_mask, routing, include_first))
-            else:
-                out = part(x, attention_mask, routing)
-            y = out if y is None else y + out
-        return y
+        return _summed(part(x, attention_mask, routing) for part in self.parts())
+
+    # ---- causal inference: each part owns its cache, prefill and decode step ----
+
+    def new_cache(self, batch: int, max_len: int, dtype, device):
+        """LayerCache with the `dense`, `local` and `sparse` parts' caches (None where a part is absent)."""
+        from torch_mosa.inference.cache import LayerCache
+
+        return LayerCache(*(None if part is None else part.new_cache(batch, max_len, dtype, device)
+                            for part in (self.dense, self.local, self.sparse)))
+
+    def prefill(self, x: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
+        return _summed(part.prefill(x, attention_mask, part_cache) for part, part_cache in zip(self.parts(), cache.parts()))
+
+    def decode_step(self, x: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
+        return _summed(part.decode_step(x, position, part_cache) for part, part_cache in zip(self.parts(), cache.parts()))
+
+
+def _summed(outputs) -> torch.Tensor:
+    """Sum without the `0 +` that sum() starts with (one kernel less per layer and decode step)."""
+    outputs = iter(outputs)
+    total = next(outputs)
+    for out in outputs:
+        total = total + out
+    return total

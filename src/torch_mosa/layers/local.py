@@ -24,8 +24,12 @@ class LocalAttention(DenseAttention):
     def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk") -> torch.Tensor:
         check_attention_input(x, self.hidden_size, self.w_o.weight, attention_mask)
         check_routing(routing)
-        batch, seq_len, _ = x.shape
-        q, k, v = self.project_qkv(x, torch.arange(seq_len, device=x.device))
+        q, k, v = self.project_qkv(x, torch.arange(x.shape[1], device=x.device))
+        return self.merge_heads(self.attend(q, k, v, attention_mask))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """Windowed causal attention of q, k, v [B, H, T, d], blocked -> [B, H, T, d]."""
+        seq_len, device = q.shape[2], q.device
         w = min(self.window, seq_len)
         num_blocks = -(-seq_len // w)
         padded = num_blocks * w
@@ -37,9 +41,9 @@ class LocalAttention(DenseAttention):
         # keys of the previous block (zeros before block 0) followed by the block's own keys: [.., nb, 2w, d]
         kb = torch.cat([F.pad(kb, (0, 0, 0, 0, 1, 0))[:, :, :-1], kb], dim=3)
         vb = torch.cat([F.pad(vb, (0, 0, 0, 0, 1, 0))[:, :, :-1], vb], dim=3)
-        block_start = torch.arange(num_blocks, device=x.device) * w
-        query_pos = block_start[:, None] + torch.arange(w, device=x.device)  # [nb, w]
-        key_pos = block_start[:, None] - w + torch.arange(2 * w, device=x.device)  # [nb, 2w]
+        block_start = torch.arange(num_blocks, device=device) * w
+        query_pos = block_start[:, None] + torch.arange(w, device=device)  # [nb, w]
+        key_pos = block_start[:, None] - w + torch.arange(2 * w, device=device)  # [nb, 2w]
         delta = query_pos[:, :, None] - key_pos[:, None, :]
         allowed = (delta >= 0) & (delta < self.window) & (key_pos[:, None, :] >= 0)  # [nb, w, 2w]
         if attention_mask is not None:
@@ -48,4 +52,9 @@ class LocalAttention(DenseAttention):
             allowed = allowed & key_real[:, None, :, None, :]
             allowed = allowed | (delta == 0)  # padded queries keep themselves: finite softmax, output unused
         attended = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed)
-        return self.merge_heads(attended.flatten(2, 3)[:, :, :seq_len])
+        return attended.flatten(2, 3)[:, :, :seq_len]
+
+    def new_cache(self, batch: int, max_len: int, dtype, device):
+        from torch_mosa.inference.cache import LocalCache
+
+        return LocalCache(batch, self.num_heads, self.head_dim, self.window, dtype, device)

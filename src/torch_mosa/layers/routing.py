@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_mosa.checks import check_attention_input, check_positive_int, check_routing, selection_size
-from torch_mosa.layers.mosa import sort_selection
-from torch_mosa.layers.rope import apply_rope, rotary_dim_for
+from torch_mosa.ops.selection.reference import sort_selection
+from torch_mosa.ops.rope import apply_rope, rotary_dim_for
 
 
 class RoutingAttention(nn.Module):
@@ -93,6 +93,10 @@ class RoutingAttention(nn.Module):
         if self.training:
             self.update_centroids(unit, similarity)
         return y
+
+    def new_cache(self, batch: int, max_len: int, dtype, device):
+        raise ValueError("models with routing attention cannot generate: Routing Transformer clusters take top-k "
+                         "over the whole sequence and have no causal mode")
 
     @torch.no_grad()
     def update_centroids(self, unit: torch.Tensor, similarity: torch.Tensor) -> None:

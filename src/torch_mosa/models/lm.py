@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_mosa.checks import check_routing
+from torch_mosa.checks import check_routing, check_token_ids
 from torch_mosa.config import MoSAConfig
 from torch_mosa.layers.dense import DenseAttention
 from torch_mosa.layers.hybrid import HybridAttention
@@ -52,6 +52,9 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+IGNORE_INDEX = -100  # a target that counts in no loss (F.cross_entropy's default)
+
+
 class MoSALM(nn.Module):
     """`logits, loss = model(input_ids [B, T], targets=None, attention_mask=None, routing="topk")`; logits [B, T, vocab].
 
@@ -73,6 +76,7 @@ class MoSALM(nn.Module):
         for layer in self.mosa_layers:
             layer.router_aux_loss = config.router_aux_loss_weight > 0
         self.last_router_aux_loss = None
+        self.last_causal_stats = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -99,6 +103,19 @@ class MoSALM(nn.Module):
         seq_len = input_ids.shape[1]
         if not 1 <= seq_len <= self.config.max_seq_len:
             raise ValueError(f"input_ids has seq_len={seq_len}; allowed 1..max_seq_len={self.config.max_seq_len}")
+        check_token_ids("input_ids", input_ids, self.config.vocab_size)
+
+    def check_targets(self, targets: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """targets: ids in [0, vocab_size) or -100 (ignored), shaped like input_ids, at least one not ignored (a
+        loss over no token would be NaN)."""
+        if targets.shape != input_ids.shape:
+            raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(targets.shape)}")
+        if torch.compiler.is_compiling():  # value checks would break the graph (see checks.check_token_ids)
+            return
+        kept = targets[targets != IGNORE_INDEX]
+        if kept.numel() == 0:
+            raise ValueError(f"targets are all {IGNORE_INDEX} (ignored): there is no token to compute a loss on")
+        check_token_ids("targets", kept, self.config.vocab_size)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, attention_mask=None,
                 routing: str = "topk"):
@@ -108,11 +125,13 @@ class MoSALM(nn.Module):
         for block in self.blocks:
             x = block(x, attention_mask, routing)
         logits = self.lm_head(self.final_norm(x))
+        if routing == "causal" and self.mosa_layers:
+            self.last_causal_stats = self.causal_stats(input_ids.numel() if attention_mask is None
+                                                       else attention_mask.bool().sum())
         if targets is None:
             return logits, None
-        if targets.shape != input_ids.shape:
-            raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(targets.shape)}")
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        self.check_targets(targets, input_ids)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         # the routers record their loss only when gradients flow (MoSAAttention.select)
         if self.training and self.config.router_aux_loss_weight > 0 and routing == "topk" and torch.is_grad_enabled():
             aux = [layer.last_router_aux_loss for layer in self.mosa_layers]
@@ -121,6 +140,16 @@ class MoSALM(nn.Module):
                 layer.last_router_aux_loss = None
             loss = loss + self.config.router_aux_loss_weight * self.last_router_aux_loss
         return logits, loss
+
+    def causal_stats(self, real_tokens) -> dict:
+        """What the last causal forward's MoSA layers did, summed over layers, as 0-dim tensors (no host sync):
+        `joined` (joins kept), `capacity_overflow` and `heads_per_token_overflow` (joins the causal limits dropped)
+        and `slots` (real tokens x MoSA heads, what rates are taken over). Also in `last_causal_stats`."""
+        layers = self.mosa_layers
+        return {"joined": sum(layer.last_causal_joins for layer in layers),
+                "capacity_overflow": sum(layer.last_causal_overflow["capacity"] for layer in layers),
+                "heads_per_token_overflow": sum(layer.last_causal_overflow["heads_per_token"] for layer in layers),
+                "slots": real_tokens * sum(layer.num_heads for layer in layers)}
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:

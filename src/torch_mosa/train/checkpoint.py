@@ -20,50 +20,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from torch_mosa.config import MoSAConfig
+# The read side (finding and loading checkpoints, a run's tokenizer and data) lives in torch_mosa.runs, the one
+# place every command resolves a checkpoint path; imported here for the trainer and older callers.
+from torch_mosa.runs import (CHECKPOINT_DIR, CONFIG_FILE, MODEL_FILE, STEP_PREFIX, CheckpointError,  # noqa: F401
+                             checkpoint_dirs, latest_checkpoint, load_model, load_model_state, read_config,
+                             read_json, read_safetensors, resolve_checkpoint, write_model_weights, write_safetensors)
 
-CHECKPOINT_DIR = "checkpoints"
-STEP_PREFIX = "step_"
-MODEL_FILE = "model.safetensors"
 STATE_TENSORS_FILE = "state.safetensors"
 STATE_JSON_FILE = "state.json"
-CONFIG_FILE = "config.json"
 FORMAT = "torch-mosa-checkpoint"
 FORMAT_VERSION = 1
 # A JSON object {TENSOR_REF: key} stands for the tensor stored under `key` in state.safetensors.
 TENSOR_REF = "__tensor__"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or corrupt; the message names the path."""
-
-
-def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
-    """The complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    found = checkpoint_dirs(run_dir)
-    return found[-1] if found else None
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or the latest checkpoint of a run directory."""
-    path = Path(path)
-    if (path / MODEL_FILE).exists() or path.name.startswith(STEP_PREFIX):
-        return path
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise CheckpointError(f"{str(path)!r} is neither a checkpoint directory nor a run directory with checkpoints")
-    return latest
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict[str, torch.Tensor], optimizer_state: dict,
@@ -75,33 +44,28 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict[str
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{STEP_PREFIX}{step:08d}"
+    for stale in root.glob(".tmp-*"):  # left by a process killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     temporary = root / f".tmp-{final.name}"
-    shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
-
-
-    save_file({name: t.detach().cpu().contiguous() for name, t in model_state.items()}, temporary / MODEL_FILE)
-    tensors: dict[str, torch.Tensor] = {}
-    tree = {"format": FORMAT, "version": FORMAT_VERSION, "step": step,
-            "optimizer": _tensors_out(optimizer_state, tensors, "optimizer"),
-            "trainer": _tensors_out(trainer_state, tensors, "trainer")}
-    save_file(tensors, temporary / STATE_TENSORS_FILE)
-    (temporary / STATE_JSON_FILE).write_text(json.dumps(tree) + "\n")
-    (temporary / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-
-    if final.exists():  # a rerun of the same step (e.g. after a resume) replaces it
-        shutil.rmtree(final)
-    os.replace(temporary, final)
+    try:
+        write_safetensors({name: t.detach().cpu().contiguous() for name, t in model_state.items()},
+                          temporary / MODEL_FILE)
+        tensors: dict[str, torch.Tensor] = {}
+        tree = {"format": FORMAT, "version": FORMAT_VERSION, "step": step,
+                "optimizer": _tensors_out(optimizer_state, tensors, "optimizer"),
+                "trainer": _tensors_out(trainer_state, tensors, "trainer")}
+        write_safetensors(tensors, temporary / STATE_TENSORS_FILE)
+        (temporary / STATE_JSON_FILE).write_text(json.dumps(tree) + "\n")
+        (temporary / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if final.exists():  # a rerun of the same step (e.g. after a resume) replaces it
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+    finally:  # a failed write (disk full) leaves nothing behind to fill the disk further
+        shutil.rmtree(temporary, ignore_errors=True)
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final
-
-
-def write_model_weights(checkpoint: Path, model_state: dict[str, torch.Tensor]) -> None:
-    """Replace a checkpoint's model weights atomically (e.g. after calibrating its causal thresholds)."""
-    temporary = checkpoint / f".tmp-{MODEL_FILE}"
-    save_file({name: t.detach().cpu().contiguous() for name, t in model_state.items()}, temporary)
-    os.replace(temporary, checkpoint / MODEL_FILE)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -110,54 +74,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     Raises CheckpointError naming the file for a missing, truncated or malformed part.
     """
     path = resolve_checkpoint(path)
-    state = _read_json(path / STATE_JSON_FILE)
+    state = read_json(path / STATE_JSON_FILE)
     if state.get("format") != FORMAT or state.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path / STATE_JSON_FILE}: format={state.get('format')!r} "
                               f"version={state.get('version')!r}, expected {FORMAT!r} version {FORMAT_VERSION}")
-    tensors = _read_safetensors(path / STATE_TENSORS_FILE)
+    tensors = read_safetensors(path / STATE_TENSORS_FILE)
     try:
         optimizer = _tensors_in(state["optimizer"], tensors)
         trainer = _tensors_in(state["trainer"], tensors)
     except KeyError as missing:
         raise CheckpointError(f"{path}: {STATE_JSON_FILE} refers to {missing}, absent from {STATE_TENSORS_FILE}") from None
-    return {"step": state["step"], "model": _read_safetensors(path / MODEL_FILE), "optimizer": optimizer,
+    return {"step": state["step"], "model": read_safetensors(path / MODEL_FILE), "optimizer": optimizer,
             "trainer": trainer, "config": read_config(path), "path": path}
-
-
-def read_config(path: str | os.PathLike) -> dict:
-    """The `config.json` of a checkpoint (or of a run directory, which holds the same file)."""
-    config = _read_json(Path(path) / CONFIG_FILE)
-    if "model" not in config:
-        raise CheckpointError(f"{Path(path) / CONFIG_FILE} has no 'model' section")
-    return config
-
-
-def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu"):
-    """(model, config) from a checkpoint or a run directory (its latest checkpoint), in eval mode on `device`.
-
-    The model is built on the meta device and takes the stored tensors by assignment, so no memory is spent on
-    an initialization that would be overwritten.
-    """
-    from torch_mosa.models.lm import MoSALM
-
-    path = resolve_checkpoint(checkpoint)
-    config = MoSAConfig.from_dict(read_config(path)["model"])
-    weights = _read_safetensors(path / MODEL_FILE)
-    with torch.device("meta"):
-        model = MoSALM(config)
-    load_model_state(model, weights, path)
-    return model.to(device).eval(), config
-
-
-def load_model_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
-    """Load `weights` into `model` by assignment; a mismatch raises CheckpointError naming the checkpoint."""
-    try:
-        model.load_state_dict(weights, assign=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"{path / MODEL_FILE} does not fit the model of its config.json: {error}") from None
-    still_meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if still_meta:
-        raise CheckpointError(f"{path / MODEL_FILE} leaves tensors uninitialized: {still_meta[:5]}")
 
 
 def rng_state() -> dict:
@@ -207,23 +135,3 @@ def _tensors_in(tree, tensors: dict[str, torch.Tensor]):
     if isinstance(tree, list):
         return [_tensors_in(v, tensors) for v in tree]
     return tree
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {str(path)!r} is missing")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt: {error}") from None
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {str(path)!r} is missing")
-    try:
-        return load_file(path)
-    except Exception as error:  # noqa: BLE001 - safetensors raises its own SafetensorError and OSError for bad files
-        raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt: {error}") from None

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from torch_mosa.checks import check_positive_int, dataclass_from_dict
+from torch_mosa.checks import ROUTING_MODES, check_positive_int, dataclass_from_dict
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -31,6 +31,11 @@ class TrainConfig:
     dtype: auto = bfloat16 autocast on CUDA, float32 on CPU.
     checkpoint_interval: steps between checkpoints (0 = only at the end); keep_checkpoints: how many to keep.
     eval_interval: steps between validations (0 = only at the end); eval_batches: global batches per validation.
+    routing: "topk" (the paper's expert-choice routing, non-causal) or "causal" (causal training, issue 11: route
+    with the per-token threshold rule that generation uses, validate with it too; see torch_mosa.train.causal):
+    each MoSA head keeps at most ceil(causal_capacity_factor x k) tokens per sequence (None: no limit, the forward
+    runs at width T) and its threshold is an EMA with momentum `threshold_momentum` of the batches' top-k thresholds
+    (0.9: 0.99 lagged behind the moving router logits in a 250-step run, docs/causal_inference.md).
     """
 
     data: str | None = None
@@ -60,6 +65,9 @@ class TrainConfig:
     strategy: str = "ddp"
     tensorboard: bool = True
     progress: bool = True
+    routing: str = "topk"
+    causal_capacity_factor: float | None = 2.0
+    threshold_momentum: float = 0.9
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -87,7 +95,14 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip!r}")
         if self.tokenizer not in ("bpe", "byte"):
             raise ValueError(f"tokenizer must be 'bpe' or 'byte', got {self.tokenizer!r}")
-        for name, allowed in (("device", DEVICES), ("dtype", DTYPES), ("strategy", STRATEGIES)):
+        if self.causal_capacity_factor is not None and not (math.isfinite(self.causal_capacity_factor)
+                                                             and self.causal_capacity_factor >= 1.0):
+            raise ValueError(f"causal_capacity_factor must be a number >= 1 (capacity = factor x k) or None (no "
+                             f"capacity), got {self.causal_capacity_factor!r}")
+        if not 0.0 <= self.threshold_momentum < 1.0:
+            raise ValueError(f"threshold_momentum must be in [0, 1), got {self.threshold_momentum!r}")
+        for name, allowed in (("device", DEVICES), ("dtype", DTYPES), ("strategy", STRATEGIES),
+                              ("routing", ROUTING_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 

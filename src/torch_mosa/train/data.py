@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -14,10 +15,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from torch_mosa.data.shards import is_shard_dir, prepare_corpus
+from torch_mosa.data.sources import HF_PREFIX
 from torch_mosa.data.synthetic import IGNORE_INDEX, SyntheticRecall
+from torch_mosa.runs import DATA_DIR
 from torch_mosa.train.distributed import DistInfo, barrier
 
-DATA_DIR = "data"
 REQUEST_FILE = "prepared_from.json"
 SYNTHETIC_SOURCE = "synthetic:mqar"
 # Key-value pairs per synthetic sequence, relative to its length: a quarter of the tokens hold pairs.
@@ -35,6 +37,14 @@ def synthetic_task(seq_len: int, vocab_size: int | None, seed: int) -> Synthetic
     num_pairs = max(1, int(seq_len * SYNTHETIC_PAIRS_PER_TOKEN))
     vocab_size = vocab_size or max(SYNTHETIC_MIN_VOCAB_SIZE, 2 + 4 * num_pairs)
     return SyntheticRecall(vocab_size=vocab_size, seq_len=seq_len, num_pairs=num_pairs, seed=seed)
+
+
+def absolute_data_spec(spec: str | None) -> str | None:
+    """The data spec with its path made absolute, as a run stores it: the run can then be resumed, evaluated and
+    calibrated from any directory. Hugging Face specs and the synthetic task (None) are kept as they are."""
+    if spec is None or str(spec).startswith(HF_PREFIX):
+        return spec
+    return os.path.abspath(spec)
 
 
 def prepare_data(spec: str | None, run_dir: str | Path, *, tokenizer: str, vocab_size: int | None, seq_len: int,
@@ -100,12 +110,13 @@ class RecallLoader:
 @torch.no_grad()
 def evaluate_recall(model: torch.nn.Module, task: SyntheticRecall, batch_size: int, num_batches: int, *,
                     grad_accum_steps: int = 1, rank: int = 0, world_size: int = 1,
-                    device: torch.device | str = "cpu", autocast=contextlib.nullcontext()) -> dict:
+                    device: torch.device | str = "cpu", autocast=contextlib.nullcontext(), routing: str = "topk") -> dict:
     """Answer loss and recall accuracy over the first `num_batches` global batches of the validation split.
 
     The batches are cut like training's (`RecallLoader`), so every rank runs the same number of forwards (as
     FSDP needs) and the result does not depend on the number of processes. Returns {loss, ppl, tokens,
     recall_accuracy}: the mean loss over answers, its exp, the number of answers and the share predicted right.
+    routing: the model's routing ("topk" or "causal").
     """
     was_training = model.training
     model.eval()
@@ -116,7 +127,7 @@ def evaluate_recall(model: torch.nn.Module, task: SyntheticRecall, batch_size: i
     for _ in range(num_batches * grad_accum_steps):
         batch = next(batches).to(device)
         with autocast:
-            logits, _ = model(batch.inputs)
+            logits, _ = model(batch.inputs, routing=routing)
         logits = logits.float()
         totals[0] += F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX,
                                      reduction="sum").double()

@@ -9,8 +9,12 @@ from pathlib import Path
 
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
+# Router health (torch_mosa.inference.router_health), averaged over MoSA layers; TensorBoard also gets each layer's.
+ROUTER_FIELDS = ("router_score_mean", "router_score_std", "router_unchosen_frac", "router_heads_per_token",
+                 "router_jaccard", "router_first_token_share", "router_tail_share", "router_join_rate",
+                 "router_join_target")
 FIELDS = ("step", "tokens", "lr", "train_loss", "grad_norm", "val_loss", "val_ppl", "val_bpb", "val_recall_accuracy",
-          "tokens_per_s", "elapsed_s")
+          "tokens_per_s", "elapsed_s", "causal_join_rate", "causal_overflow_rate", *ROUTER_FIELDS)
 
 
 class MetricsWriter:
@@ -28,7 +32,7 @@ class MetricsWriter:
         self._writer.writeheader()
         self._writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
         self._file.flush()
-        self._tensorboard = _summary_writer(run_dir) if tensorboard else None
+        self._tensorboard = _summary_writer(run_dir, resume_step) if tensorboard else None
 
     def log(self, **values) -> None:
         """One row; the fields missing from `values` stay empty."""
@@ -42,18 +46,26 @@ class MetricsWriter:
                 if name != "step" and value is not None:
                     self._tensorboard.add_scalar(name, value, values["step"])
 
+    def log_tensorboard(self, step: int, values: dict[str, float]) -> None:
+        """Scalars for TensorBoard only (e.g. per-layer router health, too many and too model-specific for the
+        CSV's fixed columns)."""
+        if self._tensorboard is not None:
+            for name, value in values.items():
+                self._tensorboard.add_scalar(name, value, step)
+
     def close(self) -> None:
         self._file.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
 
 
-def _summary_writer(run_dir):
+def _summary_writer(run_dir, resume_step: int | None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is an optional dependency
         return None
-    return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+    # purge_step drops the events an interrupted run wrote after the step it is resumed from
+    return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

@@ -1,4 +1,5 @@
-"""PNG figures: loss curves of runs, and perplexity vs sparsity of a comparison (the paper's Figure 3)."""
+"""PNG figures: loss curves of runs, perplexity vs sparsity of a comparison (the paper's Figure 3), and the tokens
+MoSA heads pick on a text (`mosa inspect`)."""
 
 from __future__ import annotations
 
@@ -65,10 +66,66 @@ def plot_ppl_vs_sparsity(results: list[dict], out_path: str | Path) -> Path:
     return _save(figure, out_path, plt)
 
 
-def _save(figure, out_path: str | Path, plt) -> Path:
+def plot_loss_vs_lr(runs: list[dict], out_path: str | Path) -> Path:
+    """Validation loss against learning rate (log axis), one line per family of a comparison's sweep, each
+    family's best rate marked."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    for family in dict.fromkeys(r["family"] for r in runs):
+        points = sorted((r["lr"], r["val_loss"]) for r in runs if r["family"] == family)
+        (line,) = axes.plot(*zip(*points), "o-", label=family)
+        axes.plot(*min(points, key=lambda p: p[1]), "*", markersize=14, color=line.get_color())
+    axes.set_xscale("log")
+    axes.set_xlabel("peak learning rate")
+    axes.set_ylabel("validation loss (nats/token)")
+    axes.set_title("Learning-rate sweep (star: each family's best)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return _save(figure, out_path, plt)
+
+
+def plot_head_selections(selections: dict[int, object], token_labels: list[str], out_path: str | Path,
+                         max_heads: int = 32, title: str | None = None) -> Path:
+    """One panel per MoSA layer: a token x head grid of sequence 0 of each RecordedSelection ({layer number:
+    selection}), coloured by the router score where the head took the token and blank where it did not. At most
+    `max_heads` heads (the first ones) per panel; the panel title says when more were left out."""
+    import numpy as np
+
+    plt = _pyplot()
+    seq_len = len(token_labels)
+    heads_shown = [min(max_heads, selection.indices.shape[1]) for selection in selections.values()]
+    width = min(40.0, max(6.0, 0.16 * seq_len + 2.0))
+    heights = [0.2 * heads + 1.6 for heads in heads_shown]
+    figure, axes_list = plt.subplots(len(selections), 1, figsize=(width, sum(heights) + 0.4), squeeze=False,
+                                     gridspec_kw={"height_ratios": heights})
+    colormap = plt.get_cmap("viridis").with_extremes(bad="white")
+    for axes, (number, selection), heads in zip(axes_list[:, 0], selections.items(), heads_shown):
+        grid = np.full((heads, seq_len), np.nan)
+        indices = selection.indices[0, :heads].cpu().numpy()
+        scores = selection.scores[0, :heads].float().cpu().numpy()
+        for head in range(heads):
+            taken = scores[head] > 0
+            grid[head, indices[head][taken]] = scores[head][taken]
+        image = axes.imshow(np.ma.masked_invalid(grid), cmap=colormap, vmin=0.0, vmax=1.0, aspect="auto",
+                            interpolation="nearest")
+        total, k = selection.indices.shape[1:]
+        shown = f"heads 0-{heads - 1} of {total}" + (" (truncated: raise --heads)" if heads < total else "")
+        axes.set_title(f"MoSA layer {number}: {shown}, {k} tokens per head", fontsize="medium", loc="left")
+        axes.set_ylabel("head")
+        axes.set_yticks(range(0, heads, max(1, heads // 8)))
+        axes.set_xticks(range(seq_len))
+        axes.set_xticklabels(token_labels, rotation=90, fontsize=7, fontfamily="monospace")
+        axes.tick_params(axis="x", length=0)
+        figure.colorbar(image, ax=axes, fraction=0.02, pad=0.01, label="router score")
+    if title:
+        figure.suptitle(title, fontsize="medium")
+    return _save(figure, out_path, plt, dpi=100)
+
+
+def _save(figure, out_path: str | Path, plt, dpi: int = 120) -> Path:
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(out_path, dpi=120)
+    figure.savefig(out_path, dpi=dpi)
     plt.close(figure)
     return out_path

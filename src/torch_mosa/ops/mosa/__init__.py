@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from torch_mosa.ops.dispatch import use_fast_path
-from torch_mosa.ops.mosa.reference import mosa_attention_reference
+from torch_mosa.ops.mosa.reference import check_mosa_inputs, mosa_attention_reference
 
 
 def mosa_attention(
@@ -17,14 +17,19 @@ def mosa_attention(
     *,
     rotary_dim: int,
     rope_base: float,
+    router_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over heads of MoSA head outputs, scattered back to [B, T, h].
 
     x [B, T, h]; w_qkv [E, h, 3*d]; w_o [E, d, h]; indices [B, E, k] positions in slot order (slot i attends to
     slots <= i); scores [B, E, k] router scores of the selected tokens (0 for unused slots, which go last).
+    router_weight [E, h] or None: when given, scores must be sigmoid(x[position] . router_weight[e]) (detached) and
+    the router's gradient (to router_weight and x) is computed inside the op, from the selected rows only.
     """
+    check_mosa_inputs(x, w_qkv, w_o, indices, scores, rotary_dim, router_weight)
     if use_fast_path(x):
-        from torch_mosa.ops.mosa.triton_mosa import mosa_attention_triton
+        from torch_mosa.ops.mosa.triton_mosa import fused_mosa_attention
 
-        return mosa_attention_triton(x, w_qkv, w_o, indices, scores, rotary_dim=rotary_dim, rope_base=rope_base)
-    return mosa_attention_reference(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base)
+        return fused_mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, router_weight)
+    return mosa_attention_reference(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base,
+                                    router_weight=router_weight)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from torch_mosa.layers.rope import apply_rope
+from torch_mosa.ops.rope import apply_rope
 
 
 def mosa_attention_reference(
@@ -16,23 +16,66 @@ def mosa_attention_reference(
     scores: torch.Tensor,
     rotary_dim: int,
     rope_base: float,
+    router_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gather, project, attend causally over slots, scale, project back and scatter-add.
 
     x [B, T, h]; w_qkv [E, h, 3*d]; w_o [E, d, h]; indices [B, E, k] int64 token positions in slot order;
-    scores [B, E, k]. Slot i attends to slots 0..i, so callers pass each head's selection sorted by position
-    (invalid slots, with score 0, go last). Returns y [B, T, h] = sum over heads of the scattered outputs.
+    scores [B, E, k]; router_weight [E, h] or None. Slot i attends to slots 0..i, so callers pass each head's
+    selection sorted by position (invalid slots, with score 0, go last). Returns y [B, T, h] = sum over heads of the
+    scattered outputs, in x.dtype; 16-bit inputs are computed in float32 (as the kernels accumulate).
+
+    With router_weight, scores are taken as sigmoid(x[position] . router_weight[e]) (0 on padding slots): their
+    values are used as given, and the gradient reaches router_weight and x through the recomputed logits instead
+    of through scores. Without it, scores are an ordinary differentiable input.
     """
+    out_dtype = x.dtype
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x, w_qkv, w_o = x.float(), w_qkv.float(), w_o.float()
+        router_weight = router_weight.float() if router_weight is not None else None
     batch, seq_len, hidden = x.shape
     num_heads, _, three_d = w_qkv.shape
     head_dim = three_d // 3
     k = indices.shape[-1]
     flat_index = indices.reshape(batch, num_heads * k, 1).expand(-1, -1, hidden)
     x_selected = x.gather(1, flat_index).view(batch, num_heads, k, hidden)
+    scores = scores.to(x.dtype)
+    if router_weight is not None:
+        router_scores = torch.sigmoid(torch.einsum("bekh,eh->bek", x_selected, router_weight)) * (scores != 0)
+        scores = scores.detach() + (router_scores - router_scores.detach())
     q, key, v = torch.einsum("bekh,ehd->bekd", x_selected, w_qkv).split(head_dim, dim=-1)
     q = apply_rope(q, indices, rotary_dim, rope_base)
     key = apply_rope(key, indices, rotary_dim, rope_base)
     attended = F.scaled_dot_product_attention(q, key, v, is_causal=True)
-    head_out = torch.einsum("bekd,edh->bekh", attended * scores.unsqueeze(-1).to(attended.dtype), w_o)
+    head_out = torch.einsum("bekd,edh->bekh", attended * scores.unsqueeze(-1), w_o)
     y = x.new_zeros(batch, seq_len, hidden)
-    return y.scatter_add_(1, flat_index, head_out.reshape(batch, num_heads * k, hidden))
+    return y.scatter_add_(1, flat_index, head_out.reshape(batch, num_heads * k, hidden)).to(out_dtype)
+
+
+def check_mosa_inputs(x, w_qkv, w_o, indices, scores, rotary_dim: int, router_weight=None) -> None:
+    """Shapes and dtypes of the MoSA op's arguments; raises ValueError naming the bad one."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, T, h], got shape {tuple(x.shape)}")
+    batch, _, hidden = x.shape
+    if w_qkv.dim() != 3 or w_qkv.shape[1] != hidden or w_qkv.shape[2] % 3:
+        raise ValueError(f"w_qkv must be [E, h={hidden}, 3*d], got shape {tuple(w_qkv.shape)}")
+    num_heads, head_dim = w_qkv.shape[0], w_qkv.shape[2] // 3
+    if tuple(w_o.shape) != (num_heads, head_dim, hidden):
+        raise ValueError(f"w_o must be [E={num_heads}, d={head_dim}, h={hidden}], got shape {tuple(w_o.shape)}")
+    if indices.dim() != 3 or tuple(indices.shape[:2]) != (batch, num_heads):
+        raise ValueError(f"indices must be [B={batch}, E={num_heads}, k], got shape {tuple(indices.shape)}")
+    if tuple(scores.shape) != tuple(indices.shape):
+        raise ValueError(f"scores must match indices {tuple(indices.shape)}, got shape {tuple(scores.shape)}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
+    if w_qkv.dtype != x.dtype or w_o.dtype != x.dtype:
+        raise ValueError(f"w_qkv ({w_qkv.dtype}) and w_o ({w_o.dtype}) must have x's dtype {x.dtype}")
+    if rotary_dim % 2 or not 0 <= rotary_dim <= head_dim:
+        raise ValueError(f"rotary_dim must be even and in [0, head_dim={head_dim}], got {rotary_dim}")
+    if router_weight is not None:
+        if tuple(router_weight.shape) != (num_heads, hidden) or router_weight.dtype != x.dtype:
+            raise ValueError(f"router_weight must be [E={num_heads}, h={hidden}] of dtype {x.dtype}, got "
+                             f"{tuple(router_weight.shape)} {router_weight.dtype}")
+        if scores.requires_grad:
+            raise ValueError("with router_weight, scores are sigmoid(x . router_weight) and take no gradient of "
+                             "their own: pass them detached")

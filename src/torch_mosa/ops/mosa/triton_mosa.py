@@ -9,23 +9,30 @@ Inside the tile everything is fused:
   backward  recompute Q|K|V and P in the tile, dO = score * (dy rows @ W_O^T), dscore = rowsum(O * dO / score),
             attention backward, un-rotate, dX rows = dQKV @ W_QKV^T scatter-added into dx (fp32 atomics);
             a second kernel per (head, hidden chunk) contracts the gathered rows into dW_QKV and dW_O.
+  router    with router_weight (the layer's default), scores are sigmoid(x_row . w_router[e]): the row kernel turns
+            dscore into dlogit = dscore * s (1 - s), adds dlogit * w_router[e] to the dX rows, and the weight kernel
+            contracts dlogit with the gathered rows into dW_router. The router's gradient thus costs one column of
+            work on rows already in registers, instead of a dense [B, T, E] gradient and two GEMMs.
 
 Per-row memory kept between forward and backward: the attention output O [E, B*k, d] (same size as x for an IsoFLOP
 layer); the backward keeps dQKV [E, B*k, 3d] for the weight kernel. No [B, E, k, h] tensor is ever stored.
 RoPE uses the GPT-NeoX rotate-half layout on the first rotary_dim dims, so each of Q and K is held as three column
 segments: the two rotated halves (rotary_dim/2 each) and the pass-through rest. cos/sin come from the same fp32 table
-code as the reference (layers/rope.py). Selections with k > MAX_FUSED_K (64 for float32) take the reference
+code as the reference (ops/rope.py). Selections with k > MAX_FUSED_K (64 for float32) take the reference
 composition instead.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from torch_mosa.layers.rope import rope_cos_sin
-from torch_mosa.ops.mosa.reference import mosa_attention_reference
+from torch_mosa.ops.rope import rope_cos_sin
+from torch_mosa.ops.mosa.reference import check_mosa_inputs, mosa_attention_reference
 
 MAX_FUSED_K = 128  # 16-bit inputs; float32 tiles of 128 rows overflow shared memory in the backward (H100)
 MAX_FUSED_K_FP32 = 64
@@ -155,13 +162,14 @@ def _dot_weight_t(grad, w_ptrs, w_mask, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr, dest_ptr, o_ptr, dy_ptr,
-                          dqkv_ptr, dx_ptr, dscore_ptr,
+def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr, dest_ptr,
+                          o_ptr, dy_ptr, dqkv_ptr, dx_ptr, dscore_ptr,
                           B, T, E, K, GROUPS, sm_scale, H: tl.constexpr,
                           D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
-                          BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
-    e = tl.program_id(0)
-    tile = tl.program_id(1)
+                          BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+                          TILES_FASTEST: tl.constexpr, ROUTER: tl.constexpr):
+    e = tl.program_id(1 if TILES_FASTEST else 0)
+    tile = tl.program_id(0 if TILES_FASTEST else 1)
     DT: tl.constexpr = x_ptr.dtype.element_ty
     P: tl.constexpr = D - 2 * R2
     grp, slot, b, row_ok, sel = _tile_rows(tile, B, E, K, e, GROUPS, BLOCK_M)
@@ -192,7 +200,12 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr
         g = tl.load(dy_ptr + tok[:, None] * H + hs[None, :], mask=row_ok[:, None] & hm[None, :], other=0.0)
         wo = tl.load(w_o_e + d[:, None] * H + hs[None, :], mask=(d < D)[:, None] & hm[None, :], other=0.0)
         dou = tl.dot(g.to(DT), tl.trans(wo.to(DT)), dou, input_precision=PREC)
-    tl.store(dscore_ptr + sel, tl.sum(o * dou, 1), mask=row_ok)
+    dscore = tl.sum(o * dou, 1)
+    if ROUTER:
+        # score = sigmoid(x_row . w_router[e]): d logit = dscore * s (1 - s), fed into dX rows below and kept in
+        # dscore_ptr for the weight kernel's dW_router
+        dscore = dscore * score * (1.0 - score)
+    tl.store(dscore_ptr + sel, dscore, mask=row_ok)
     do = (dou * score[:, None]).to(DT)
 
     # attention backward inside the tile (P is block-diagonal, so whole-tile products stay per group)
@@ -244,16 +257,62 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr
             dx = _dot_weight_t(dq3, w_rows + (2 * R2 + pp)[None, :], pm, dx, PREC)
             dx = _dot_weight_t(dk3, w_rows + (D + 2 * R2 + pp)[None, :], pm, dx, PREC)
         dx = _dot_weight_t(dv, w_rows + (2 * D + d)[None, :], hm[:, None] & (d < D)[None, :], dx, PREC)
+        if ROUTER:
+            w_router = tl.load(w_router_ptr + e.to(tl.int64) * H + hs, mask=hm, other=0.0).to(tl.float32)
+            dx += dscore[:, None] * w_router[None, :]
         tl.atomic_add(dx_ptr + dest[:, None] * H + hs[None, :], dx, mask=row_ok[:, None] & hm[None, :],
                       sem="relaxed")
 
 
 @triton.jit
-def _mosa_bwd_weights_kernel(x_ptr, dy_ptr, idx_ptr, score_ptr, o_ptr, dqkv_ptr, dw_qkv_ptr, dw_o_ptr,
-                             B, T, E, K, H: tl.constexpr, NUM_ROWS: tl.constexpr,
+def _weights_step(x_ptr, dy_ptr, idx_ptr, score_ptr, dlogit_ptr, o_ptr, dqkv_ptr, acc_q, acc_k, acc_v, acc_o, acc_r,
+                  r0, e, hs, hm, d, dm, T, E, K, num_rows, H: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
+                  PREC: tl.constexpr, ROUTER: tl.constexpr):
+    """Add rows r0 .. r0 + BLOCK_R of head e to the weight-gradient accumulators."""
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    rows = r0 + tl.arange(0, BLOCK_R)
+    ok = rows < num_rows
+    b = rows // K
+    sel = (b.to(tl.int64) * E + e) * K + rows % K
+    pos = tl.load(idx_ptr + sel, mask=ok, other=0).to(tl.int64)
+    score = tl.load(score_ptr + sel, mask=ok, other=0.0).to(tl.float32)
+    tok = b.to(tl.int64) * T + pos
+    xh_mask = ok[:, None] & hm[None, :]
+    xt = tl.load(x_ptr + tok[:, None] * H + hs[None, :], mask=xh_mask, other=0.0)
+    g = tl.load(dy_ptr + tok[:, None] * H + hs[None, :], mask=xh_mask, other=0.0).to(DT)
+    head_row = e.to(tl.int64) * num_rows + rows
+    rd_mask = ok[:, None] & dm[None, :]
+    dqkv_rows = dqkv_ptr + head_row[:, None] * (3 * D) + d[None, :]
+    dq = tl.load(dqkv_rows, mask=rd_mask, other=0.0)
+    dk = tl.load(dqkv_rows + D, mask=rd_mask, other=0.0)
+    dv = tl.load(dqkv_rows + 2 * D, mask=rd_mask, other=0.0)
+    o = tl.load(o_ptr + head_row[:, None] * D + d[None, :], mask=rd_mask, other=0.0).to(tl.float32)
+    xt_t = tl.trans(xt)
+    acc_q = tl.dot(xt_t, dq, acc_q, input_precision=PREC)
+    acc_k = tl.dot(xt_t, dk, acc_k, input_precision=PREC)
+    acc_v = tl.dot(xt_t, dv, acc_v, input_precision=PREC)
+    acc_o = tl.dot(tl.trans((o * score[:, None]).to(DT)), g, acc_o, input_precision=PREC)
+    if ROUTER:
+        # dW_router chunk = X_s^T dlogit as a tensor-core product: dlogit is column 0 of a [BLOCK_R, 16] operand
+        # (a row reduction here cost 0.2 ms in case A)
+        dlogit = tl.load(dlogit_ptr + sel, mask=ok, other=0.0)
+        column = tl.arange(0, 16)
+        dlogit_cols = tl.where(column[None, :] == 0, dlogit[:, None], 0.0).to(DT)
+        acc_r = tl.dot(xt_t, dlogit_cols, acc_r, input_precision=PREC)
+    return acc_q, acc_k, acc_v, acc_o, acc_r
+
+
+@triton.jit
+def _mosa_bwd_weights_kernel(x_ptr, dy_ptr, idx_ptr, score_ptr, dlogit_ptr, o_ptr, dqkv_ptr, dw_qkv_ptr, dw_o_ptr,
+                             dw_router_ptr, B, T, E, K, num_rows, H: tl.constexpr, ROWS_BOUND: tl.constexpr,
                              D: tl.constexpr, BLOCK_R: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                             PREC: tl.constexpr):
-    """One program per (head, hidden chunk): dW_QKV[e, chunk] = X_s^T dQKV, dW_O[e, :, chunk] = (s*O)^T dy_s."""
+                             PREC: tl.constexpr, ROUTER: tl.constexpr):
+    """One program per (head, hidden chunk): dW_QKV[e, chunk] = X_s^T dQKV, dW_O[e, :, chunk] = (s*O)^T dy_s and,
+    with ROUTER, dW_router[e, chunk] = dlogit^T X_s.
+
+    The row loop runs to the run-time row count on the GPU (one compilation for every B*k); ROWS_BOUND > 0 makes
+    it a compile-time bound instead, which Triton 3.6's interpreter needs (it cannot loop to a run-time bound).
+    """
     num_chunks = tl.cdiv(H, BH)
     pid = tl.program_id(0)
     e = pid // num_chunks
@@ -266,30 +325,17 @@ def _mosa_bwd_weights_kernel(x_ptr, dy_ptr, idx_ptr, score_ptr, o_ptr, dqkv_ptr,
     acc_k = tl.zeros([BH, BD], tl.float32)
     acc_v = tl.zeros([BH, BD], tl.float32)
     acc_o = tl.zeros([BD, BH], tl.float32)
-    num_rows = NUM_ROWS
-    for r0 in range(0, NUM_ROWS, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        ok = rows < num_rows
-        b = rows // K
-        sel = (b.to(tl.int64) * E + e) * K + rows % K
-        pos = tl.load(idx_ptr + sel, mask=ok, other=0).to(tl.int64)
-        score = tl.load(score_ptr + sel, mask=ok, other=0.0).to(tl.float32)
-        tok = b.to(tl.int64) * T + pos
-        xh_mask = ok[:, None] & hm[None, :]
-        xt = tl.load(x_ptr + tok[:, None] * H + hs[None, :], mask=xh_mask, other=0.0)
-        g = tl.load(dy_ptr + tok[:, None] * H + hs[None, :], mask=xh_mask, other=0.0).to(DT)
-        head_row = e.to(tl.int64) * num_rows + rows
-        rd_mask = ok[:, None] & dm[None, :]
-        dqkv_rows = dqkv_ptr + head_row[:, None] * (3 * D) + d[None, :]
-        dq = tl.load(dqkv_rows, mask=rd_mask, other=0.0)
-        dk = tl.load(dqkv_rows + D, mask=rd_mask, other=0.0)
-        dv = tl.load(dqkv_rows + 2 * D, mask=rd_mask, other=0.0)
-        o = tl.load(o_ptr + head_row[:, None] * D + d[None, :], mask=rd_mask, other=0.0).to(tl.float32)
-        xt_t = tl.trans(xt)
-        acc_q = tl.dot(xt_t, dq, acc_q, input_precision=PREC)
-        acc_k = tl.dot(xt_t, dk, acc_k, input_precision=PREC)
-        acc_v = tl.dot(xt_t, dv, acc_v, input_precision=PREC)
-        acc_o = tl.dot(tl.trans((o * score[:, None]).to(DT)), g, acc_o, input_precision=PREC)
+    acc_r = tl.zeros([BH, 16], tl.float32)
+    if ROWS_BOUND > 0:
+        for r0 in range(0, ROWS_BOUND, BLOCK_R):
+            acc_q, acc_k, acc_v, acc_o, acc_r = _weights_step(
+                x_ptr, dy_ptr, idx_ptr, score_ptr, dlogit_ptr, o_ptr, dqkv_ptr, acc_q, acc_k, acc_v, acc_o, acc_r,
+                r0, e, hs, hm, d, dm, T, E, K, num_rows, H, D, BLOCK_R, PREC, ROUTER)
+    else:
+        for r0 in range(0, num_rows, BLOCK_R):
+            acc_q, acc_k, acc_v, acc_o, acc_r = _weights_step(
+                x_ptr, dy_ptr, idx_ptr, score_ptr, dlogit_ptr, o_ptr, dqkv_ptr, acc_q, acc_k, acc_v, acc_o, acc_r,
+                r0, e, hs, hm, d, dm, T, E, K, num_rows, H, D, BLOCK_R, PREC, ROUTER)
     dw_rows = dw_qkv_ptr + e.to(tl.int64) * H * 3 * D + hs[:, None] * (3 * D) + d[None, :]
     w_mask = hm[:, None] & dm[None, :]
     tl.store(dw_rows, acc_q.to(DT), mask=w_mask)
@@ -297,6 +343,9 @@ def _mosa_bwd_weights_kernel(x_ptr, dy_ptr, idx_ptr, score_ptr, o_ptr, dqkv_ptr,
     tl.store(dw_rows + 2 * D, acc_v.to(DT), mask=w_mask)
     tl.store(dw_o_ptr + e.to(tl.int64) * D * H + d[:, None] * H + hs[None, :], acc_o.to(DT),
              mask=dm[:, None] & hm[None, :])
+    if ROUTER:
+        dw_router = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, acc_r, 0.0), 1)
+        tl.store(dw_router_ptr + e.to(tl.int64) * H + hs, dw_router.to(DT), mask=hm)
 
 
 def _block(n: int) -> int:
@@ -326,15 +375,28 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+_ROPE_TABLES: dict = {}
+
+
 def _rope_tables(seq_len: int, rotary_dim: int, rope_base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, rotary_dim/2] fp32 by position, from the reference's own table code."""
-    half = rotary_dim // 2
-    if half == 0:
-        empty = torch.zeros(1, device=device, dtype=torch.float32)
-        return empty, empty
-    positions = torch.arange(seq_len, device=device)
-    cos, sin = rope_cos_sin(positions, rotary_dim, rope_base, torch.float32)
-    return cos[:, :half].contiguous(), sin[:, :half].contiguous()
+    """cos, sin [T, rotary_dim/2] fp32 by position, from the reference's own table code.
+
+    Kept per (T, rotary_dim, base, device): building them is ~10 small launches, paid by every layer in forward and
+    backward otherwise (the layer is launch-bound at small batches, SPEC §6 case C).
+    """
+    key = (seq_len, rotary_dim, float(rope_base), torch.device(device))
+    if key not in _ROPE_TABLES:
+        if len(_ROPE_TABLES) >= 64:  # many distinct lengths (evaluation, generation): start over
+            _ROPE_TABLES.clear()
+        half = rotary_dim // 2
+        if half == 0:
+            empty = torch.zeros(1, device=device, dtype=torch.float32)
+            _ROPE_TABLES[key] = empty, empty
+        else:
+            positions = torch.arange(seq_len, device=device)
+            cos, sin = rope_cos_sin(positions, rotary_dim, rope_base, torch.float32)
+            _ROPE_TABLES[key] = cos[:, :half].contiguous(), sin[:, :half].contiguous()
+    return _ROPE_TABLES[key]
 
 
 def _accumulator_rows(indices: torch.Tensor, seq_len: int):
@@ -382,11 +444,17 @@ def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float):
     return _write_back(y, dest, tokens, x.shape, x.dtype), o
 
 
-def mosa_bwd(dy, x, w_qkv, w_o, indices, scores, o, rotary_dim: int, rope_base: float):
-    """-> dx, dw_qkv, dw_o, dscores (each in its input's dtype)."""
+def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim: int, rope_base: float):
+    """-> dx, dw_qkv, dw_o, and dscores (w_router None) or dw_router (scores are sigmoid(x . w_router)); each in
+    its input's dtype.
+
+    The row kernel runs tile-fastest (all tiles of a head before the next head), so a head's weights are read from
+    L2 by its tiles: 2.61 -> 2.17 ms in case A, 1.12 -> 0.92 ms in case C (H100, 2026-11-23, benchmarks/results/grid-order-and-pieces-h100-2026-11-23.log).
+    """
     batch, seq_len, hidden = x.shape
     num_heads, _, three_d = w_qkv.shape
     head_dim, k = three_d // 3, indices.shape[-1]
+    router = w_router is not None
     cfg = _tile_config(batch, k, head_dim, rotary_dim, x.dtype)
     cos, sin = _rope_tables(seq_len, rotary_dim, rope_base, x.device)
     precision = _dot_precision(x.dtype)
@@ -394,90 +462,95 @@ def mosa_bwd(dy, x, w_qkv, w_o, indices, scores, o, rotary_dim: int, rope_base: 
     dx = torch.zeros(acc_rows, hidden, device=x.device, dtype=torch.float32)
     dqkv = torch.empty(num_heads, batch * k, three_d, device=x.device, dtype=x.dtype)
     dscores = torch.empty(batch, num_heads, k, device=x.device, dtype=torch.float32)
-    _mosa_bwd_rows_kernel[(num_heads, cfg["num_tiles"])](
-        x, w_qkv, w_o, indices, scores, cos, sin, dest, o, dy, dqkv, dx, dscores,
+    _mosa_bwd_rows_kernel[(cfg["num_tiles"], num_heads)](
+        x, w_qkv, w_o, w_router if router else x, indices, scores, cos, sin, dest, o, dy, dqkv, dx, dscores,
         batch, seq_len, num_heads, k, cfg["groups"], head_dim ** -0.5, H=hidden,
         D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
-        BH=cfg["BH"], PREC=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BH=cfg["BH"], PREC=precision, TILES_FASTEST=True, ROUTER=router, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     dw_qkv = torch.empty_like(w_qkv)
     dw_o = torch.empty_like(w_o)
+    dw_router = torch.empty_like(w_router) if router else dw_o
     _mosa_bwd_weights_kernel[(num_heads * triton.cdiv(hidden, BLOCK_H),)](
-        x, dy, indices, scores, o, dqkv, dw_qkv, dw_o,
-        batch, seq_len, num_heads, k, H=hidden, NUM_ROWS=batch * k,
-        D=head_dim, BLOCK_R=BLOCK_ROWS_WEIGHTS, BD=cfg["BD"], BH=BLOCK_H, PREC=precision, num_warps=4,
-        num_stages=cfg["num_stages"])
-    return _write_back(dx, dest, tokens, x.shape, x.dtype), dw_qkv, dw_o, dscores.to(scores.dtype)
+        x, dy, indices, scores, dscores, o, dqkv, dw_qkv, dw_o, dw_router,
+        batch, seq_len, num_heads, k, batch * k, H=hidden, ROWS_BOUND=batch * k if _interpreting() else 0,
+        D=head_dim, BLOCK_R=BLOCK_ROWS_WEIGHTS, BD=cfg["BD"], BH=BLOCK_H, PREC=precision, ROUTER=router,
+        num_warps=4, num_stages=cfg["num_stages"])
+    dx = _write_back(dx, dest, tokens, x.shape, x.dtype)
+    return dx, dw_qkv, dw_o, (dw_router if router else dscores.to(scores.dtype))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @torch.library.custom_op("torch_mosa::mosa_attention_fwd", mutates_args=())
-def _mosa_fwd_op(x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, indices: torch.Tensor,
-                 scores: torch.Tensor, rotary_dim: int, rope_base: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _mosa_fwd_op(x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, w_router: Optional[torch.Tensor],
+                 indices: torch.Tensor, scores: torch.Tensor, rotary_dim: int, rope_base: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     return mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base)
 
 
 @_mosa_fwd_op.register_fake
-def _mosa_fwd_fake(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base):
+def _mosa_fwd_fake(x, w_qkv, w_o, w_router, indices, scores, rotary_dim, rope_base):
     num_heads, _, three_d = w_qkv.shape
     return x.new_empty(x.shape), x.new_empty(num_heads, x.shape[0] * indices.shape[-1], three_d // 3)
 
 
 @torch.library.custom_op("torch_mosa::mosa_attention_bwd", mutates_args=())
-def _mosa_bwd_op(dy: torch.Tensor, x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, indices: torch.Tensor,
-                 scores: torch.Tensor, o: torch.Tensor, rotary_dim: int, rope_base: float
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return mosa_bwd(dy, x, w_qkv, w_o, indices, scores, o, rotary_dim, rope_base)
+def _mosa_bwd_op(dy: torch.Tensor, x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor,
+                 w_router: Optional[torch.Tensor], indices: torch.Tensor, scores: torch.Tensor, o: torch.Tensor,
+                 rotary_dim: int, rope_base: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim, rope_base)
 
 
 @_mosa_bwd_op.register_fake
-def _mosa_bwd_fake(dy, x, w_qkv, w_o, indices, scores, o, rotary_dim, rope_base):
-    return x.new_empty(x.shape), w_qkv.new_empty(w_qkv.shape), w_o.new_empty(w_o.shape), scores.new_empty(scores.shape)
+def _mosa_bwd_fake(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim, rope_base):
+    last = w_router.new_empty(w_router.shape) if w_router is not None else scores.new_empty(scores.shape)
+    return x.new_empty(x.shape), w_qkv.new_empty(w_qkv.shape), w_o.new_empty(w_o.shape), last
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_qkv, w_o, indices, scores, rotary_dim, rope_base = inputs
-    ctx.save_for_backward(x, w_qkv, w_o, indices, scores, output[1])
+    x, w_qkv, w_o, w_router, indices, scores, rotary_dim, rope_base = inputs
+    ctx.save_for_backward(x, w_qkv, w_o, w_router, indices, scores, output[1])
     ctx.rotary_dim, ctx.rope_base = rotary_dim, rope_base
 
 
 def _backward(ctx, dy, _d_o):
-    x, w_qkv, w_o, indices, scores, o = ctx.saved_tensors
-    dx, dw_qkv, dw_o, dscores = _mosa_bwd_op(dy.contiguous(), x, w_qkv, w_o, indices, scores, o,
-                                             ctx.rotary_dim, ctx.rope_base)
-    return dx, dw_qkv, dw_o, None, dscores, None, None
+    x, w_qkv, w_o, w_router, indices, scores, o = ctx.saved_tensors
+    dx, dw_qkv, dw_o, last = _mosa_bwd_op(dy.contiguous(), x, w_qkv, w_o, w_router, indices, scores, o,
+                                          ctx.rotary_dim, ctx.rope_base)
+    if w_router is None:
+        return dx, dw_qkv, dw_o, None, None, last, None, None
+    return dx, dw_qkv, dw_o, last, None, None, None, None
 
 
 _mosa_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def mosa_attention_triton(x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, indices: torch.Tensor,
-                          scores: torch.Tensor, *, rotary_dim: int, rope_base: float) -> torch.Tensor:
+                          scores: torch.Tensor, *, rotary_dim: int, rope_base: float,
+                          router_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Fused MoSA heads: same contract as `mosa_attention_reference`.
 
     x [B, T, h]; w_qkv [E, h, 3*d] (Q|K|V); w_o [E, d, h]; indices [B, E, k] int64 positions, ascending per (b, e)
-    except that score-0 padding slots come last; scores [B, E, k]. Returns y [B, T, h] in x.dtype, accumulated in
-    fp32. Differentiable in x, w_qkv, w_o and scores. k > MAX_FUSED_K runs the reference composition.
+    except that score-0 padding slots come last; scores [B, E, k]; router_weight [E, h] or None. Returns
+    y [B, T, h] in x.dtype, accumulated in fp32. Differentiable in x, w_qkv, w_o and either scores or, when
+    router_weight is given, router_weight (scores are then sigmoid(x[position] . router_weight[e]) and get no
+    gradient). k > MAX_FUSED_K runs the reference composition.
     """
-    if x.dim() != 3:
-        raise ValueError(f"x must be [B, T, h], got shape {tuple(x.shape)}")
-    batch, seq_len, hidden = x.shape
-    if w_qkv.dim() != 3 or w_qkv.shape[1] != hidden or w_qkv.shape[2] % 3:
-        raise ValueError(f"w_qkv must be [E, h={hidden}, 3*d], got shape {tuple(w_qkv.shape)}")
-    num_heads, head_dim = w_qkv.shape[0], w_qkv.shape[2] // 3
-    if tuple(w_o.shape) != (num_heads, head_dim, hidden):
-        raise ValueError(f"w_o must be [E={num_heads}, d={head_dim}, h={hidden}], got shape {tuple(w_o.shape)}")
-    if indices.dim() != 3 or tuple(indices.shape[:2]) != (batch, num_heads):
-        raise ValueError(f"indices must be [B={batch}, E={num_heads}, k], got shape {tuple(indices.shape)}")
-    if tuple(scores.shape) != tuple(indices.shape):
-        raise ValueError(f"scores must match indices {tuple(indices.shape)}, got shape {tuple(scores.shape)}")
-    if indices.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
+    check_mosa_inputs(x, w_qkv, w_o, indices, scores, rotary_dim, router_weight)
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-    if w_qkv.dtype != x.dtype or w_o.dtype != x.dtype:
-        raise ValueError(f"w_qkv ({w_qkv.dtype}) and w_o ({w_o.dtype}) must have x's dtype {x.dtype}")
-    if rotary_dim % 2 or not 0 <= rotary_dim <= head_dim:
-        raise ValueError(f"rotary_dim must be even and in [0, head_dim={head_dim}], got {rotary_dim}")
+    return fused_mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, router_weight)
+
+
+def fused_mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, router_weight=None):
+    """`mosa_attention_triton` on arguments already checked (the dispatch point checks them once)."""
     if indices.shape[-1] > (MAX_FUSED_K_FP32 if x.dtype == torch.float32 else MAX_FUSED_K):
-        return mosa_attention_reference(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base)
-    return _mosa_fwd_op(x.contiguous(), w_qkv.contiguous(), w_o.contiguous(), indices.contiguous(),
+        return mosa_attention_reference(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base,
+                                        router_weight=router_weight)
+    if router_weight is not None:
+        router_weight = router_weight.contiguous()
+    return _mosa_fwd_op(x.contiguous(), w_qkv.contiguous(), w_o.contiguous(), router_weight, indices.contiguous(),
                         scores.contiguous(), int(rotary_dim), float(rope_base))[0]

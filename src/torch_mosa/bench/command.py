@@ -1,0 +1,88 @@
+"""The benchmark's options and run, shared by `python -m torch_mosa.bench` and `mosa bench`.
+
+They live in the bench package so that its own entry point does not depend on the command line (the CLI imports
+the library, never the reverse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import torch
+
+from torch_mosa.bench.cases import CASES, TRAIN_MODELS, run_cases, train_step_tokens_per_second
+from torch_mosa.bench.report import markdown_report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cases", nargs="+", default=["A", "B", "C", "D"], help="any of A B C D (default all)")
+    p.add_argument("--paths", nargs="+", default=["dense", "reference", "fast"],
+                   help="any of dense reference fast (default all)")
+    p.add_argument("--reference-max-seq-len", type=int, default=131072,
+                   help="skip the reference path above this T (case D); the table says 'not run'")
+    p.add_argument("--train-step", action="store_true",
+                   help="also time whole Tiny training steps (compiled, bf16 autocast, fused AdamW): dense, MoSA "
+                        "sparsity 64 and 16, and the 4 + 17 sparsity-32 model")
+    p.add_argument("--train-batch", type=int, default=64)
+    p.add_argument("--no-compile", action="store_true", help="time the training steps without torch.compile")
+    p.add_argument("--decode", action="store_true",
+                   help="time greedy decoding instead of the layer cases: the yardstick (a plain dense GPT with a "
+                        "static KV cache), torch-mosa dense, MoSA 4+17 s32 and MoSA IsoFLOP s64 (tiny, bf16)")
+    p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 32], help="batch sizes of --decode")
+    p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens of --decode")
+    p.add_argument("--new-tokens", type=int, default=128, help="timed new tokens of --decode")
+    p.add_argument("--cuda-graphs", action="store_true", help="with --decode, also time every decode step replayed "
+                                                              "as a CUDA graph")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="with --decode, also time every decode step compiled by Inductor and replayed as a CUDA graph "
+                        "(the yardstick compiled too)")
+    p.add_argument("--no-eager", action="store_true", help="with --decode, skip the eager rows")
+    p.add_argument("--out", default=None, help="write the markdown table here")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        raise ValueError("mosa bench needs a CUDA GPU; none is available")
+    if args.decode:
+        return run_decode(args)
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown:
+        raise ValueError(f"--cases must be among {sorted(CASES)}, got {unknown}")
+    rows = run_cases(args.cases, tuple(args.paths), args.reference_max_seq_len)
+    train_rows = []
+    if args.train_step:
+        for name, model_kwargs in TRAIN_MODELS.items():
+            tokens_per_s, mib = train_step_tokens_per_second(model_kwargs, batch=args.train_batch,
+                                                             compile_model=not args.no_compile)
+            train_rows.append((name, args.train_batch, tokens_per_s, mib))
+            print(f"train step {name}: {tokens_per_s:,.0f} tokens/s, {mib:.0f} MiB", flush=True)
+            torch.cuda.empty_cache()  # the next model starts from a clean cache
+    report = markdown_report(rows, train_rows, command=" ".join(["python -m torch_mosa.bench", *sys.argv[1:]]))
+    print(report)
+    if args.out:
+        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.out).write_text(report)
+    return 0
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    from torch_mosa.bench.decode import decode_markdown, run_decode_bench
+    from torch_mosa.bench.report import environment
+
+    rows = run_decode_bench(tuple(args.decode_batches), prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                            cuda_graphs=args.cuda_graphs, compile_step=args.compile_decode, eager=not args.no_eager)
+    env = environment()
+    command = " ".join(["python -m torch_mosa.bench", *sys.argv[1:]])
+    report = decode_markdown(rows, ["# Decode throughput (tiny shape, bf16, random weights, greedy)", "",
+                                    f"- date: {env['date']}", f"- GPU: {env['gpu']}",
+                                    f"- torch {env['torch']}, triton {env['triton']}, python {env['python']}",
+                                    f"- command: `{command}`",
+                                    f"- prompt {args.prompt_len} tokens, 8 untimed + {args.new_tokens} timed new "
+                                    "tokens; KV sizes over all tokens held at the end"])
+    print(report)
+    if args.out:
+        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.out).write_text(report)
+    return 0
