@@ -6,6 +6,7 @@ One process (no RANK/WORLD_SIZE in the environment) needs none of this and gets 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -42,9 +43,17 @@ def setup_distributed(device_type: str) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size)
 
 
-def teardown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def teardown_distributed(clean_exit: bool = True) -> None:
+    """Leave the process group. FSDP and DDP wrappers hold the group through reference cycles that outlive the
+    training loop; collected later, at interpreter exit, they would destroy the group's C++ side during finalization
+    (gloo then aborts the process). So collect them now, while the group is whole. On a clean exit all ranks first
+    meet, so none closes its connections while a peer still uses them; after an error a peer may never arrive."""
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    if clean_exit:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def shard_fsdp(model: nn.Module, device_type: str) -> None:

@@ -83,10 +83,13 @@ class Trainer:
         previous_determinism = torch.are_deterministic_algorithms_enabled()
         created = info.is_main and not self.out_dir.exists()
         self._started = False
+        clean_exit = False
         try:
             if device.type == "cpu":  # free on CPU; on CUDA it would need CUBLAS_WORKSPACE_CONFIG and slow kernels
                 torch.use_deterministic_algorithms(True, warn_only=True)
-            return self._train(device, info)
+            summary = self._train(device, info)
+            clean_exit = True
+            return summary
         except BaseException:
             if created and not self._started:  # a run that failed before its first step leaves no directory
                 shutil.rmtree(self.out_dir, ignore_errors=True)
@@ -94,7 +97,7 @@ class Trainer:
         finally:
             torch.use_deterministic_algorithms(previous_determinism)
             if owns_process_group:
-                teardown_distributed()
+                teardown_distributed(clean_exit)
 
     def _train(self, device: torch.device, info: DistInfo) -> dict:
         cfg = self.config
