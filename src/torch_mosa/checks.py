@@ -28,8 +28,10 @@ def dataclass_from_dict(cls, values: dict):
     return cls(**values)
 
 
-def check_attention_input(x: torch.Tensor, hidden_size: int, weight: torch.Tensor, attention_mask) -> None:
-    """x must be [B, T, hidden_size] on weight's device and dtype; attention_mask [B, T] of bools/ints, 1 = real."""
+def check_attention_input(x: torch.Tensor, hidden_size: int, weight: torch.Tensor, attention_mask,
+                          documents=None) -> None:
+    """x must be [B, T, hidden_size] on weight's device and dtype; attention_mask [B, T] of bools/ints, 1 = real;
+    documents (a DocumentLayout of packed documents) of shape [B, T], and not together with an attention_mask."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 3:
@@ -52,6 +54,15 @@ def check_attention_input(x: torch.Tensor, hidden_size: int, weight: torch.Tenso
             raise ValueError(f"attention_mask is on {attention_mask.device} but x is on {x.device}")
         if attention_mask.is_floating_point():
             raise TypeError(f"attention_mask must be bool or integer (1 = real token), got dtype {attention_mask.dtype}")
+    if documents is not None:
+        if tuple(documents.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"documents describe shape {tuple(documents.shape)} but x has [batch, seq_len]="
+                             f"{tuple(x.shape[:2])}")
+        if documents.ids.device != x.device:
+            raise ValueError(f"documents are on {documents.ids.device} but x is on {x.device}")
+        if attention_mask is not None:
+            raise ValueError("pass either attention_mask (padded rows) or documents (packed rows), not both: "
+                             "packed rows hold no padding")
 
 
 def selection_size(seq_len: int, sparsity: int | None, k: int | None) -> int:

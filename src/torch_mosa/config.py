@@ -31,7 +31,10 @@ class MoSAConfig:
     fixed | routing | local (hybrids with that sparse kind). `num_sparse_heads=None` means IsoFLOP-matched
     (SPEC §3) to `num_heads` dense heads at `max_seq_len`. `router_aux_loss_weight` > 0 adds the MoSA routers'
     top-k membership loss (for causal routing, SPEC §5); 0 keeps paper runs exact. Only mosa and pure_mosa have
-    routers: a weight > 0 with any other attention is refused.
+    routers: a weight > 0 with any other attention is refused. `restart_positions_per_document`: on packed input
+    (document ids) RoPE positions restart at 0 in every document (True: a packed document computes what it computes
+    alone), or keep the token's place in the row (False: the same up to rounding, since attention stays inside a
+    document and RoPE scores depend on position differences only).
     """
 
     vocab_size: int = 8000
@@ -49,6 +52,7 @@ class MoSAConfig:
     window: int | None = None
     include_first: bool = True
     router_aux_loss_weight: float = 0.0
+    restart_positions_per_document: bool = True
     rotate_fraction: float = 0.5
     rope_base: float = 10000.0
     layer_norm_eps: float = 1e-5

@@ -109,7 +109,8 @@ def test_capacity_makes_the_causal_forward_narrow_and_still_causal(monkeypatch):
     set_causal_limits(model, capacity=12)
     widths = []
     attend = MoSAAttention.attend
-    monkeypatch.setattr(MoSAAttention, "attend", lambda self, x, i, s: widths.append(i.shape[-1]) or attend(self, x, i, s))
+    monkeypatch.setattr(MoSAAttention, "attend",
+                        lambda self, x, i, s, documents=None: widths.append(i.shape[-1]) or attend(self, x, i, s, documents))
     ids = torch.randint(0, VOCAB, (2, 40))
     base, _ = model(ids, routing="causal")
     assert set(widths) == {12}

@@ -66,9 +66,9 @@ def run_router_op(op, tensors, router_weight, mask, k, include_first, rotary_dim
     return [y.detach(), x.grad, w_qkv.grad, w_o.grad, w_router.grad]
 
 
-def triton_op(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, router_weight=None):
+def triton_op(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, router_weight=None, **packed):
     return mosa_attention_triton(x, w_qkv, w_o, indices, scores, rotary_dim=rotary_dim, rope_base=rope_base,
-                                 router_weight=router_weight)
+                                 router_weight=router_weight, **packed)
 
 
 CASES = [
@@ -104,6 +104,57 @@ def test_router_gradient_inside_the_op_matches_reference(nan_allocations, batch,
     actual = run_router_op(triton_op, tensors, router_weight, mask, k, include_first, rotary_dim)
     for name, a, e in zip(("y", "dx", "dw_qkv", "dw_o", "dw_router"), actual, expected):
         assert_close(name, a, e, FP32_RTOL)
+
+
+PACKED_CASES = [
+    # document lengths per row (each row sums to seq_len), hidden, heads, head_dim, sparsity, rotary_dim, router
+    pytest.param([[1, 2, 9, 13], [25]], 24, 3, 16, 4, 8, False, id="docs-1-2-9-13"),
+    pytest.param([[7, 1, 17], [2, 2, 21]], 20, 2, 8, 3, 4, True, id="docs-router"),
+    pytest.param([[40, 1, 12], [53]], 16, 2, 16, 4, 16, True, id="docs-full-rope-two-groups"),
+]
+
+
+@pytest.mark.parametrize("lengths,hidden,num_heads,head_dim,sparsity,rotary_dim,router", PACKED_CASES)
+def test_packed_documents_match_reference(nan_allocations, lengths, hidden, num_heads, head_dim, sparsity,
+                                          rotary_dim, router):
+    """Per-document selection (k_d slots per document) and the kernels' document mask and restarted RoPE
+    positions against the reference, output and gradients."""
+    from torch_mosa.ops.documents import document_layout
+    from torch_mosa.ops.selection import topk_route_documents
+
+    ids = torch.stack([torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row)) for row in lengths])
+    layout = document_layout(ids.to(DEVICE))
+    batch, seq_len = ids.shape
+    g = torch.Generator().manual_seed(seq_len + hidden)
+    x = torch.randn(batch, seq_len, hidden, generator=g).to(DEVICE)
+    w_qkv = (torch.randn(num_heads, hidden, 3 * head_dim, generator=g) / hidden ** 0.5).to(DEVICE)
+    w_o = (torch.randn(num_heads, head_dim, hidden, generator=g) / head_dim ** 0.5).to(DEVICE)
+    w_router = (torch.randn(num_heads, hidden, generator=g) / hidden ** 0.5).to(DEVICE)
+    grad_y = torch.randn(batch, seq_len, hidden, generator=g).to(DEVICE)
+    indices, scores = topk_route_documents(torch.einsum("eh,bth->bet", w_router, x), layout, sparsity, None, True)
+    assert (scores == 0).any() or indices.shape[-1] == seq_len // sparsity  # rows of unequal slot counts pad
+    results = []
+    for op in (mosa_attention_reference, triton_op):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w_qkv, w_o, w_router if router else scores)]
+        extra = dict(router_weight=leaves[3]) if router else {}
+        y = op(leaves[0], leaves[1], leaves[2], indices, scores if router else leaves[3], rotary_dim, 10000.0,
+               positions=layout.rope_positions, document_ids=layout.ids, **extra)
+        y.backward(grad_y)
+        results.append([y.detach()] + [leaf.grad for leaf in leaves])
+    for name, a, e in zip(("y", "dx", "dw_qkv", "dw_o", "d_router_or_scores"), results[1], results[0]):
+        assert_close(name, a, e, FP32_RTOL)
+
+
+def test_document_mask_matters():
+    """The reference keeps documents apart: the same selection with one document gives another output."""
+    g = torch.Generator().manual_seed(2)
+    x, w_qkv, w_o = torch.randn(1, 10, 8, generator=g), torch.randn(2, 8, 12, generator=g), torch.randn(2, 4, 8, generator=g)
+    indices = torch.tensor([[[0, 3, 6, 9], [1, 2, 5, 8]]])
+    scores = torch.rand(1, 2, 4, generator=g) + 0.5
+    ids = torch.tensor([[0] * 5 + [1] * 5])
+    y_docs = mosa_attention_reference(x, w_qkv, w_o, indices, scores, 4, 1e4, document_ids=ids)
+    y_one = mosa_attention_reference(x, w_qkv, w_o, indices, scores, 4, 1e4)
+    assert torch.allclose(y_docs[:, :5], y_one[:, :5]) and not torch.allclose(y_docs[:, 5:], y_one[:, 5:])
 
 
 def test_reference_router_mode_equals_differentiable_scores():
@@ -166,10 +217,12 @@ def test_custom_op_registration():
     indices, scores = topk_route_reference(logits, 3, False)
     w_router = torch.randn(2, 16, device=DEVICE)
     for router, score_grad in ((None, True), (w_router.requires_grad_(), False)):
-        args = (x.requires_grad_(), w_qkv.requires_grad_(), w_o.requires_grad_(), router, indices,
-                scores.detach().requires_grad_(score_grad), 8, 10000.0)
-        torch.library.opcheck(_mosa_fwd_op, args, test_utils=("test_schema", "test_faketensor",
-                                                              "test_autograd_registration"))
+        ids = torch.tensor([[0] * 4 + [1] * 7, [0] * 11], device=DEVICE, dtype=torch.int32)
+        for packed in ((None, None), (torch.arange(11, device=DEVICE, dtype=torch.int32).expand(2, -1).contiguous(), ids)):
+            args = (x.requires_grad_(), w_qkv.requires_grad_(), w_o.requires_grad_(), router, indices,
+                    scores.detach().requires_grad_(score_grad), 8, 10000.0, *packed)
+            torch.library.opcheck(_mosa_fwd_op, args, test_utils=("test_schema", "test_faketensor",
+                                                                  "test_autograd_registration"))
 
 
 def test_dispatch_takes_reference_off_cuda():

@@ -50,6 +50,35 @@ def test_reference_accepts_strided_logits():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("include_first", [False, True])
+@pytest.mark.parametrize("sparsity, k", [(4, None), (None, 3)])
+def test_per_document_selection_is_each_document_alone(include_first, sparsity, k):
+    """Packed rows of documents of lengths 1, 2, 9, 13 and 25 (rows of unequal slot totals): each document takes
+    what top-k over it alone takes, at its own k_d, then padding slots fill the row to the batch's width."""
+    from torch_mosa.ops.documents import document_layout
+    from torch_mosa.ops.selection import topk_route_documents
+
+    lengths = [[1, 2, 9, 13], [25]]
+    ids = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths])
+    layout = document_layout(ids)
+    logits = torch.randn(2, 3, 25, generator=torch.Generator().manual_seed(4)).round(decimals=1)  # ties too
+    indices, scores = topk_route_documents(logits, layout, sparsity, k, include_first)
+    assert indices.shape[-1] == layout.selection_sizes(sparsity, k)[1]
+    for b, row in enumerate(lengths):
+        start, alone_indices, alone_scores = 0, [], []
+        for length in row:
+            k_d = min(length, k) if k is not None else min(length, max(2, length // sparsity))
+            i, sc = topk_route(logits[b:b + 1, :, start:start + length], k_d, include_first)
+            alone_indices.append(i + start)
+            alone_scores.append(sc)
+            start += length
+        alone_indices, alone_scores = torch.cat(alone_indices, -1), torch.cat(alone_scores, -1)
+        n = alone_indices.shape[-1]
+        assert torch.equal(indices[b:b + 1, :, :n], alone_indices)
+        torch.testing.assert_close(scores[b:b + 1, :, :n], alone_scores, rtol=0, atol=1e-7)
+        assert (scores[b, :, n:] == 0).all()
+
+
 def test_bad_k():
     with pytest.raises(ValueError, match="k must be"):
         topk_route(torch.randn(1, 2, 5), 6)

@@ -21,7 +21,8 @@ def padding_causal_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.Ten
 class DenseAttention(nn.Module):
     """Causal multi-head attention. Parameters: w_qkv (Linear h -> num_heads*3*head_dim, per head Q|K|V),
     w_o (Linear num_heads*head_dim -> h), both bias-free (the reference code's `W_QKV`, `W_O`).
-    forward(x [B, T, h], attention_mask [B, T] or None) -> [B, T, h]."""
+    forward(x [B, T, h], attention_mask [B, T] or None, routing, documents) -> [B, T, h]; with packed `documents`
+    (a DocumentLayout) a token attends only inside its document, rotated by its RoPE position there."""
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int = 64, rotate_fraction: float = 0.5,
                  rope_base: float = 10000.0):
@@ -46,15 +47,20 @@ class DenseAttention(nn.Module):
         batch, _, seq_len, _ = attended.shape
         return self.w_o(attended.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim))
 
-    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk", documents=None) -> torch.Tensor:
         """Dense attention is causal under either routing mode; `routing` is accepted for a uniform call."""
-        check_attention_input(x, self.hidden_size, self.w_o.weight, attention_mask)
+        check_attention_input(x, self.hidden_size, self.w_o.weight, attention_mask, documents)
         check_routing(routing)
-        q, k, v = self.project_qkv(x, torch.arange(x.shape[1], device=x.device))
-        return self.merge_heads(self.attend(q, k, v, attention_mask))
+        positions = torch.arange(x.shape[1], device=x.device) if documents is None else documents.rope_positions
+        q, k, v = self.project_qkv(x, positions)
+        return self.merge_heads(self.attend(q, k, v, attention_mask, documents))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=None) -> torch.Tensor:
-        """Causal attention of q, k, v [B, H, T, d] (keys masked by attention_mask [B, T]) -> [B, H, T, d]."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=None,
+               documents=None) -> torch.Tensor:
+        """Causal attention of q, k, v [B, H, T, d] (keys masked by attention_mask [B, T], or kept inside their
+        document) -> [B, H, T, d]."""
+        if documents is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=documents.same_document())
         if attention_mask is None or bool(attention_mask.all()):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=padding_causal_mask(attention_mask, q.shape[2]))

@@ -37,11 +37,16 @@ class FixedSparseAttention(SparseHeads):
         offset = positions - first[:, None]
         return (offset >= 0) & (offset % self.sparsity == 0)
 
-    def causal_route(self, x: torch.Tensor, attention_mask=None):
-        """joined [B, E, T] (the strided tokens of each row), scores [B, E, T] (1 there, else 0)."""
+    def causal_route(self, x: torch.Tensor, attention_mask=None, documents=None):
+        """joined [B, E, T] (the strided tokens of each row, or of each packed document), scores [B, E, T] (1 there,
+        else 0)."""
         batch, seq_len, _ = x.shape
-        first = first_real_position(attention_mask, batch, x.device)
-        joined = self.strided(torch.arange(seq_len, device=x.device), first)
+        if documents is not None:  # each document's stride, cut at its own k_d as a row of that length would be
+            sizes, _ = documents.selection_sizes(self.sparsity, None)
+            joined = (documents.offsets % self.sparsity == 0) & (documents.offsets // self.sparsity < sizes)
+        else:
+            first = first_real_position(attention_mask, batch, x.device)
+            joined = self.strided(torch.arange(seq_len, device=x.device), first)
         if attention_mask is not None:
             joined = joined & attention_mask.bool()
         joined = joined.unsqueeze(1).expand(-1, self.num_heads, -1)
@@ -53,17 +58,20 @@ class FixedSparseAttention(SparseHeads):
     def cache_capacity(self, max_len: int) -> int:
         return self.selection_size(max_len)
 
-    def select(self, x: torch.Tensor, attention_mask=None, routing: str = "topk"):
-        """The strided selection; it depends on positions only, so it is causal under either routing."""
+    def select(self, x: torch.Tensor, attention_mask=None, routing: str = "topk", documents=None):
+        """The strided selection; it depends on positions only, so it is causal under either routing. Packed
+        documents each take their stride up to their own k_d, so the width is the layout's selection width."""
         check_routing(routing)
-        joined, scores = self.causal_route(x, attention_mask)
-        return membership_selection(joined, scores, self.causal_width(x.shape[1]))
+        joined, scores = self.causal_route(x, attention_mask, documents)
+        width = (self.causal_width(x.shape[1]) if documents is None
+                 else documents.selection_sizes(self.sparsity, None)[1])
+        return membership_selection(joined, scores, width)
 
     def route_token(self, x: torch.Tensor, position: torch.Tensor, cache):
         """All heads (None) join together when the position is on the row's stride."""
         joined = self.strided(position, cache.first).expand(-1, self.num_heads)
         return None, joined, joined.to(x.dtype)
 
-    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk") -> torch.Tensor:
-        check_attention_input(x, self.hidden_size, self.w_qkv, attention_mask)
-        return self.attend(x, *self.select(x, attention_mask, routing))
+    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk", documents=None) -> torch.Tensor:
+        check_attention_input(x, self.hidden_size, self.w_qkv, attention_mask, documents)
+        return self.attend(x, *self.select(x, attention_mask, routing, documents), documents)

@@ -77,11 +77,12 @@ class HybridAttention(nn.Module):
     def parts(self) -> list[nn.Module]:
         return [m for m in (self.dense, self.local, self.sparse) if m is not None]
 
-    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk", documents=None) -> torch.Tensor:
+        """`documents`: a DocumentLayout of packed documents (ops/documents.py), which every part keeps apart."""
         first = self.parts()[0]
-        check_attention_input(x, self.hidden_size, next(first.parameters()), attention_mask)
+        check_attention_input(x, self.hidden_size, next(first.parameters()), attention_mask, documents)
         check_routing(routing)
-        return _summed(part(x, attention_mask, routing) for part in self.parts())
+        return _summed(part(x, attention_mask, routing, documents=documents) for part in self.parts())
 
     # ---- causal inference: each part owns its cache, prefill and decode step ----
 

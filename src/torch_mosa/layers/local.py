@@ -21,14 +21,17 @@ class LocalAttention(DenseAttention):
         super().__init__(hidden_size, num_heads, head_dim, rotate_fraction, rope_base)
         self.window = check_positive_int("window", window)
 
-    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk") -> torch.Tensor:
-        check_attention_input(x, self.hidden_size, self.w_o.weight, attention_mask)
+    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk", documents=None) -> torch.Tensor:
+        check_attention_input(x, self.hidden_size, self.w_o.weight, attention_mask, documents)
         check_routing(routing)
-        q, k, v = self.project_qkv(x, torch.arange(x.shape[1], device=x.device))
-        return self.merge_heads(self.attend(q, k, v, attention_mask))
+        positions = torch.arange(x.shape[1], device=x.device) if documents is None else documents.rope_positions
+        q, k, v = self.project_qkv(x, positions)
+        return self.merge_heads(self.attend(q, k, v, attention_mask, documents))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=None) -> torch.Tensor:
-        """Windowed causal attention of q, k, v [B, H, T, d], blocked -> [B, H, T, d]."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=None,
+               documents=None) -> torch.Tensor:
+        """Windowed causal attention of q, k, v [B, H, T, d], blocked -> [B, H, T, d]; with packed `documents`
+        the window also stops at the token's document start."""
         seq_len, device = q.shape[2], q.device
         w = min(self.window, seq_len)
         num_blocks = -(-seq_len // w)
@@ -46,6 +49,10 @@ class LocalAttention(DenseAttention):
         key_pos = block_start[:, None] - w + torch.arange(2 * w, device=device)  # [nb, 2w]
         delta = query_pos[:, :, None] - key_pos[:, None, :]
         allowed = (delta >= 0) & (delta < self.window) & (key_pos[:, None, :] >= 0)  # [nb, w, 2w]
+        if documents is not None:  # ids -1 before the row and past its end: those keys match no real query
+            ids = F.pad(documents.ids, (w, padded - seq_len), value=-1)
+            same = ids[:, query_pos + w][..., :, None] == ids[:, key_pos + w][:, :, None, :]  # [B, nb, w, 2w]
+            allowed = (allowed & same)[:, None]
         if attention_mask is not None:
             real = F.pad(attention_mask.bool(), (w, padded - seq_len))  # index key_pos + w
             key_real = real[:, key_pos + w]  # [B, nb, 2w]

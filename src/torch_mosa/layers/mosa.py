@@ -27,7 +27,7 @@ from torch import nn
 from torch_mosa.checks import check_attention_input, check_positive_int, check_routing, first_real_position, \
     selection_size
 from torch_mosa.layers.sparse import SparseHeads, membership_selection
-from torch_mosa.ops.selection import router_logits, topk_route
+from torch_mosa.ops.selection import router_logits, topk_route, topk_route_documents
 
 
 def largest_margin_heads(router_logits: torch.Tensor, thresholds: torch.Tensor, heads_per_token: int):
@@ -52,26 +52,35 @@ def heads_above_threshold(router_logits: torch.Tensor, thresholds: torch.Tensor,
 
 
 def causal_membership(router_logits: torch.Tensor, thresholds: torch.Tensor, include_first: bool,
-                      attention_mask=None, heads_per_token: int | None = None, capacity: int | None = None):
+                      attention_mask=None, heads_per_token: int | None = None, capacity: int | None = None,
+                      documents=None):
     """Causal routing of a whole sequence: router_logits [B, T, E], thresholds [E] -> (joined [B, E, T] bool,
     overflow {"heads_per_token", "capacity"}: 0-dim long tensors counting (token, head) joins dropped by each limit).
 
     Token t joins head e iff its logit passes the threshold (at most `heads_per_token` heads per token, largest
     margins first) or it is the forced first real token (include_first; it joins every head, exempt from
     heads_per_token); a head keeps at most `capacity` tokens per sequence, the earliest. Every rule looks at token t
-    and the tokens before it only."""
+    and the tokens before it only. With packed `documents` (a DocumentLayout) "sequence" means document: each
+    document's first token is forced and the capacity holds per document."""
     batch, seq_len, _ = router_logits.shape
     joined, dropped = (t.transpose(1, 2) for t in heads_above_threshold(router_logits, thresholds, heads_per_token))
     if include_first:
-        first = first_real_position(attention_mask, batch, router_logits.device)
-        forced = (torch.arange(seq_len, device=joined.device) == first[:, None]).unsqueeze(1)
+        if documents is not None:
+            forced = documents.is_first.unsqueeze(1)
+        else:
+            first = first_real_position(attention_mask, batch, router_logits.device)
+            forced = (torch.arange(seq_len, device=joined.device) == first[:, None]).unsqueeze(1)
         joined, dropped = joined | forced, dropped & ~forced
     if attention_mask is not None:
         real = attention_mask.bool().unsqueeze(1)
         joined, dropped = joined & real, dropped & real
     over_capacity = torch.zeros_like(joined)
     if capacity is not None:
-        kept = joined & (joined.cumsum(-1) <= capacity)
+        count = joined.cumsum(-1)
+        if documents is not None:  # joins so far in the token's own document: less those before it began
+            before = torch.nn.functional.pad(count, (1, 0))[..., :-1]
+            count = count - before.gather(-1, documents.starts[:, None, :].expand_as(count))
+        kept = joined & (count <= capacity)
         joined, over_capacity = kept, joined & ~kept
     return joined, {"heads_per_token": dropped.sum(), "capacity": over_capacity.sum()}
 
@@ -190,12 +199,15 @@ class MoSAAttention(SparseHeads):
         self.threshold_momentum, self.threshold_warm = momentum, warm
 
     @torch.no_grad()
-    def update_causal_threshold(self, router_logits: torch.Tensor, attention_mask=None) -> None:
+    def update_causal_threshold(self, router_logits: torch.Tensor, attention_mask=None, documents=None) -> None:
         """One EMA step of `causal_threshold` toward the batch's targets (see set_threshold_momentum).
 
         Called only after this batch's routing is decided, so the threshold a batch is routed with never depends on
         that batch (nor on any of its future tokens): the step stays strictly causal. Under torch.distributed the
-        targets are summed over ranks first, so every rank moves its thresholds identically."""
+        targets are summed over ranks first, so every rank moves its thresholds identically. With packed
+        `documents` every document counts as a row of its own, keeping its k_d."""
+        if documents is not None:
+            router_logits, attention_mask = documents.unpack(router_logits)
         seq_len = router_logits.shape[1]
         if attention_mask is None:
             keep = [self.selection_size(seq_len)] * router_logits.shape[0]
@@ -217,23 +229,30 @@ class MoSAAttention(SparseHeads):
     def selection_size(self, seq_len: int) -> int:
         return selection_size(seq_len, self.sparsity, self.k)
 
-    def select(self, x: torch.Tensor, attention_mask=None, routing: str = "topk"):
+    def select(self, x: torch.Tensor, attention_mask=None, routing: str = "topk", documents=None):
         """Route: x [B, T, h] -> indices [B, E, K] (sorted by position), scores [B, E, K]. At T = 1 include_first
-        and top-k both pick the only token, so short inputs need no rule of their own."""
+        and top-k both pick the only token, so short inputs need no rule of their own. With packed `documents`
+        (a DocumentLayout) every document routes on its own, as if it were alone."""
         if check_routing(routing) == "causal":
             logits = self.router(x)
-            joined, scores = self.route_logits(logits, attention_mask)
+            joined, scores = self.route_logits(logits, attention_mask, documents)
             if self.threshold_momentum is not None and self.training and torch.is_grad_enabled():
-                self.update_causal_threshold(logits, attention_mask)  # after routing: see its docstring
-            indices, scores = membership_selection(joined, scores, self.causal_width(x.shape[1]))
+                self.update_causal_threshold(logits, attention_mask, documents)  # after routing: see its docstring
+            indices, scores = membership_selection(joined, scores, self.causal_width(x.shape[1], documents))
         else:
             logits = router_logits(x, self.router.weight)
-            indices, scores = topk_route(logits, self.selection_size(x.shape[1]), self.include_first, attention_mask)
+            if documents is None:
+                indices, scores = topk_route(logits, self.selection_size(x.shape[1]), self.include_first,
+                                             attention_mask)
+            else:
+                indices, scores = topk_route_documents(logits, documents, self.sparsity, self.k, self.include_first)
             if self.router_aux_loss and torch.is_grad_enabled():
                 self.last_router_aux_loss = router_membership_loss(self.router(x), indices, scores, attention_mask)
         if self.record_selection:
+            target = (self.selection_size(x.shape[1]) if documents is None
+                      else documents.selection_sizes(self.sparsity, self.k)[1])
             self.last_selection = RecordedSelection(indices.detach(), scores.detach(), x.shape[1], attention_mask,
-                                                    routing, self.selection_size(x.shape[1]))
+                                                    routing, target)
         return indices, scores
 
     def scores_router_weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -245,17 +264,23 @@ class MoSAAttention(SparseHeads):
         (sigmoid router score, 0 where not joined). Sets `last_causal_overflow`."""
         return self.route_logits(self.router(x), attention_mask)
 
-    def route_logits(self, logits: torch.Tensor, attention_mask=None):
+    def route_logits(self, logits: torch.Tensor, attention_mask=None, documents=None):
         """causal_route from router logits [B, T, E]; also sets `last_causal_joins` (kept joins, a 0-dim tensor)."""
         joined, self.last_causal_overflow = causal_membership(
-            logits, self.causal_threshold, self.include_first, attention_mask, self.heads_per_token, self.capacity)
+            logits, self.causal_threshold, self.include_first, attention_mask, self.heads_per_token, self.capacity,
+            documents)
         self.last_causal_joins = joined.sum()
         return joined, torch.sigmoid(logits).transpose(1, 2) * joined
 
-    def causal_width(self, seq_len: int) -> int:
+    def causal_width(self, seq_len: int, documents=None) -> int:
         """Selection width of the causal forward: the capacity when set (fixed by the configuration, not by the
-        tokens, so the forward stays causal bit for bit), else T."""
-        return seq_len if self.capacity is None else min(seq_len, self.capacity)
+        tokens, so the forward stays causal bit for bit), else T. Packed documents each keep up to the capacity:
+        the width is the largest sum of min(len_d, capacity) over a row (set by the layout, not the tokens)."""
+        if self.capacity is None:
+            return seq_len
+        if documents is not None:
+            return documents.selection_sizes(None, self.capacity)[1]
+        return min(seq_len, self.capacity)
 
     def cache_capacity(self, max_len: int) -> int:
         return self.causal_width(max_len)
@@ -272,9 +297,9 @@ class MoSAAttention(SparseHeads):
         cache.token_overflow += above.sum() - joined.sum()
         return heads, joined, scores.gather(1, heads)
 
-    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk") -> torch.Tensor:
-        check_attention_input(x, self.hidden_size, self.w_qkv, attention_mask)
-        return self.attend(x, *self.select(x, attention_mask, routing))
+    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk", documents=None) -> torch.Tensor:
+        check_attention_input(x, self.hidden_size, self.w_qkv, attention_mask, documents)
+        return self.attend(x, *self.select(x, attention_mask, routing, documents), documents)
 
     def extra_repr(self) -> str:
         size = f"sparsity={self.sparsity}" if self.sparsity is not None else f"k={self.k}"

@@ -55,8 +55,12 @@ class RoutingAttention(nn.Module):
         with torch.no_grad():
             self.centroids.copy_(F.normalize(torch.randn_like(self.centroids), dim=-1))
 
-    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk", documents=None) -> torch.Tensor:
         check_attention_input(x, self.hidden_size, self.w_qk, attention_mask)
+        if documents is not None:
+            raise ValueError("RoutingAttention does not take packed documents: its clusters span the whole row; "
+                             "train it on unpacked windows (no document_ids) or pick attention 'mosa', 'fixed', "
+                             "'local' or 'dense'")
         if check_routing(routing) == "causal":
             raise ValueError("RoutingAttention has no causal mode: its clusters take top-k over the whole sequence; "
                              "use routing='topk'")

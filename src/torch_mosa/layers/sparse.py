@@ -46,7 +46,8 @@ def bucketed_width(largest: int, seq_len: int, bucket: int = 16) -> int:
 class SparseHeads(nn.Module):
     """`num_heads` heads of head_dim d over their own token selections, summed into [B, T, h].
 
-    Subclasses define `select(x, attention_mask, routing)` -> indices, scores [B, E, K] (sorted by position),
+    Subclasses define `select(x, attention_mask, routing, documents)` -> indices, scores [B, E, K] (sorted by
+    position; `documents` a DocumentLayout of packed documents or None),
     `causal_route(x, attention_mask)` -> joined [B, E, T] bool and scores [B, E, T], `causal_width(seq_len)` (the
     selection width of the causal forward), `cache_capacity(max_len)` (KV slots per head) and
     `route_token(x [B, h], position, cache)` -> heads [B, J] or None (all heads), joined [B, J], scores [B, J].
@@ -82,16 +83,18 @@ class SparseHeads(nn.Module):
         (fixed heads: 1 on their stride)."""
         return None
 
-    def attend(self, x: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Steps 3-7 for a given selection (indices sorted by position, slot i attends to slots <= i). With a router,
-        the op computes the router's gradient itself from the selected rows (no dense [B, T, E] gradient), so the
-        scores enter as values only."""
+    def attend(self, x: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor, documents=None) -> torch.Tensor:
+        """Steps 3-7 for a given selection (indices sorted by position, slot i attends to slots <= i; with packed
+        `documents`, a DocumentLayout, only to slots of its own document, rotated by in-document positions). With a
+        router, the op computes the router's gradient itself from the selected rows (no dense [B, T, E] gradient),
+        so the scores enter as values only."""
         x, w_qkv, w_o = self._weights(x)
         router_weight = self.scores_router_weight(x.dtype)
         if router_weight is not None:
             scores = scores.detach()
+        packed = {} if documents is None else dict(positions=documents.rope_positions, document_ids=documents.ids)
         return mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim=self.rotary_dim, rope_base=self.rope_base,
-                              router_weight=router_weight)
+                              router_weight=router_weight, **packed)
 
     # ---- causal inference: a per-head cache, prefill of a prompt, one decode step ----
 

@@ -11,6 +11,7 @@ from torch_mosa.config import MoSAConfig
 from torch_mosa.layers.dense import DenseAttention
 from torch_mosa.layers.hybrid import HybridAttention
 from torch_mosa.layers.mosa import MoSAAttention
+from torch_mosa.ops.documents import check_document_ids, document_ids_from_cu_seqlens, document_layout
 
 
 def build_attention(config: MoSAConfig) -> nn.Module:
@@ -47,8 +48,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.ffn = FeedForward(config.hidden_size, config.ffn_size)
 
-    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk") -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), attention_mask, routing)
+    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk", documents=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), attention_mask, routing, documents=documents)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -56,12 +57,16 @@ IGNORE_INDEX = -100  # a target that counts in no loss (F.cross_entropy's defaul
 
 
 class MoSALM(nn.Module):
-    """`logits, loss = model(input_ids [B, T], targets=None, attention_mask=None, routing="topk")`; logits [B, T, vocab].
+    """`logits, loss = model(input_ids [B, T], targets=None, attention_mask=None, routing="topk", document_ids=None,
+    cu_seqlens=None)`; logits [B, T, vocab].
 
     loss is the mean next-token cross-entropy over targets != -100 when targets are given, else None; in training
     mode it includes `router_aux_loss_weight` x the MoSA routers' membership loss (kept in `last_router_aux_loss`).
     routing="topk" is the paper's expert-choice routing (non-causal: a token's selection depends on later tokens);
     routing="causal" decides each token's heads when it arrives (thresholds), as generation must.
+    Packed documents: `document_ids` [B, T] (contiguous, non-decreasing ids) or, for one flattened row,
+    flash-attention's `cu_seqlens` [N + 1]; every document is then computed as if it were alone (attention and
+    routing never cross a boundary, RoPE positions restart unless config.restart_positions_per_document is False).
     Input and output embeddings are untied and projections bias-free, which gives the paper's parameter counts.
     """
 
@@ -118,12 +123,14 @@ class MoSALM(nn.Module):
         check_token_ids("targets", kept, self.config.vocab_size)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, attention_mask=None,
-                routing: str = "topk"):
+                routing: str = "topk", document_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None):
         self.check_input_ids(input_ids)
         check_routing(routing)
+        documents = self.document_layout(input_ids, document_ids, cu_seqlens)
         x = self.embed(input_ids)
         for block in self.blocks:
-            x = block(x, attention_mask, routing)
+            x = block(x, attention_mask, routing, documents)
         logits = self.lm_head(self.final_norm(x))
         if routing == "causal" and self.mosa_layers:
             self.last_causal_stats = self.causal_stats(input_ids.numel() if attention_mask is None
@@ -140,6 +147,20 @@ class MoSALM(nn.Module):
                 layer.last_router_aux_loss = None
             loss = loss + self.config.router_aux_loss_weight * self.last_router_aux_loss
         return logits, loss
+
+    def document_layout(self, input_ids: torch.Tensor, document_ids=None, cu_seqlens=None):
+        """The DocumentLayout of packed input (None without document_ids or cu_seqlens), built once per forward."""
+        if document_ids is None and cu_seqlens is None:
+            return None
+        if document_ids is not None and cu_seqlens is not None:
+            raise ValueError("give document_ids or cu_seqlens, not both")
+        if cu_seqlens is not None:
+            if input_ids.shape[0] != 1:
+                raise ValueError(f"cu_seqlens describes one flattened row: input_ids must be [1, total_len], got "
+                                 f"{tuple(input_ids.shape)} (use document_ids [B, T] for a batch of packed rows)")
+            document_ids = document_ids_from_cu_seqlens(cu_seqlens.to(input_ids.device), input_ids.shape[1])
+        check_document_ids(document_ids, tuple(input_ids.shape))
+        return document_layout(document_ids.to(input_ids.device), self.config.restart_positions_per_document)
 
     def causal_stats(self, real_tokens) -> dict:
         """What the last causal forward's MoSA layers did, summed over layers, as 0-dim tensors (no host sync):

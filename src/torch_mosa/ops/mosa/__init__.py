@@ -18,6 +18,8 @@ def mosa_attention(
     rotary_dim: int,
     rope_base: float,
     router_weight: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over heads of MoSA head outputs, scattered back to [B, T, h].
 
@@ -25,11 +27,14 @@ def mosa_attention(
     slots <= i); scores [B, E, k] router scores of the selected tokens (0 for unused slots, which go last).
     router_weight [E, h] or None: when given, scores must be sigmoid(x[position] . router_weight[e]) (detached) and
     the router's gradient (to router_weight and x) is computed inside the op, from the selected rows only.
+    Packed documents (ops/documents.py): positions [B, T] integers in [0, T), the position RoPE rotates each token
+    by (default: its index); document_ids [B, T]: a slot attends only to earlier slots of its own document.
     """
-    check_mosa_inputs(x, w_qkv, w_o, indices, scores, rotary_dim, router_weight)
+    check_mosa_inputs(x, w_qkv, w_o, indices, scores, rotary_dim, router_weight, positions, document_ids)
     if use_fast_path(x):
         from torch_mosa.ops.mosa.triton_mosa import fused_mosa_attention
 
-        return fused_mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, router_weight)
+        return fused_mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, router_weight,
+                                    positions, document_ids)
     return mosa_attention_reference(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base,
-                                    router_weight=router_weight)
+                                    router_weight=router_weight, positions=positions, document_ids=document_ids)

@@ -17,6 +17,8 @@ def mosa_attention_reference(
     rotary_dim: int,
     rope_base: float,
     router_weight: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gather, project, attend causally over slots, scale, project back and scatter-add.
 
@@ -28,6 +30,9 @@ def mosa_attention_reference(
     With router_weight, scores are taken as sigmoid(x[position] . router_weight[e]) (0 on padding slots): their
     values are used as given, and the gradient reaches router_weight and x through the recomputed logits instead
     of through scores. Without it, scores are an ordinary differentiable input.
+
+    Packed documents: positions [B, T] gives the position RoPE rotates each token by (default: its index), and
+    document_ids [B, T] keeps documents apart: a slot attends only to earlier slots of its own document.
     """
     out_dtype = x.dtype
     if x.dtype in (torch.float16, torch.bfloat16):
@@ -44,15 +49,29 @@ def mosa_attention_reference(
         router_scores = torch.sigmoid(torch.einsum("bekh,eh->bek", x_selected, router_weight)) * (scores != 0)
         scores = scores.detach() + (router_scores - router_scores.detach())
     q, key, v = torch.einsum("bekh,ehd->bekd", x_selected, w_qkv).split(head_dim, dim=-1)
-    q = apply_rope(q, indices, rotary_dim, rope_base)
-    key = apply_rope(key, indices, rotary_dim, rope_base)
-    attended = F.scaled_dot_product_attention(q, key, v, is_causal=True)
+    rope_positions = indices if positions is None else _per_slot(positions, indices)
+    q = apply_rope(q, rope_positions, rotary_dim, rope_base)
+    key = apply_rope(key, rope_positions, rotary_dim, rope_base)
+    if document_ids is None:
+        attended = F.scaled_dot_product_attention(q, key, v, is_causal=True)
+    else:
+        slot_document = _per_slot(document_ids, indices)
+        allowed = torch.ones(k, k, dtype=torch.bool, device=x.device).tril() \
+            & (slot_document[..., :, None] == slot_document[..., None, :])
+        attended = F.scaled_dot_product_attention(q, key, v, attn_mask=allowed)
     head_out = torch.einsum("bekd,edh->bekh", attended * scores.unsqueeze(-1), w_o)
     y = x.new_zeros(batch, seq_len, hidden)
     return y.scatter_add_(1, flat_index, head_out.reshape(batch, num_heads * k, hidden)).to(out_dtype)
 
 
-def check_mosa_inputs(x, w_qkv, w_o, indices, scores, rotary_dim: int, router_weight=None) -> None:
+def _per_slot(per_token: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """[B, T] values -> [B, E, k] the values at each slot's position."""
+    batch, num_heads, k = indices.shape
+    return per_token.gather(1, indices.reshape(batch, num_heads * k)).view(batch, num_heads, k)
+
+
+def check_mosa_inputs(x, w_qkv, w_o, indices, scores, rotary_dim: int, router_weight=None, positions=None,
+                      document_ids=None) -> None:
     """Shapes and dtypes of the MoSA op's arguments; raises ValueError naming the bad one."""
     if x.dim() != 3:
         raise ValueError(f"x must be [B, T, h], got shape {tuple(x.shape)}")
@@ -79,3 +98,8 @@ def check_mosa_inputs(x, w_qkv, w_o, indices, scores, rotary_dim: int, router_we
         if scores.requires_grad:
             raise ValueError("with router_weight, scores are sigmoid(x . router_weight) and take no gradient of "
                              "their own: pass them detached")
+    for name, per_token in (("positions", positions), ("document_ids", document_ids)):
+        if per_token is not None and (tuple(per_token.shape) != tuple(x.shape[:2]) or per_token.dtype.is_floating_point
+                                      or per_token.dtype == torch.bool):
+            raise ValueError(f"{name} must be an integer [B, T] = {tuple(x.shape[:2])} tensor, got "
+                             f"{tuple(per_token.shape)} {per_token.dtype}")

@@ -97,9 +97,11 @@ def _tile_rows(tile, B, E, K, e, GROUPS, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, sm_scale, DT: tl.constexpr,
-                     R2: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
-    """RoPE on Q, K segments, then softmax over each group's causal slots -> (rotated q1, q2, k1, k2, P [M, M])."""
+def _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, doc, sm_scale, DT: tl.constexpr,
+                     R2: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr,
+                     DOCS: tl.constexpr):
+    """RoPE on Q, K segments, then softmax over each group's causal slots (of the same document, with DOCS)
+    -> (rotated q1, q2, k1, k2, P [M, M])."""
     q1, q2 = q1 * cos - q2 * sin, q2 * cos + q1 * sin
     k1, k2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
     s = tl.zeros([BLOCK_M, BLOCK_M], tl.float32)
@@ -110,6 +112,8 @@ def _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, sm_scale, DT: 
         s = tl.dot(q3.to(DT), tl.trans(k3.to(DT)), s, input_precision=PREC)
     # same (b, e) group and key slot <= query slot; the diagonal is always open, so no row is all -inf
     allowed = (grp[:, None] == grp[None, :]) & (slot[None, :] <= slot[:, None])
+    if DOCS:
+        allowed = allowed & (doc[:, None] == doc[None, :])
     logits = tl.where(allowed, s * sm_scale, float("-inf"))
     m = tl.max(logits, 1)
     p = tl.exp(logits - m[:, None])
@@ -118,10 +122,24 @@ def _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, sm_scale, DT: 
 
 
 @triton.jit
-def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr, dest_ptr, y_ptr, o_ptr,
-                     B, T, E, K, GROUPS, sm_scale, H: tl.constexpr,
+def _row_positions(pos, tok, row_ok, rope_pos_ptr, doc_ptr, DOCS: tl.constexpr):
+    """The rows' RoPE positions and document ids: their positions and one shared document without DOCS, else
+    loaded per token from the [B, T] tables (packed documents)."""
+    if DOCS:
+        rope_pos = tl.load(rope_pos_ptr + tok, mask=row_ok, other=0).to(tl.int64)
+        doc = tl.load(doc_ptr + tok, mask=row_ok, other=-1)
+    else:
+        rope_pos = pos
+        doc = pos
+    return rope_pos, doc
+
+
+@triton.jit
+def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr, rope_pos_ptr, doc_ptr,
+                     dest_ptr, y_ptr, o_ptr, B, T, E, K, GROUPS, sm_scale, H: tl.constexpr,
                      D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
-                     BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
+                     BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+                     DOCS: tl.constexpr):
     e = tl.program_id(0)
     tile = tl.program_id(1)
     DT: tl.constexpr = x_ptr.dtype.element_ty
@@ -133,12 +151,13 @@ def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin
     x_rows = x_ptr + tok * H
     w_e = w_qkv_ptr + e.to(tl.int64) * H * 3 * D
     q1, q2, q3, k1, k2, k3, v = _project_qkv(x_rows, row_ok, w_e, H, D, R2, BLOCK_M, BR, BP, BD, BH, PREC)
+    rope_pos, doc = _row_positions(pos, tok, row_ok, rope_pos_ptr, doc_ptr, DOCS)
     r = tl.arange(0, BR)
     rope_mask = row_ok[:, None] & (r < R2)[None, :]
-    cos = tl.load(cos_ptr + pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
-    sin = tl.load(sin_ptr + pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
-    q1, q2, k1, k2, p = _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, sm_scale, DT, R2, P,
-                                         BLOCK_M, PREC)
+    cos = tl.load(cos_ptr + rope_pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
+    sin = tl.load(sin_ptr + rope_pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
+    q1, q2, k1, k2, p = _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, doc, sm_scale, DT, R2, P,
+                                         BLOCK_M, PREC, DOCS)
     o = tl.dot(p.to(DT), v.to(DT), input_precision=PREC).to(DT)
     d = tl.arange(0, BD)
     head_row = e.to(tl.int64) * B * K + b * K + slot
@@ -162,12 +181,12 @@ def _dot_weight_t(grad, w_ptrs, w_mask, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr, dest_ptr,
-                          o_ptr, dy_ptr, dqkv_ptr, dx_ptr, dscore_ptr,
+def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr,
+                          rope_pos_ptr, doc_ptr, dest_ptr, o_ptr, dy_ptr, dqkv_ptr, dx_ptr, dscore_ptr,
                           B, T, E, K, GROUPS, sm_scale, H: tl.constexpr,
                           D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
                           BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                          TILES_FASTEST: tl.constexpr, ROUTER: tl.constexpr):
+                          TILES_FASTEST: tl.constexpr, ROUTER: tl.constexpr, DOCS: tl.constexpr):
     e = tl.program_id(1 if TILES_FASTEST else 0)
     tile = tl.program_id(0 if TILES_FASTEST else 1)
     DT: tl.constexpr = x_ptr.dtype.element_ty
@@ -179,14 +198,15 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
     x_rows = x_ptr + tok * H
     w_e = w_qkv_ptr + e.to(tl.int64) * H * 3 * D
     q1, q2, q3, k1, k2, k3, v = _project_qkv(x_rows, row_ok, w_e, H, D, R2, BLOCK_M, BR, BP, BD, BH, PREC)
+    rope_pos, doc = _row_positions(pos, tok, row_ok, rope_pos_ptr, doc_ptr, DOCS)
     r = tl.arange(0, BR)
     pp = tl.arange(0, BP)
     d = tl.arange(0, BD)
     rope_mask = row_ok[:, None] & (r < R2)[None, :]
-    cos = tl.load(cos_ptr + pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
-    sin = tl.load(sin_ptr + pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
-    q1, q2, k1, k2, p = _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, sm_scale, DT, R2, P,
-                                         BLOCK_M, PREC)
+    cos = tl.load(cos_ptr + rope_pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
+    sin = tl.load(sin_ptr + rope_pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
+    q1, q2, k1, k2, p = _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, doc, sm_scale, DT, R2, P,
+                                         BLOCK_M, PREC, DOCS)
     head_row = e.to(tl.int64) * B * K + b * K + slot
     d_mask = row_ok[:, None] & (d < D)[None, :]
     o = tl.load(o_ptr + head_row[:, None] * D + d[None, :], mask=d_mask, other=0.0).to(tl.float32)
@@ -426,8 +446,9 @@ def _write_back(acc: torch.Tensor, dest: torch.Tensor, tokens, shape, dtype) -> 
     return out
 
 
-def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float):
-    """-> y [B, T, h] in x.dtype, O [E, B*k, d] (attention output per selected row, kept for the backward)."""
+def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, positions=None, document_ids=None):
+    """-> y [B, T, h] in x.dtype, O [E, B*k, d] (attention output per selected row, kept for the backward).
+    positions, document_ids: the [B, T] int32 tables of packed documents (both or neither)."""
     batch, seq_len, hidden = x.shape
     num_heads, _, three_d = w_qkv.shape
     head_dim, k = three_d // 3, indices.shape[-1]
@@ -436,15 +457,18 @@ def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float):
     dest, acc_rows, tokens = _accumulator_rows(indices, seq_len)
     y = torch.zeros(acc_rows, hidden, device=x.device, dtype=torch.float32)
     o = torch.empty(num_heads, batch * k, head_dim, device=x.device, dtype=x.dtype)
+    docs = document_ids is not None
     _mosa_fwd_kernel[(num_heads, cfg["num_tiles"])](
-        x, w_qkv, w_o, indices, scores, cos, sin, dest, y, o,
-        batch, seq_len, num_heads, k, cfg["groups"], head_dim ** -0.5, H=hidden,
+        x, w_qkv, w_o, indices, scores, cos, sin, positions if docs else indices, document_ids if docs else indices,
+        dest, y, o, batch, seq_len, num_heads, k, cfg["groups"], head_dim ** -0.5, H=hidden,
         D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
-        BH=cfg["BH"], PREC=_dot_precision(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BH=cfg["BH"], PREC=_dot_precision(x.dtype), DOCS=docs, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return _write_back(y, dest, tokens, x.shape, x.dtype), o
 
 
-def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim: int, rope_base: float):
+def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim: int, rope_base: float, positions=None,
+             document_ids=None):
     """-> dx, dw_qkv, dw_o, and dscores (w_router None) or dw_router (scores are sigmoid(x . w_router)); each in
     its input's dtype.
 
@@ -462,11 +486,13 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim: int, r
     dx = torch.zeros(acc_rows, hidden, device=x.device, dtype=torch.float32)
     dqkv = torch.empty(num_heads, batch * k, three_d, device=x.device, dtype=x.dtype)
     dscores = torch.empty(batch, num_heads, k, device=x.device, dtype=torch.float32)
+    docs = document_ids is not None
     _mosa_bwd_rows_kernel[(cfg["num_tiles"], num_heads)](
-        x, w_qkv, w_o, w_router if router else x, indices, scores, cos, sin, dest, o, dy, dqkv, dx, dscores,
+        x, w_qkv, w_o, w_router if router else x, indices, scores, cos, sin, positions if docs else indices,
+        document_ids if docs else indices, dest, o, dy, dqkv, dx, dscores,
         batch, seq_len, num_heads, k, cfg["groups"], head_dim ** -0.5, H=hidden,
         D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
-        BH=cfg["BH"], PREC=precision, TILES_FASTEST=True, ROUTER=router, num_warps=cfg["num_warps"],
+        BH=cfg["BH"], PREC=precision, TILES_FASTEST=True, ROUTER=router, DOCS=docs, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     dw_qkv = torch.empty_like(w_qkv)
     dw_o = torch.empty_like(w_o)
@@ -486,13 +512,14 @@ def _interpreting() -> bool:
 
 @torch.library.custom_op("torch_mosa::mosa_attention_fwd", mutates_args=())
 def _mosa_fwd_op(x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, w_router: Optional[torch.Tensor],
-                 indices: torch.Tensor, scores: torch.Tensor, rotary_dim: int, rope_base: float
+                 indices: torch.Tensor, scores: torch.Tensor, rotary_dim: int, rope_base: float,
+                 positions: Optional[torch.Tensor], document_ids: Optional[torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    return mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base)
+    return mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, positions, document_ids)
 
 
 @_mosa_fwd_op.register_fake
-def _mosa_fwd_fake(x, w_qkv, w_o, w_router, indices, scores, rotary_dim, rope_base):
+def _mosa_fwd_fake(x, w_qkv, w_o, w_router, indices, scores, rotary_dim, rope_base, positions, document_ids):
     num_heads, _, three_d = w_qkv.shape
     return x.new_empty(x.shape), x.new_empty(num_heads, x.shape[0] * indices.shape[-1], three_d // 3)
 
@@ -500,29 +527,30 @@ def _mosa_fwd_fake(x, w_qkv, w_o, w_router, indices, scores, rotary_dim, rope_ba
 @torch.library.custom_op("torch_mosa::mosa_attention_bwd", mutates_args=())
 def _mosa_bwd_op(dy: torch.Tensor, x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor,
                  w_router: Optional[torch.Tensor], indices: torch.Tensor, scores: torch.Tensor, o: torch.Tensor,
-                 rotary_dim: int, rope_base: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim, rope_base)
+                 rotary_dim: int, rope_base: float, positions: Optional[torch.Tensor],
+                 document_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim, rope_base, positions, document_ids)
 
 
 @_mosa_bwd_op.register_fake
-def _mosa_bwd_fake(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim, rope_base):
+def _mosa_bwd_fake(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim, rope_base, positions, document_ids):
     last = w_router.new_empty(w_router.shape) if w_router is not None else scores.new_empty(scores.shape)
     return x.new_empty(x.shape), w_qkv.new_empty(w_qkv.shape), w_o.new_empty(w_o.shape), last
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_qkv, w_o, w_router, indices, scores, rotary_dim, rope_base = inputs
-    ctx.save_for_backward(x, w_qkv, w_o, w_router, indices, scores, output[1])
+    x, w_qkv, w_o, w_router, indices, scores, rotary_dim, rope_base, positions, document_ids = inputs
+    ctx.save_for_backward(x, w_qkv, w_o, w_router, indices, scores, output[1], positions, document_ids)
     ctx.rotary_dim, ctx.rope_base = rotary_dim, rope_base
 
 
 def _backward(ctx, dy, _d_o):
-    x, w_qkv, w_o, w_router, indices, scores, o = ctx.saved_tensors
+    x, w_qkv, w_o, w_router, indices, scores, o, positions, document_ids = ctx.saved_tensors
     dx, dw_qkv, dw_o, last = _mosa_bwd_op(dy.contiguous(), x, w_qkv, w_o, w_router, indices, scores, o,
-                                          ctx.rotary_dim, ctx.rope_base)
+                                          ctx.rotary_dim, ctx.rope_base, positions, document_ids)
     if w_router is None:
-        return dx, dw_qkv, dw_o, None, None, last, None, None
-    return dx, dw_qkv, dw_o, last, None, None, None, None
+        return dx, dw_qkv, dw_o, None, None, last, None, None, None, None
+    return dx, dw_qkv, dw_o, last, None, None, None, None, None, None
 
 
 _mosa_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -530,27 +558,37 @@ _mosa_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def mosa_attention_triton(x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, indices: torch.Tensor,
                           scores: torch.Tensor, *, rotary_dim: int, rope_base: float,
-                          router_weight: torch.Tensor | None = None) -> torch.Tensor:
+                          router_weight: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                          document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Fused MoSA heads: same contract as `mosa_attention_reference`.
 
     x [B, T, h]; w_qkv [E, h, 3*d] (Q|K|V); w_o [E, d, h]; indices [B, E, k] int64 positions, ascending per (b, e)
     except that score-0 padding slots come last; scores [B, E, k]; router_weight [E, h] or None. Returns
     y [B, T, h] in x.dtype, accumulated in fp32. Differentiable in x, w_qkv, w_o and either scores or, when
     router_weight is given, router_weight (scores are then sigmoid(x[position] . router_weight[e]) and get no
-    gradient). k > MAX_FUSED_K runs the reference composition.
+    gradient); positions, document_ids [B, T] or None describe packed documents. k > MAX_FUSED_K runs the
+    reference composition.
     """
-    check_mosa_inputs(x, w_qkv, w_o, indices, scores, rotary_dim, router_weight)
+    check_mosa_inputs(x, w_qkv, w_o, indices, scores, rotary_dim, router_weight, positions, document_ids)
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-    return fused_mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, router_weight)
+    return fused_mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, router_weight, positions,
+                                document_ids)
 
 
-def fused_mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, router_weight=None):
+def fused_mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, router_weight=None,
+                         positions=None, document_ids=None):
     """`mosa_attention_triton` on arguments already checked (the dispatch point checks them once)."""
     if indices.shape[-1] > (MAX_FUSED_K_FP32 if x.dtype == torch.float32 else MAX_FUSED_K):
         return mosa_attention_reference(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base,
-                                        router_weight=router_weight)
+                                        router_weight=router_weight, positions=positions, document_ids=document_ids)
     if router_weight is not None:
         router_weight = router_weight.contiguous()
+    if positions is not None or document_ids is not None:  # the kernels read both as [B, T] int32 tables
+        batch, seq_len = x.shape[:2]
+        default = torch.arange(seq_len, device=x.device, dtype=torch.int32).expand(batch, -1)
+        positions = (default if positions is None else positions).to(torch.int32).contiguous()
+        document_ids = (torch.zeros_like(default) if document_ids is None
+                        else document_ids.to(torch.int32)).contiguous()
     return _mosa_fwd_op(x.contiguous(), w_qkv.contiguous(), w_o.contiguous(), router_weight, indices.contiguous(),
-                        scores.contiguous(), int(rotary_dim), float(rope_base))[0]
+                        scores.contiguous(), int(rotary_dim), float(rope_base), positions, document_ids)[0]

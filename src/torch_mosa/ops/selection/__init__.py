@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from torch_mosa.ops.dispatch import use_fast_path
-from torch_mosa.ops.selection.reference import topk_route_reference
+from torch_mosa.ops.selection.reference import topk_route_documents_reference, topk_route_reference
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -49,3 +49,18 @@ def topk_route(logits: torch.Tensor, k: int, include_first: bool = False, attent
 
         return topk_route_triton(logits, k, include_first, attention_mask)
     return topk_route_reference(logits, k, include_first, attention_mask)
+
+
+def topk_route_documents(logits: torch.Tensor, layout, sparsity: int | None, k: int | None,
+                         include_first: bool = False):
+    """`topk_route` for packed documents: each document of a row routes on its own, with
+    k_d = max(2, len_d // sparsity) slots per head (or the fixed k, capped at len_d) and include_first forcing the
+    document's first token. logits [B, E, T], layout a DocumentLayout (ops/documents.py) -> indices, scores
+    [B, E, K], K the largest sum of k_d over a row (padding slots, score 0, fill shorter rows).
+
+    Plain PyTorch on every device (two sorts per call): the selection kernel handles one document per row.
+    """
+    if logits.dim() != 3 or tuple(logits.shape[::2]) != tuple(layout.shape):
+        raise ValueError(f"logits must be [B, E, T] with [B, T] = {tuple(layout.shape)}, got {tuple(logits.shape)}")
+    sizes, width = layout.selection_sizes(sparsity, k)
+    return topk_route_documents_reference(logits, sizes, width, include_first, layout)

@@ -41,3 +41,35 @@ def sort_selection(indices: torch.Tensor, valid: torch.Tensor, seq_len: int):
     sort_key = indices + seq_len * (~valid).long()
     sorted_key, order = sort_key.sort(dim=-1)
     return sorted_key.remainder(seq_len), sorted_key < seq_len, order
+
+
+def topk_route_documents_reference(logits: torch.Tensor, sizes: torch.Tensor, width: int, include_first: bool,
+                                   layout):
+    """Per-document top-k: logits [B, E, T], sizes [B, T] (each token's document's k_d), width K (the largest sum
+    of k_d over a row), layout a DocumentLayout -> indices [B, E, K] int64, scores [B, E, K] float32.
+
+    Each document of each row takes, per head, its k_d largest logits (ties to the lowest position;
+    include_first forces the document's first token in), exactly as top-k over that document alone would. Slots
+    hold every document's choices in ascending position, then padding slots (score 0) up to K for rows whose
+    documents sum to fewer slots.
+
+    Two stable sorts rank tokens within their document without a loop over documents: descending by logit, then
+    by document; a token's rank is then its place in the sorted row less its document's start.
+    """
+    batch, num_heads, seq_len = logits.shape
+    logits = logits.detach().float() if logits.dtype != torch.float64 else logits.detach()
+    priority = logits
+    if include_first:
+        priority = priority.masked_fill(layout.is_first[:, None, :], float("inf"))
+    by_logit = priority.sort(dim=-1, descending=True, stable=True).indices  # [B, E, T]
+    ids = layout.ids[:, None, :].expand(-1, num_heads, -1)
+    by_document = ids.gather(-1, by_logit).sort(dim=-1, stable=True).indices
+    order = by_logit.gather(-1, by_document)  # grouped by document, each by descending logit
+    rank = torch.arange(seq_len, device=logits.device) - layout.starts[:, None, :].expand_as(order).gather(-1, order)
+    chosen_sorted = rank < sizes[:, None, :].expand_as(order).gather(-1, order)
+    chosen = torch.zeros_like(chosen_sorted).scatter(-1, order, chosen_sorted)  # [B, E, T] membership
+    positions = torch.arange(seq_len, device=logits.device).expand(batch, num_heads, -1)
+    indices, real, _ = sort_selection(positions, chosen, seq_len)
+    indices, real = indices[..., :width], real[..., :width]
+    scores = torch.sigmoid(logits.gather(-1, indices)).masked_fill(~real, 0.0)
+    return indices, scores.float() if scores.dtype != torch.float64 else scores
