@@ -27,7 +27,8 @@ from torch_mosa.train.evaluate import evaluate
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, *, split: str = "val", batch_size: int = 8,
                         seq_len: int | None = None, max_batches: int | None = None,
                         device: torch.device | str = "cpu", progress: bool = False, routing: str = "topk",
-                        calibrate_batches: int = 0, decode_tokens: int = 0, causal_capacity: int | None = None) -> dict:
+                        calibrate_batches: int = 0, decode_tokens: int = 0, causal_capacity: int | None = None,
+                        pack_documents: bool = False) -> dict:
     """Evaluate a checkpoint (or a run directory's latest) on `split` of `data`.
 
     data: None (the run's own training data), a prepared shard directory (its tokenizer must be the model's), or
@@ -39,7 +40,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, *, spli
     tokens for one sequence after a prompt of half a window (decode_tokens_per_s). causal_capacity: the most
     tokens a MoSA head keeps per sequence under causal routing (the causal forward, calibration and decode then run
     at that member width; joins beyond it are dropped and reported in causal_overflow_rate); None = no limit.
-    Returns evaluate()'s dict plus checkpoint, data, split, routing.
+    pack_documents: keep the documents of each window apart, split at the end-of-text token (as training with
+    --pack-documents does). Returns evaluate()'s dict plus checkpoint, data, split, routing.
     """
     path = resolve_checkpoint(checkpoint)
     model, config = load_model(path, device)
@@ -53,11 +55,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, *, spli
                 else contextlib.nullcontext())
     with autocast:
         return _evaluate_loaded(model, config, path, data, split, batch_size, seq_len, max_batches, device, progress,
-                                routing, calibrate_batches, decode_tokens)
+                                routing, calibrate_batches, decode_tokens, pack_documents)
 
 
 def _evaluate_loaded(model, config, path, data, split, batch_size, seq_len, max_batches, device, progress, routing,
-                     calibrate_batches, decode_tokens) -> dict:
+                     calibrate_batches, decode_tokens, pack_documents) -> dict:
     if calibrate_batches and routing == "causal":
         shards = data if data is not None and is_shard_dir(data) else None
         train = TokenDataset(training_data_dir(path, shards), "train")
@@ -78,7 +80,7 @@ def _evaluate_loaded(model, config, path, data, split, batch_size, seq_len, max_
             raise ValueError(f"data {str(data_dir)!r} has vocab_size={dataset.vocab_size} but the model of {path} has "
                              f"{config.vocab_size}: evaluate on data tokenized with the model's tokenizer")
         result = evaluate(model, dataset, batch_size, seq_len, max_batches, device, progress=progress,
-                          routing=routing)
+                          pack_documents=pack_documents, routing=routing)
         if routing == "causal":
             x, _ = next(iter_eval_batches(dataset, batch_size, seq_len, 1, device=device))
             footprint = kv_cache_footprint(model, x)
@@ -88,4 +90,5 @@ def _evaluate_loaded(model, config, path, data, split, batch_size, seq_len, max_
             if decode_tokens:
                 prompt = x[:1, : max(1, min(seq_len // 2, config.max_seq_len - decode_tokens - 4))]
                 result["decode_tokens_per_s"] = decode_tokens_per_second(model, prompt, decode_tokens)
-    return {**result, "checkpoint": str(path), "data": str(data or data_dir), "split": split, "routing": routing}
+    return {**result, "checkpoint": str(path), "data": str(data or data_dir), "split": split, "routing": routing,
+            "pack_documents": pack_documents}

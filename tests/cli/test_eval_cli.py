@@ -51,3 +51,23 @@ def test_eval_reads_a_few_batches_by_default_and_the_whole_split_with_full(byte_
     assert full["windows"] == full["split_windows"] == default["split_windows"]
     assert mosa("eval", byte_run, "--seq-len", 16, "--batch-size", 1) == 0
     assert f"8 of {full['split_windows']:,} windows, --full for all" in capsys.readouterr().out
+
+
+def test_pack_documents_trains_and_evaluates_documents_apart(tmp_path, mosa, capsys):
+    """`mosa train --pack-documents` on a corpus of short documents records it in the run, and `mosa eval
+    --pack-documents` evaluates with the documents of each window apart (another loss than across them)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"{i:02d}.txt").write_text(f"Note {i}: the {'abcdef'[i % 6] * (3 + i % 7)} end.\n")
+    run = tmp_path / "run"
+    assert mosa("train", "--out", run, "--steps", 2, "--data", corpus, "--tokenizer", "byte", "--pack-documents",
+                "--attention", "mosa", "--sparsity", 4, *TINY) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["pack_documents"] is True
+    capsys.readouterr()
+    results = {}
+    for flag in ([], ["--pack-documents"]):
+        assert mosa("eval", run, "--split", "train", "--seq-len", 32, "--max-batches", 2, "--json", *flag) == 0
+        result = json.loads(capsys.readouterr().out)
+        results[result["pack_documents"]] = result["loss"]
+    assert set(results) == {False, True} and results[True] != results[False]

@@ -70,50 +70,76 @@ OP_CASES = [
 ]
 
 
-def run_op(inputs, indices, scores, grad_y, dtype, router):
+def run_op(inputs, indices, scores, grad_y, dtype, router, packed=None):
+    """packed: {"positions", "document_ids"} of packed documents, or None."""
     x, w_qkv, w_o, w_router = [t.detach().to(dtype).requires_grad_() for t in inputs]
     fast = dtype != torch.float64
+    packed = packed or {}
     with fast_path(fast):
         from torch_mosa.ops.mosa import mosa_attention
 
         if router:
             y = mosa_attention(x, w_qkv, w_o, indices, scores.to(dtype), rotary_dim=32, rope_base=1e4,
-                               router_weight=w_router)
+                               router_weight=w_router, **packed)
             leaves = (x, w_qkv, w_o, w_router)
         else:
             s = scores.detach().to(dtype).requires_grad_()
-            y = mosa_attention(x, w_qkv, w_o, indices, s, rotary_dim=32, rope_base=1e4)
+            y = mosa_attention(x, w_qkv, w_o, indices, s, rotary_dim=32, rope_base=1e4, **packed)
             leaves = (x, w_qkv, w_o, s)
     y.backward(grad_y.to(dtype))
     return [y.detach()] + [t.grad for t in leaves]
+
+
+def random_weights(seq_len, hidden, heads, batch, head_dim=64):
+    x = torch.randn(batch, seq_len, hidden, device="cuda")
+    w_qkv = torch.randn(heads, hidden, 3 * head_dim, device="cuda") / hidden ** 0.5
+    w_o = torch.randn(heads, head_dim, hidden, device="cuda") / head_dim ** 0.5
+    w_router = torch.randn(heads, hidden, device="cuda") / hidden ** 0.5
+    return x, w_qkv, w_o, w_router
 
 
 @pytest.mark.parametrize("router", [True, False], ids=["router-grad-in-op", "scores-grad"])
 @pytest.mark.parametrize("batch,seq_len,hidden,heads,k,include_first,padded", OP_CASES)
 def test_op_matches_float64_reference(nan_allocations, batch, seq_len, hidden, heads, k, include_first, padded,
                                       router):
-    head_dim = 64
-    x = torch.randn(batch, seq_len, hidden, device="cuda")
-    w_qkv = torch.randn(heads, hidden, 3 * head_dim, device="cuda") / hidden ** 0.5
-    w_o = torch.randn(heads, head_dim, hidden, device="cuda") / head_dim ** 0.5
-    w_router = torch.randn(heads, hidden, device="cuda") / hidden ** 0.5
+    x, w_qkv, w_o, w_router = random_weights(seq_len, hidden, heads, batch)
     mask = None
     if padded:
         mask = torch.ones(batch, seq_len, dtype=torch.bool, device="cuda")
         mask[0, : seq_len - k + 1] = False
     logits = torch.einsum("eh,bth->bet", w_router.double(), x.double())
     indices, scores = topk_route_reference(logits, k, include_first, mask)
-    grad_y = torch.randn(batch, seq_len, hidden, device="cuda")
-    inputs = (x, w_qkv, w_o, w_router)
-    expected = run_op(inputs, indices, scores, grad_y, torch.float64, router)
+    check_against_float64((x, w_qkv, w_o, w_router), indices, scores, router)
+
+
+@pytest.mark.parametrize("router", [True, False], ids=["router-grad-in-op", "scores-grad"])
+@pytest.mark.parametrize("lengths,heads,sparsity", [([[1, 2, 63, 65, 781], [912]], 37, 16),
+                                                    ([[300, 1, 511, 100], [5] * 20 + [812]], 9, 64)])
+def test_packed_op_matches_float64_reference(nan_allocations, lengths, heads, sparsity, router):
+    """Packed documents: per-document selection, the kernels' document mask and in-document RoPE positions."""
+    from torch_mosa.ops.documents import document_layout
+    from torch_mosa.ops.selection import topk_route_documents
+
+    ids = torch.stack([torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row)) for row in lengths])
+    layout = document_layout(ids.cuda())
+    x, w_qkv, w_o, w_router = random_weights(ids.shape[1], 256, heads, ids.shape[0])
+    logits = torch.einsum("eh,bth->bet", w_router.double(), x.double())
+    indices, scores = topk_route_documents(logits, layout, sparsity, None, True)
+    check_against_float64((x, w_qkv, w_o, w_router), indices, scores, router,
+                          dict(positions=layout.rope_positions, document_ids=layout.ids))
+
+
+def check_against_float64(inputs, indices, scores, router, packed=None):
+    grad_y = torch.randn_like(inputs[0])
+    expected = run_op(inputs, indices, scores, grad_y, torch.float64, router, packed)
     with fast_path(False):
-        reference32 = run_op(inputs, indices, scores, grad_y, torch.float32, router)
+        reference32 = run_op(inputs, indices, scores, grad_y, torch.float32, router, packed)
     rounded = [t.bfloat16().double() for t in inputs]
-    reference_rounded = run_op(rounded, indices, scores, grad_y.bfloat16().double(), torch.float64, router)
+    reference_rounded = run_op(rounded, indices, scores, grad_y.bfloat16().double(), torch.float64, router, packed)
     names = ("y", "dx", "dw_qkv", "dw_o", "dw_router" if router else "dscores")
     failures = []
     for dtype in (torch.float32, torch.bfloat16):
-        actual = run_op(inputs, indices, scores, grad_y, dtype, router)
+        actual = run_op(inputs, indices, scores, grad_y, dtype, router, packed)
         own_error = reference_rounded if dtype == torch.bfloat16 else reference32
         for name, a, e, r in zip(names, actual, expected, own_error):
             floor = FP32_BOUND

@@ -145,3 +145,44 @@ def test_dense_models_leave_the_router_columns_empty(tmp_path, tiny_model, tiny_
     Trainer(tiny_model(attention="dense", sparsity=None), tiny_train(steps=2), tmp_path).train()
     rows = read_metrics(tmp_path)
     assert rows and all(row["router_score_mean"] is None for row in rows)
+
+
+def _short_documents(directory, count=40):
+    """A corpus of many short documents (one per file), so that every window holds several."""
+    directory.mkdir()
+    for i in range(count):
+        (directory / f"{i:02d}.txt").write_text(f"Document {i}: " + "abcdefgh"[i % 8] * (5 + i % 11) + ".\n")
+    return directory
+
+
+@pytest.mark.parametrize("routing", ["topk", "causal"])
+def test_pack_documents_routes_each_document_of_a_window_apart(tmp_path, tiny_model, tiny_train, monkeypatch,
+                                                               routing):
+    """With pack_documents the model gets document ids that change exactly at the end-of-text tokens, in training
+    and in validation, and the run trains and evaluates."""
+    from torch_mosa.models.lm import MoSALM
+
+    calls = []
+    forward = MoSALM.forward
+
+    def spy(self, input_ids, *args, document_ids=None, **kwargs):
+        calls.append((input_ids.clone(), None if document_ids is None else document_ids.clone()))
+        return forward(self, input_ids, *args, document_ids=document_ids, **kwargs)
+
+    monkeypatch.setattr(MoSALM, "forward", spy)
+    data = _short_documents(tmp_path / "corpus")
+    summary = Trainer(tiny_model(), tiny_train(data=str(data), tokenizer="byte", pack_documents=True, steps=3,
+                                               routing=routing), tmp_path / "run").train()
+    assert math.isfinite(summary["val_loss"])
+    eot = json.loads((tmp_path / "run" / "data" / "meta.json").read_text())["eot_id"]
+    assert calls and all(ids is not None for _, ids in calls)
+    for tokens, ids in calls:
+        opens = torch.zeros_like(ids, dtype=torch.bool)
+        opens[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        assert torch.equal(opens[:, 1:], tokens[:, 1:] == eot)
+    assert any((ids[:, -1] > ids[:, 0]).any() for _, ids in calls), "windows must hold several documents"
+
+
+def test_pack_documents_needs_a_text_corpus(tmp_path, tiny_model, tiny_train):
+    with pytest.raises(ValueError, match="pack_documents=True needs a text corpus"):
+        Trainer(tiny_model(), tiny_train(pack_documents=True), tmp_path).train()

@@ -33,6 +33,9 @@ def add_parser(subparsers) -> None:
                    help="with causal routing, also time greedy decoding of N tokens (one sequence, KV cache)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ... (default auto)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--pack-documents", action="store_true",
+                   help="keep the documents inside each window apart (split at the end-of-text token), as a model "
+                        "trained with --pack-documents saw them")
     p.add_argument("--json", action="store_true", help="print one JSON object per routing")
     p.set_defaults(run=run)
 
@@ -47,7 +50,7 @@ def run(args) -> int:
                                      seq_len=args.seq_len, max_batches=None if args.full else args.max_batches,
                                      device=device, progress=args.progress and not args.json, routing=routing,
                                      calibrate_batches=args.calibrate_batches, decode_tokens=args.decode_tokens,
-                                     causal_capacity=args.causal_capacity)
+                                     causal_capacity=args.causal_capacity, pack_documents=args.pack_documents)
         if args.json:
             print(json.dumps(result))
             continue

@@ -25,7 +25,7 @@ MODEL_OPTIONS = ("num_layers", "hidden_size", "ffn_size", "head_dim", "num_heads
 TRAIN_OPTIONS = ("tokenizer", "vocab_size", "batch_size", "seq_len", "grad_accum_steps", "lr", "warmup_steps",
                  "weight_decay", "grad_clip", "eval_interval", "eval_batches", "checkpoint_interval",
                  "keep_checkpoints", "log_interval", "seed", "device", "dtype", "compile", "strategy", "routing",
-                 "causal_capacity_factor", "threshold_momentum")
+                 "causal_capacity_factor", "threshold_momentum", "pack_documents")
 
 
 def add_parser(subparsers) -> None:
@@ -109,6 +109,9 @@ def add_train_arguments(p, lr_sweep: bool = False) -> None:
                        help="causal training: a MoSA head keeps at most factor x k tokens per sequence (default 2)")
     group.add_argument("--threshold-momentum", type=float, default=None,
                        help="causal training: EMA momentum of the thresholds, in [0, 1) (default 0.9)")
+    group.add_argument("--pack-documents", action="store_true", default=None,
+                       help="keep the corpus's documents apart inside each window: attention and routing never "
+                            "cross an end-of-text token, each document routes on its own (docs/training.md)")
 
 
 def given(args, names) -> dict:

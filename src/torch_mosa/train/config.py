@@ -36,6 +36,10 @@ class TrainConfig:
     each MoSA head keeps at most ceil(causal_capacity_factor x k) tokens per sequence (None: no limit, the forward
     runs at width T) and its threshold is an EMA with momentum `threshold_momentum` of the batches' top-k thresholds
     (0.9: 0.99 lagged behind the moving router logits in a 250-step run, docs/causal_inference.md).
+    pack_documents: keep the documents of each training and validation window apart (a window cuts across the
+    corpus's documents, which end with the end-of-text token): attention and routing stay inside a document, each
+    routes on its own and RoPE positions restart (ops/documents.py). Text corpora only; the synthetic task's
+    sequences are single documents.
     """
 
     data: str | None = None
@@ -68,6 +72,7 @@ class TrainConfig:
     routing: str = "topk"
     causal_capacity_factor: float | None = 2.0
     threshold_momentum: float = 0.9
+    pack_documents: bool = False
 
     def __post_init__(self):
         self.betas = tuple(self.betas)

@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from torch_mosa.data.shards import TokenDataset, iter_eval_batches
+from torch_mosa.ops.documents import document_ids_from_separators
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: TokenDataset, batch_size: int, seq_len: int,
              max_batches: int | None = None, device: torch.device | str = "cpu", *, rank: int = 0,
              world_size: int = 1, drop_last: bool = False, autocast_dtype: torch.dtype | None = None,
-             progress: bool = False, **forward_kwargs) -> dict:
+             progress: bool = False, pack_documents: bool = False, **forward_kwargs) -> dict:
     """Token-mean next-token loss over the split's non-overlapping windows (see `iter_eval_batches`).
 
     Returns {loss, ppl, tokens, windows, split_windows} plus `bpb` for byte-level data, and under routing="causal"
@@ -27,7 +28,8 @@ def evaluate(model: torch.nn.Module, dataset: TokenDataset, batch_size: int, seq
     when max_batches stops early). ppl = exp(loss) with the loss averaged over tokens, not over batches. Every extra
     keyword argument goes to `model(...)` (e.g. routing="causal").
     With world_size > 1 each rank evaluates its share and the sums are all-reduced; drop_last gives every rank
-    the same number of batches, which FSDP needs since every forward is a collective.
+    the same number of batches, which FSDP needs since every forward is a collective. pack_documents: keep the
+    documents of each window apart (`document_ids` split at the end-of-text token, as training with it does).
     """
     was_training = model.training
     model.eval()
@@ -46,8 +48,9 @@ def evaluate(model: torch.nn.Module, dataset: TokenDataset, batch_size: int, seq
                                 drop_last=drop_last, device=device)
     for x, y in tqdm(batches, total=num_batches, unit="batch", disable=not progress, leave=False,
                      desc=f"eval {dataset.split}: {windows:,} of {split_windows:,} windows of {seq_len} tokens"):
+        packed = {"document_ids": document_ids_from_separators(x, dataset.eot_id)} if pack_documents else {}
         with autocast:
-            logits, _ = model(x, **forward_kwargs)
+            logits, _ = model(x, **forward_kwargs, **packed)
         losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
         totals[0] += losses.sum(dtype=torch.float64)
         totals[1] += y.numel()

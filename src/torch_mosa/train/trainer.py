@@ -28,6 +28,7 @@ from torch_mosa.data.synthetic import recall_task
 from torch_mosa.flops import model_flops
 from torch_mosa.inference.router_health import model_router_health, record_selections
 from torch_mosa.models.lm import MoSALM
+from torch_mosa.ops.documents import document_ids_from_separators
 from torch_mosa.train import checkpoint as ckpt
 from torch_mosa.train.causal import setup_causal_training
 from torch_mosa.train.config import TrainConfig
@@ -130,6 +131,10 @@ class Trainer:
         # The synthetic task trains on whole generated sequences, loss on the answers only: random windows of
         # its token stream would cut queries off the pairs they ask for, and recall would stay at chance.
         task = recall_task(train_data.meta)
+        if cfg.pack_documents and task is not None:
+            raise ValueError("pack_documents=True needs a text corpus (--data): the synthetic task's sequences are "
+                             "single documents already")
+        self._separator = train_data.eot_id if cfg.pack_documents else None
         if task is None:
             loader = BatchLoader(train_data, micro_batch, seq_len, seed=cfg.seed, rank=info.rank,
                                  world_size=info.world_size, device=device)
@@ -182,7 +187,8 @@ class Trainer:
             if task is None:
                 result = evaluate(model, val_data, micro_batch, seq_len, cfg.eval_batches, device, rank=info.rank,
                                   world_size=info.world_size, drop_last=cfg.strategy == "fsdp",
-                                  autocast_dtype=autocast_dtype, routing=cfg.routing)
+                                  autocast_dtype=autocast_dtype, pack_documents=cfg.pack_documents,
+                                  routing=cfg.routing)
             else:
                 result = evaluate_recall(model, task, micro_batch, cfg.eval_batches,
                                          grad_accum_steps=cfg.grad_accum_steps, rank=info.rank,
@@ -282,9 +288,11 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for micro_step in range(cfg.grad_accum_steps):
             x, y = next(loader)
+            packed = {} if self._separator is None else {
+                "document_ids": document_ids_from_separators(x, self._separator)}
             with gradient_sync(train_model, sync=micro_step == cfg.grad_accum_steps - 1):
                 with autocast:  # the forward only: backward runs in the dtypes autocast chose for each op
-                    _, loss = train_model(x, y, routing=cfg.routing)
+                    _, loss = train_model(x, y, routing=cfg.routing, **packed)
                 (loss / cfg.grad_accum_steps).backward()
             loss_sum += loss.detach()
             if self.causal_meter:
