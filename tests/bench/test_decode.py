@@ -32,3 +32,14 @@ def test_time_decode_reports_speed_sizes_and_overflow():
             {"model": "mosa 4+17 s32", "batch": 2, "mode": "eager", **result}]
     table = decode_markdown(rows, ["# t"])
     assert "| mosa 4+17 s32 | 2 | eager |" in table and "vs torch-mosa dense" in table
+
+
+def test_run_decode_bench_times_the_reference_decode_beside_the_fused_one():
+    from torch_mosa.bench.decode import run_decode_bench
+
+    rows = run_decode_bench(batches=(2,), preset="micro", prompt_len=8, new_tokens=2, device="cpu",
+                            dtype=torch.float32, models=("dense", "mosa 4+17 s32"), log=lambda line: None,
+                            reference_decode=True)
+    assert [row["model"] for row in rows] == ["yardstick", "dense", "mosa 4+17 s32",
+                                              "mosa 4+17 s32 [reference decode]"]
+    assert all(row["tokens_per_s"] > 0 for row in rows)

@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --decode, also time every decode step compiled by Inductor and replayed as a CUDA graph "
                         "(the yardstick compiled too)")
     p.add_argument("--no-eager", action="store_true", help="with --decode, skip the eager rows")
+    p.add_argument("--reference-decode", action="store_true",
+                   help="with --decode, also time the sparse models' decode step as the plain-PyTorch composition "
+                        "instead of the fused kernels (the A/B of ops/decode)")
     p.add_argument("--out", default=None, help="write the markdown table here")
 
 
@@ -72,7 +75,8 @@ def run_decode(args: argparse.Namespace) -> int:
     from torch_mosa.bench.report import environment
 
     rows = run_decode_bench(tuple(args.decode_batches), prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                            cuda_graphs=args.cuda_graphs, compile_step=args.compile_decode, eager=not args.no_eager)
+                            cuda_graphs=args.cuda_graphs, compile_step=args.compile_decode, eager=not args.no_eager,
+                            reference_decode=args.reference_decode)
     env = environment()
     command = " ".join(["python -m torch_mosa.bench", *sys.argv[1:]])
     report = decode_markdown(rows, ["# Decode throughput (tiny shape, bf16, random weights, greedy)", "",

@@ -23,6 +23,7 @@ from torch_mosa.inference.decode import decode_one_token, new_cache, prefill
 from torch_mosa.inference.graphs import GraphedDecodeStep, GraphedStep, compiled_decode
 from torch_mosa.inference.limits import set_causal_limits, suggested_causal_limits
 from torch_mosa.models import MoSALM
+from torch_mosa.ops.dispatch import fast_path
 from torch_mosa.ops.rope import rope_cos_sin
 
 # name -> MoSAConfig overrides of the preset: the issue's three torch-mosa models
@@ -155,9 +156,12 @@ def _synchronize(device) -> None:
 
 def run_decode_bench(batches=(1, 32), preset: str = "tiny", prompt_len: int = 256, new_tokens: int = 128,
                      cuda_graphs: bool = False, device="cuda", dtype=torch.bfloat16, models=tuple(DECODE_MODELS),
-                     log=print, compile_step: bool = False, eager: bool = True) -> list[dict]:
+                     log=print, compile_step: bool = False, eager: bool = True,
+                     reference_decode: bool = False) -> list[dict]:
     """Every model (and the yardstick, on the dense model's weights) at every batch size: eager (unless
-    eager=False), with cuda_graphs graphed, with compile_step compiled by Inductor and graphed.
+    eager=False), with cuda_graphs graphed, with compile_step compiled by Inductor and graphed. With
+    reference_decode the sparse models also run their decode step as the plain-PyTorch composition
+    (`ops/decode/reference.py`) instead of the fused kernels, in rows named "<model> [reference decode]".
     Returns rows {model, batch, mode, tokens_per_s, ...}."""
     rows = []
     built = {name: build_model(name, preset, device, dtype) for name in dict.fromkeys(("dense", *models))}
@@ -166,10 +170,17 @@ def run_decode_bench(batches=(1, 32), preset: str = "tiny", prompt_len: int = 25
     for batch in batches:
         for mode in modes:
             graphs, compiled = mode != "eager", mode.startswith("compiled")
-            entries = [("yardstick", built["dense"], True)] + [(name, built[name], False) for name in models]
-            for name, model, is_yardstick in entries:
-                result = time_decode(model, batch, prompt_len, new_tokens, cuda_graphs=graphs, yardstick=is_yardstick,
-                                     compile_step=compiled)
+            entries = [("yardstick", built["dense"], True, True)] + [(name, built[name], False, True)
+                                                                     for name in models]
+            if reference_decode:
+                entries += [(f"{name} [reference decode]", built[name], False, False) for name in models
+                            if built[name].config.attention != "dense"]
+            for name, model, is_yardstick, fused in entries:
+                if compiled:  # a fresh compilation: the fused/reference choice is baked into the graph
+                    torch._dynamo.reset()
+                with fast_path(fused):
+                    result = time_decode(model, batch, prompt_len, new_tokens, cuda_graphs=graphs,
+                                         yardstick=is_yardstick, compile_step=compiled)
                 row = {"model": name, "batch": batch, "mode": mode, **result}
                 rows.append(row)
                 log(f"decode {name} B={batch} {mode}: {result['tokens_per_s']:,.0f} tokens/s")

@@ -88,8 +88,9 @@ class SparseCache(_KVCache):
     Overflow policy: a head holds at most `capacity` tokens; a token that would join a full head does not join it
     (the full causal forward drops it alike when the layer's capacity is set) and is counted in `capacity_overflow`;
     joins dropped by a per-token head limit are counted in `token_overflow` (both 0-dim long tensors on the device:
-    read them after generation, not inside the loop). The extra last slot takes the writes of tokens that joined
-    nothing, so every update is one unconditional scatter.
+    read them after generation, not inside the loop). The extra last slot is scratch: the reference decode
+    (ops/decode) writes the tokens that joined nothing there, so every update is one unconditional scatter.
+    The layers update the cache through `torch_mosa.ops.decode.sparse_decode`.
     """
 
     def __init__(self, batch: int, num_heads: int, head_dim: int, capacity: int, dtype, device):
@@ -100,8 +101,6 @@ class SparseCache(_KVCache):
         self.first = torch.zeros(batch, dtype=torch.long, device=device)
         self.capacity_overflow = torch.zeros((), dtype=torch.long, device=device)
         self.token_overflow = torch.zeros((), dtype=torch.long, device=device)
-        self._rows = torch.arange(batch, device=device)[:, None]
-        self._slots = torch.arange(capacity + 1, device=device)
 
     def reset(self) -> None:
         for t in (self.counts, self.first, self.capacity_overflow, self.token_overflow):
@@ -114,34 +113,6 @@ class SparseCache(_KVCache):
         self.v[:, :, :width] = v[:, :, :width]
         self.counts.copy_(counts)
         self.first.copy_(attention_mask.bool().long().argmax(dim=1))
-
-    def _heads(self, heads):
-        return torch.arange(self.counts.shape[1], device=self.counts.device).expand_as(self.counts) \
-            if heads is None else heads
-
-    def append(self, heads, joined: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One token: heads [B, J] (None: all heads in order), joined [B, J], k, v [B, J, d] -> written [B, J] (joined
-        and not over capacity)."""
-        heads = self._heads(heads)
-        slot = self.counts.gather(1, heads)
-        written = joined & (slot < self.capacity)
-        self.capacity_overflow += (joined & ~written).sum()
-        slot = torch.where(written, slot, self.capacity)
-        self.k.index_put_((self._rows, heads, slot), k.to(self.k.dtype))
-        self.v.index_put_((self._rows, heads, slot), v.to(self.v.dtype))
-        self.counts.scatter_add_(1, heads, written.long())
-        return written
-
-    def keys_values_mask(self, heads):
-        """k, v [B, J, capacity + 1, d] of the given heads (all E, without a copy, when heads is None) and their mask
-        [B, J, 1, capacity + 1]. Slot 0 stays open for a head that holds nothing yet, so the softmax is finite; such
-        a head's output is multiplied by a zero score."""
-        if heads is None:
-            keys, values, counts = self.k, self.v, self.counts
-        else:
-            keys, values, counts = self.k[self._rows, heads], self.v[self._rows, heads], self.counts.gather(1, heads)
-        mask = (self._slots < counts.unsqueeze(-1)) | (self._slots == 0)
-        return keys, values, mask.unsqueeze(2)
 
     def pairs(self) -> int:
         return int(self.counts.sum())

@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from torch_mosa.checks import check_head_sizes
+from torch_mosa.ops.decode import sparse_decode
 from torch_mosa.ops.mosa import mosa_attention
 from torch_mosa.ops.rope import apply_rope, rotary_dim_for
 from torch_mosa.ops.selection.reference import sort_selection
@@ -129,21 +129,11 @@ class SparseHeads(nn.Module):
     def decode_step(self, x: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
         """One new token per row, x [B, 1, h] at `position` (a [1] long tensor: no host sync, CUDA-graph safe).
 
-        Routes first, then projects, attends and outputs only the heads the token joined (gathering their weights):
-        J heads per row, J = route_token's width. Returns [B, 1, h]."""
+        Routes first, then projects, attends and outputs only the heads the token joined: J head slots per row,
+        J = route_token's width (ops/decode: on CUDA two fused kernels that read the joined heads' weights and cache
+        rows in place). Returns [B, 1, h]."""
         heads, joined, scores = self.route_token(x[:, 0], position, cache)
         hx, w_qkv, w_o = self._weights(x[:, 0])
-        if heads is None:  # every head (fixed heads join all together): no gather
-            qkv = torch.matmul(hx, w_qkv).transpose(0, 1)  # [B, E, 3d]
-        else:
-            qkv = torch.matmul(hx[:, None, None, :], w_qkv[heads]).squeeze(2)  # [B, J, 3d]
-        q, k, v = qkv.split(self.head_dim, dim=-1)
-        q = apply_rope(q, position, self.rotary_dim, self.rope_base)
-        k = apply_rope(k, position, self.rotary_dim, self.rope_base)
-        written = cache.append(heads, joined, k, v)
-        keys, values, mask = cache.keys_values_mask(heads)
-        attended = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask).squeeze(2)
-        attended = attended * (scores * written).unsqueeze(-1).to(attended.dtype)  # [B, J, d]
-        if heads is None:
-            return torch.einsum("bed,edh->bh", attended, w_o).unsqueeze(1)
-        return torch.matmul(attended.unsqueeze(2), w_o[heads]).sum(dim=1)  # [B, J, 1, h] -> [B, 1, h]
+        out = sparse_decode(hx, heads, joined, scores, position, w_qkv, w_o, cache.k, cache.v, cache.counts,
+                            cache.capacity_overflow, rotary_dim=self.rotary_dim, rope_base=self.rope_base)
+        return out.unsqueeze(1)

@@ -1,0 +1,52 @@
+"""Plain-PyTorch decode step of sparse heads over their per-head KV cache: the CPU path and the kernels' oracle."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from torch_mosa.ops.rope import apply_rope
+
+
+def sparse_decode_reference(x, heads, joined, scores, position, w_qkv, w_o, cache_k, cache_v, counts,
+                            capacity_overflow, rotary_dim: int, rope_base: float) -> torch.Tensor:
+    """One new token per row through the heads it joined; see `torch_mosa.ops.decode.sparse_decode`.
+
+    Projects Q|K|V for the J given heads (gathering their weights), rotates at `position`, appends K, V to each
+    joined head with room (the extra last cache slot takes the other rows' writes, so the update is one scatter),
+    attends over each head's held tokens and sums score x (attention @ W_O) over the written heads.
+    """
+    batch, num_heads, slots, _ = cache_k.shape
+    capacity = slots - 1
+    all_heads = heads is None
+    if all_heads:
+        heads = torch.arange(num_heads, device=x.device).expand(batch, -1)
+        qkv = torch.matmul(x, w_qkv).transpose(0, 1)  # [B, E, 3d]
+    else:
+        qkv = torch.matmul(x[:, None, None, :], w_qkv[heads]).squeeze(2)  # [B, J, 3d]
+    head_dim = w_o.shape[1]
+    q, k, v = qkv.split(head_dim, dim=-1)
+    q = apply_rope(q, position, rotary_dim, rope_base)
+    k = apply_rope(k, position, rotary_dim, rope_base)
+
+    rows = torch.arange(batch, device=x.device)[:, None]
+    slot = counts.gather(1, heads)
+    written = joined & (slot < capacity)
+    capacity_overflow += (joined & ~written).sum()
+    slot = torch.where(written, slot, capacity)
+    cache_k.index_put_((rows, heads, slot), k.to(cache_k.dtype))
+    cache_v.index_put_((rows, heads, slot), v.to(cache_v.dtype))
+    counts.scatter_add_(1, heads, written.long())
+
+    if all_heads:
+        keys, values, held = cache_k, cache_v, counts
+    else:
+        keys, values, held = cache_k[rows, heads], cache_v[rows, heads], counts.gather(1, heads)
+    # slot 0 stays open for a head that holds nothing yet (a finite softmax); its output is multiplied by 0
+    positions = torch.arange(slots, device=x.device)
+    mask = ((positions < held.unsqueeze(-1)) | (positions == 0)).unsqueeze(2)
+    attended = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask).squeeze(2)
+    attended = attended * (scores * written).unsqueeze(-1).to(attended.dtype)  # [B, J, d]
+    if all_heads:
+        return torch.einsum("bed,edh->bh", attended, w_o)
+    return torch.matmul(attended.unsqueeze(2), w_o[heads]).sum(dim=1).squeeze(1)  # [B, J, 1, h] -> [B, h]
