@@ -16,6 +16,7 @@ MICRO_SCALE = {
     "eval": ["--seq-len", "32", "--max-batches", "1", "--calibrate-batches", "1", "--decode-tokens", "4"],
     "calibrate": ["--batches", "1", "--seq-len", "32"],
     "generate": ["--max-new-tokens", "4"],
+    "leak": ["--seq-len", "32", "--windows", "4", "--calibrate-batches", "1"],
 }
 
 

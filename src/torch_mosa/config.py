@@ -11,6 +11,7 @@ from torch_mosa.flops import isoflop_num_heads
 
 ATTENTION_KINDS = ("dense", "mosa", "pure_mosa", "fixed", "routing", "local")
 ROUTED_ATTENTION_KINDS = ("mosa", "pure_mosa")  # the kinds with MoSA routers, which router_aux_loss_weight trains
+FIXED_OFFSETS = ("shared", "per_head")  # where each fixed head's stride starts (MoSAConfig.fixed_offsets)
 SPARSE_HEAD_KIND = {"mosa": "mosa", "pure_mosa": "mosa", "fixed": "fixed", "routing": "routing", "local": "local"}
 
 # The paper's dense baselines (SPEC §4) plus `micro`, which trains on a CPU in minutes.
@@ -34,7 +35,9 @@ class MoSAConfig:
     routers: a weight > 0 with any other attention is refused. `restart_positions_per_document`: on packed input
     (document ids) RoPE positions restart at 0 in every document (True: a packed document computes what it computes
     alone), or keep the token's place in the row (False: the same up to rounding, since attention stays inside a
-    document and RoPE scores depend on position differences only).
+    document and RoPE scores depend on position differences only). `fixed_offsets` (attention="fixed"):
+    "shared", every fixed head strides from the first token (SPEC §2), or "per_head", head e from offset e mod
+    sparsity, so the heads together cover every token (a fixed-pattern control with MoSA's coverage).
     """
 
     vocab_size: int = 8000
@@ -53,6 +56,7 @@ class MoSAConfig:
     include_first: bool = True
     router_aux_loss_weight: float = 0.0
     restart_positions_per_document: bool = True
+    fixed_offsets: str = "shared"
     rotate_fraction: float = 0.5
     rope_base: float = 10000.0
     layer_norm_eps: float = 1e-5
@@ -71,6 +75,11 @@ class MoSAConfig:
         if self.router_aux_loss_weight > 0 and self.attention not in ROUTED_ATTENTION_KINDS:
             raise ValueError(f"router_aux_loss_weight={self.router_aux_loss_weight} needs MoSA routers: allowed with "
                              f"attention in {ROUTED_ATTENTION_KINDS}, got attention={self.attention!r} (use 0)")
+        if self.fixed_offsets not in FIXED_OFFSETS:
+            raise ValueError(f"fixed_offsets must be one of {FIXED_OFFSETS}, got {self.fixed_offsets!r}")
+        if self.fixed_offsets != "shared" and self.attention != "fixed":
+            raise ValueError(f"fixed_offsets={self.fixed_offsets!r} applies to attention='fixed' only, got "
+                             f"attention={self.attention!r} (leave fixed_offsets='shared')")
         if self.ffn_size is None:
             self.ffn_size = 4 * self.hidden_size
         if self.attention == "dense":

@@ -94,3 +94,11 @@ def test_causal_training_logs_rates_and_evaluates_at_a_capacity(tmp_path, mosa, 
     assert "capacity must be an integer >= 1" in capsys.readouterr().err
     assert mosa("train", "--out", tmp_path / "bad", "--routing", "causal", "--causal-capacity-factor", 0.5, *TINY) == 2
     assert "causal_capacity_factor must be a number >= 1" in capsys.readouterr().err
+
+
+def test_fixed_pattern_control_with_per_head_offsets(tmp_path, mosa, capsys):
+    assert mosa("train", "--out", tmp_path / "run", "--steps", 1, "--attention", "fixed", "--sparsity", 4,
+                "--fixed-offsets", "per_head", *TINY) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["fixed_offsets"] == "per_head"
+    assert mosa("train", "--out", tmp_path / "bad", "--steps", 1, "--fixed-offsets", "diagonal", *TINY) == 2
+    assert "fixed_offsets must be one of ('shared', 'per_head')" in capsys.readouterr().err

@@ -8,10 +8,12 @@ from torch_mosa.inference import calibrate_causal_thresholds, decode_one_token, 
 from torch_mosa.layers import MoSAAttention
 
 VOCAB = 61
-CAUSAL_KINDS = ["dense", "mosa", "pure_mosa", "fixed", "local"]
+CAUSAL_KINDS = ["dense", "mosa", "pure_mosa", "fixed", "fixed-per-head", "local"]
 
 
 def model_for(attention, **overrides):
+    if attention == "fixed-per-head":  # the fixed-pattern control: head e strides from e mod sparsity
+        attention, overrides = "fixed", {**overrides, "fixed_offsets": "per_head"}
     config = MoSAConfig.from_preset("micro", attention=attention, sparsity=None if attention == "dense" else 4,
                                     vocab_size=VOCAB, **overrides)
     model = MoSALM(config).double().eval()
@@ -119,7 +121,7 @@ def test_capacity_makes_the_causal_forward_narrow_and_still_causal(monkeypatch):
     assert torch.equal(model(changed, routing="causal")[0][:, :21], base[:, :21])
 
 
-@pytest.mark.parametrize("attention", ["dense", "mosa", "local", "fixed"])
+@pytest.mark.parametrize("attention", ["dense", "mosa", "local", "fixed", "fixed-per-head"])
 def test_left_padded_batch_generates_like_single_prompts(attention):
     model = model_for(attention)
     prompts = [torch.randint(0, VOCAB, (n,)) for n in (9, 4)]

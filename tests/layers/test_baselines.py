@@ -69,6 +69,21 @@ def test_left_padding_is_ignored(cls):
     torch.testing.assert_close(out[:, 4:], layer(x), rtol=1e-10, atol=1e-12)
 
 
+def test_fixed_heads_with_per_head_offsets_cover_every_token():
+    """Head e strides from e mod sparsity: the heads together take every token, each head k of them, and a
+    left-padded row strides from its first real token."""
+    fixed = FixedSparseAttention(16, 5, 8, sparsity=3, per_head_offsets=True).double()
+    x = torch.randn(1, 12, 16, **F64)
+    indices, scores = fixed.select(x)
+    assert indices[0].tolist() == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11], [0, 3, 6, 9], [1, 4, 7, 10]]
+    assert (scores == 1).all()
+    padded = torch.cat([torch.zeros(1, 2, 16, **F64), x], dim=1)
+    indices, scores = fixed.select(padded, torch.tensor([[0, 0] + [1] * 12]))
+    assert indices[0, 1, :4].tolist() == [3, 6, 9, 12] and (scores[0, :, :4] == 1).all()
+    with pytest.raises(ValueError, match="per_head_offsets"):
+        FixedSparseAttention(16, 2, 8, sparsity=3, per_head_offsets="yes")
+
+
 def test_fixed_equals_mosa_with_forced_selection():
     fixed = FixedSparseAttention(16, 3, 8, sparsity=3).double()
     mosa = MoSAAttention(16, 3, 8, sparsity=3).double()

@@ -15,6 +15,7 @@ KINDS = [
     pytest.param("pure_mosa", dict(sparsity=16), id="pure_mosa"),
     pytest.param("local", dict(sparsity=4, window=16, num_dense_heads=2), id="local"),
     pytest.param("fixed", dict(sparsity=8, num_dense_heads=2), id="fixed"),
+    pytest.param("fixed", dict(sparsity=8, num_dense_heads=2, fixed_offsets="per_head"), id="fixed-per-head"),
     pytest.param("dense", dict(), id="dense"),
 ]
 

@@ -14,7 +14,7 @@ import sys
 import traceback
 
 COMMANDS = ("prepare", "train", "eval", "calibrate", "generate", "compare", "plot", "flops", "bench", "export_hf",
-            "inspect")
+            "inspect", "leak")
 
 
 def build_parser() -> argparse.ArgumentParser:

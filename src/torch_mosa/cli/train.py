@@ -20,7 +20,7 @@ PAPER_RECIPE = dict(lr=2.5e-4, warmup_steps=4000)
 SYNTHETIC_DEFAULTS = dict(steps=400, batch_size=64, seq_len=32, lr=1e-3)
 # Model options (MoSAConfig fields) that override the preset.
 MODEL_OPTIONS = ("num_layers", "hidden_size", "ffn_size", "head_dim", "num_heads", "num_dense_heads", "num_sparse_heads",
-                 "max_seq_len", "router_aux_loss_weight")
+                 "max_seq_len", "router_aux_loss_weight", "fixed_offsets")
 # Training options (TrainConfig fields) shared by `mosa train` and `mosa compare`.
 TRAIN_OPTIONS = ("tokenizer", "vocab_size", "batch_size", "seq_len", "grad_accum_steps", "lr", "warmup_steps",
                  "weight_decay", "grad_clip", "eval_interval", "eval_batches", "checkpoint_interval",
@@ -61,6 +61,10 @@ def add_paper_recipe_argument(p) -> None:
 def add_model_arguments(p) -> None:
     group = p.add_argument_group("model overrides (default: the preset's)")
     for name in MODEL_OPTIONS:
+        if name == "fixed_offsets":
+            group.add_argument("--fixed-offsets", default=None,  # MoSAConfig checks the value
+                               help="attention fixed: shared strides (default) or per_head (head e from e mod sparsity)")
+            continue
         kind = float if name == "router_aux_loss_weight" else int
         group.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
 

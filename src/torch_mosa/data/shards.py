@@ -397,6 +397,13 @@ class TokenDataset:
             self._tokenizer = load_tokenizer(self.directory)
         return self._tokenizer
 
+    def end_of_text_positions(self) -> np.ndarray:
+        """Positions [n] (int64, ascending) of the split's end-of-text tokens, each closing a document: the document
+        of position p is ``np.searchsorted(positions, p)``."""
+        positions = [np.flatnonzero(np.asarray(array) == self.eot_id) + int(start)
+                     for array, start in zip(self._arrays, self._starts)]
+        return np.concatenate(positions).astype(np.int64)
+
     def window(self, start: int, length: int) -> np.ndarray:
         """Tokens [length] at positions ``start .. start + length - 1`` of the split, across shard boundaries."""
         if start < 0 or length < 0 or start + length > self.num_tokens:

@@ -42,6 +42,7 @@ class MoSAConfig(PretrainedConfig):
     include_first: bool = True
     router_aux_loss_weight: float = 0.0
     restart_positions_per_document: bool = True
+    fixed_offsets: str = "shared"
     rotate_fraction: float = 0.5
     rope_base: float = 10000.0
     layer_norm_eps: float = 1e-5

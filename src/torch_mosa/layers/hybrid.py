@@ -19,7 +19,8 @@ SPARSE_KINDS = ("mosa", "fixed", "routing")
 class HybridAttention(nn.Module):
     """Sum of `num_dense_heads` dense heads, `num_local_heads` local heads (window) and `num_mosa_heads` sparse heads.
 
-    The sparse heads are MoSA heads unless `sparse_kind` picks the fixed or routing baseline. With
+    The sparse heads are MoSA heads unless `sparse_kind` picks the fixed or routing baseline (fixed heads with
+    `per_head_offsets` stride from offset e mod sparsity, see layers/fixed.py). With
     `num_mosa_heads=None` their count is IsoFLOP-matched (SPEC §3) to a dense layer of `num_heads` heads at
     `seq_len`. Submodules: `dense`, `local`, `sparse` (each None when it has no heads).
     forward(x [B, T, h], attention_mask [B, T] or None, routing="topk"|"causal") -> [B, T, h].
@@ -39,6 +40,7 @@ class HybridAttention(nn.Module):
         num_heads: int | None = None,
         seq_len: int | None = None,
         sparse_kind: str = "mosa",
+        per_head_offsets: bool = False,
         rotate_fraction: float = 0.5,
         rope_base: float = 10000.0,
     ):
@@ -70,7 +72,8 @@ class HybridAttention(nn.Module):
             self.sparse = MoSAAttention(hidden_size, num_mosa_heads, head_dim, sparsity=sparsity, k=k,
                                         include_first=include_first, **rope)
         elif num_mosa_heads and sparse_kind == "fixed":
-            self.sparse = FixedSparseAttention(hidden_size, num_mosa_heads, head_dim, sparsity, **rope)
+            self.sparse = FixedSparseAttention(hidden_size, num_mosa_heads, head_dim, sparsity,
+                                               per_head_offsets=per_head_offsets, **rope)
         elif num_mosa_heads:
             self.sparse = RoutingAttention(hidden_size, num_mosa_heads, head_dim, sparsity, **rope)
 

@@ -27,7 +27,7 @@ def build_attention(config: MoSAConfig) -> nn.Module:
         num_local_heads=counts.get("local", 0),
         window=config.local_window(),
         sparsity=config.sparsity, k=config.k, include_first=config.include_first,
-        sparse_kind="mosa" if kind == "local" else kind, **rope)
+        sparse_kind="mosa" if kind == "local" else kind, per_head_offsets=config.fixed_offsets == "per_head", **rope)
 
 
 class FeedForward(nn.Module):
