@@ -10,10 +10,12 @@ It sits above both `train` (whose `evaluate` computes the loss over a split, as 
 from __future__ import annotations
 
 import contextlib
+import math
 import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from torch_mosa.data.shards import TokenDataset, is_shard_dir, iter_eval_batches, prepare_corpus
@@ -28,7 +30,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, *, spli
                         seq_len: int | None = None, max_batches: int | None = None,
                         device: torch.device | str = "cpu", progress: bool = False, routing: str = "topk",
                         calibrate_batches: int = 0, decode_tokens: int = 0, causal_capacity: int | None = None,
-                        pack_documents: bool = False) -> dict:
+                        pack_documents: bool = False, per_window: bool = False) -> dict:
     """Evaluate a checkpoint (or a run directory's latest) on `split` of `data`.
 
     data: None (the run's own training data), a prepared shard directory (its tokenizer must be the model's), or
@@ -41,7 +43,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, *, spli
     tokens a MoSA head keeps per sequence under causal routing (the causal forward, calibration and decode then run
     at that member width; joins beyond it are dropped and reported in causal_overflow_rate); None = no limit.
     pack_documents: keep the documents of each window apart, split at the end-of-text token (as training with
-    --pack-documents does). Returns evaluate()'s dict plus checkpoint, data, split, routing.
+    --pack-documents does). per_window: also `window_losses` (each window's mean loss, in split order),
+    `window_documents` (the document holding each window's first target) and `document_labels` (each document's
+    first line), for `per_document` and paired comparisons (`torch_mosa.statistics.paired_difference`). Returns evaluate()'s dict plus checkpoint, data, split, routing.
     """
     path = resolve_checkpoint(checkpoint)
     model, config = load_model(path, device)
@@ -55,11 +59,36 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, *, spli
                 else contextlib.nullcontext())
     with autocast:
         return _evaluate_loaded(model, config, path, data, split, batch_size, seq_len, max_batches, device, progress,
-                                routing, calibrate_batches, decode_tokens, pack_documents)
+                                routing, calibrate_batches, decode_tokens, pack_documents, per_window)
+
+
+def window_documents(dataset: TokenDataset, seq_len: int, windows: int) -> dict:
+    """{window_documents: the document (index in the split) of each evaluation window's first target token,
+    document_labels: each document's first line, at most 60 characters}. Window i starts at token i * seq_len."""
+    ends = dataset.end_of_text_positions()
+    first_targets = np.arange(windows, dtype=np.int64) * seq_len + 1
+    labels = []
+    for doc in range(len(ends) + (1 if len(ends) == 0 or ends[-1] < dataset.num_tokens - 1 else 0)):
+        start = 0 if doc == 0 else int(ends[doc - 1]) + 1
+        head = dataset.window(start, min(64, dataset.num_tokens - start))
+        text = dataset.tokenizer.decode(head.tolist()).strip()
+        labels.append((text.splitlines() or [""])[0][:60])
+    return {"window_documents": np.searchsorted(ends, first_targets).tolist(), "document_labels": labels}
+
+
+def per_document(result: dict) -> list[dict]:
+    """Per-document view of a per_window result: [{document, label, windows, loss, ppl}] in split order (documents
+    with no evaluated window left out)."""
+    groups: dict[int, list[float]] = {}
+    for doc, loss in zip(result["window_documents"], result["window_losses"]):
+        groups.setdefault(doc, []).append(loss)
+    return [{"document": doc, "label": result["document_labels"][doc], "windows": len(losses),
+             "loss": sum(losses) / len(losses), "ppl": math.exp(sum(losses) / len(losses))}
+            for doc, losses in sorted(groups.items())]
 
 
 def _evaluate_loaded(model, config, path, data, split, batch_size, seq_len, max_batches, device, progress, routing,
-                     calibrate_batches, decode_tokens, pack_documents) -> dict:
+                     calibrate_batches, decode_tokens, pack_documents, per_window) -> dict:
     if calibrate_batches and routing == "causal":
         shards = data if data is not None and is_shard_dir(data) else None
         train = TokenDataset(training_data_dir(path, shards), "train")
@@ -80,7 +109,9 @@ def _evaluate_loaded(model, config, path, data, split, batch_size, seq_len, max_
             raise ValueError(f"data {str(data_dir)!r} has vocab_size={dataset.vocab_size} but the model of {path} has "
                              f"{config.vocab_size}: evaluate on data tokenized with the model's tokenizer")
         result = evaluate(model, dataset, batch_size, seq_len, max_batches, device, progress=progress,
-                          pack_documents=pack_documents, routing=routing)
+                          pack_documents=pack_documents, per_window=per_window, routing=routing)
+        if per_window:
+            result.update(window_documents(dataset, seq_len, len(result["window_losses"])))
         if routing == "causal":
             x, _ = next(iter_eval_batches(dataset, batch_size, seq_len, 1, device=device))
             footprint = kv_cache_footprint(model, x)

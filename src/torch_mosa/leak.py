@@ -17,14 +17,13 @@ The loss before the cut counts positions 0 .. cut - 2: position cut - 1 predicts
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from torch_mosa.checks import check_positive_int, check_routing
 from torch_mosa.data.shards import TokenDataset
+from torch_mosa.statistics import bootstrap_interval
 
 REPLACEMENTS = ("other", "far")
 # "far": the replacement starts at least this many windows away from the window, inside the same document
@@ -79,18 +78,6 @@ def _window_losses(model, inputs: torch.Tensor, targets: torch.Tensor, routing: 
         losses.append(F.cross_entropy(logits.float().flatten(0, 1), targets[i:i + batch_size].flatten(),
                                       reduction="none").view(logits.shape[:2]).double())
     return torch.cat(losses)
-
-
-def bootstrap_interval(values: torch.Tensor, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of values [N] (resampling with a fixed seed)."""
-    values = values.double().cpu()
-    if len(values) < 2:
-        mean = float(values.mean()) if len(values) else math.nan
-        return mean, mean
-    generator = torch.Generator().manual_seed(seed)
-    means = values[torch.randint(0, len(values), (resamples, len(values)), generator=generator)].mean(1)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return low, high
 
 
 @torch.no_grad()

@@ -71,3 +71,29 @@ def test_pack_documents_trains_and_evaluates_documents_apart(tmp_path, mosa, cap
         result = json.loads(capsys.readouterr().out)
         results[result["pack_documents"]] = result["loss"]
     assert set(results) == {False, True} and results[True] != results[False]
+
+
+def test_per_document_and_paired_comparison(tmp_path, mosa, capsys, shared_data):
+    """--per-document reports every book of the split; --against evaluates a second run on the same windows and
+    reports the paired difference (zero, with a zero interval, against itself)."""
+    books, data = tmp_path / "text", tmp_path / "books"
+    books.mkdir()
+    for name in ("01_alice_in_wonderland", "04_hamlet", "12_us_constitution", "14_war_of_the_worlds"):
+        (books / f"{name}.txt").write_bytes((shared_data / "gutenberg" / f"{name}.txt").read_bytes())
+    assert mosa("prepare", books, "--out", data, "--tokenizer", "byte", "--val-fraction", "0.5") == 0
+    runs = []
+    for attention in ("dense", "mosa"):
+        run = tmp_path / attention
+        assert mosa("train", "--out", run, "--steps", 1, "--data", data, "--attention", attention,
+                    *(["--sparsity", "4"] if attention == "mosa" else []), *TINY) == 0
+        runs.append(run)
+    capsys.readouterr()
+    assert mosa("eval", runs[1], "--seq-len", 32, "--full", "--batch-size", 256, "--per-document",
+                "--against", runs[0], "--json", "--no-progress") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["per_document"]) == 2 and sum(r["windows"] for r in result["per_document"]) == result["windows"]
+    assert all(r["label"] and r["difference"]["windows"] == r["windows"] for r in result["per_document"])
+    assert result["against"]["windows"] == result["windows"] and result["against"]["mean_difference"] != 0
+    assert mosa("eval", runs[0], "--seq-len", 16, "--max-batches", 2, "--against", runs[0]) == 0
+    out = capsys.readouterr().out
+    assert "loss +0.0000 nats/token, ppl ratio 1.0000 (95% interval 1.0000 .. 1.0000)" in out

@@ -36,21 +36,44 @@ def add_parser(subparsers) -> None:
     p.add_argument("--pack-documents", action="store_true",
                    help="keep the documents inside each window apart (split at the end-of-text token), as a model "
                         "trained with --pack-documents saw them")
+    p.add_argument("--per-document", action="store_true",
+                   help="also report the loss of every document (book) of the split, window by window")
+    p.add_argument("--against", default=None, metavar="CHECKPOINT",
+                   help="evaluate another checkpoint (or run) on the same windows and report the paired "
+                        "per-window difference with a bootstrap 95%% interval")
     p.add_argument("--json", action="store_true", help="print one JSON object per routing")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from torch_mosa.checks import resolve_device
-    from torch_mosa.evaluation import evaluate_checkpoint
+    from torch_mosa.evaluation import evaluate_checkpoint, per_document
+    from torch_mosa.statistics import paired_difference
 
     device = resolve_device(args.device)
+    per_window = args.per_document or args.against is not None
     for routing in dict.fromkeys(args.routing):
-        result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
-                                     seq_len=args.seq_len, max_batches=None if args.full else args.max_batches,
-                                     device=device, progress=args.progress and not args.json, routing=routing,
-                                     calibrate_batches=args.calibrate_batches, decode_tokens=args.decode_tokens,
-                                     causal_capacity=args.causal_capacity, pack_documents=args.pack_documents)
+        options = dict(split=args.split, batch_size=args.batch_size, seq_len=args.seq_len,
+                       max_batches=None if args.full else args.max_batches, device=device,
+                       progress=args.progress and not args.json, routing=routing,
+                       calibrate_batches=args.calibrate_batches, causal_capacity=args.causal_capacity,
+                       pack_documents=args.pack_documents, per_window=per_window)
+        result = evaluate_checkpoint(args.checkpoint, args.data, decode_tokens=args.decode_tokens, **options)
+        if args.per_document:
+            result["per_document"] = per_document(result)
+        if args.against is not None:  # the same windows of the same data (the first checkpoint's)
+            other = evaluate_checkpoint(args.against, result["data"], **options)
+            result["against"] = {"checkpoint": other["checkpoint"], "loss": other["loss"], "ppl": other["ppl"],
+                                 **paired_difference(result["window_losses"], other["window_losses"])}
+            if args.per_document:
+                theirs = {row["document"]: row for row in per_document(other)}
+                for row in result["per_document"]:
+                    row["against_ppl"] = theirs[row["document"]]["ppl"]
+                    mine = [loss for doc, loss in zip(result["window_documents"], result["window_losses"])
+                            if doc == row["document"]]
+                    their = [loss for doc, loss in zip(other["window_documents"], other["window_losses"])
+                             if doc == row["document"]]
+                    row["difference"] = paired_difference(mine, their)
         if args.json:
             print(json.dumps(result))
             continue
@@ -70,4 +93,17 @@ def run(args) -> int:
             windows += ", --full for all"
         print(f"[{routing}] {result['checkpoint']} on {result['data']} ({result['split']}, {windows}, "
               f"{result['tokens']:,} tokens): {line}")
+        if "against" in result:
+            paired = result["against"]
+            low, high = paired["ppl_ratio_interval"]
+            print(f"  against {paired['checkpoint']} (ppl {paired['ppl']:.3f}), same {paired['windows']:,} windows: "
+                  f"loss {paired['mean_difference']:+.4f} nats/token, ppl ratio {paired['ppl_ratio']:.4f} "
+                  f"(95% interval {low:.4f} .. {high:.4f}), lower loss on {paired['a_better_share']:.0%} of windows")
+        for row in result.get("per_document", []):
+            cells = f"  document {row['document']:>4} ({row['windows']:,} windows) ppl {row['ppl']:10.3f}"
+            if "difference" in row:
+                low, high = row["difference"]["ppl_ratio_interval"]
+                cells += (f"  vs {row['against_ppl']:10.3f}: ratio {row['difference']['ppl_ratio']:.4f} "
+                          f"({low:.4f} .. {high:.4f})")
+            print(f"{cells}  {row['label']}")
     return 0

@@ -19,7 +19,8 @@ from torch_mosa.ops.documents import document_ids_from_separators
 def evaluate(model: torch.nn.Module, dataset: TokenDataset, batch_size: int, seq_len: int,
              max_batches: int | None = None, device: torch.device | str = "cpu", *, rank: int = 0,
              world_size: int = 1, drop_last: bool = False, autocast_dtype: torch.dtype | None = None,
-             progress: bool = False, pack_documents: bool = False, **forward_kwargs) -> dict:
+             progress: bool = False, pack_documents: bool = False, per_window: bool = False,
+             **forward_kwargs) -> dict:
     """Token-mean next-token loss over the split's non-overlapping windows (see `iter_eval_batches`).
 
     Returns {loss, ppl, tokens, windows, split_windows} plus `bpb` for byte-level data, and under routing="causal"
@@ -30,7 +31,11 @@ def evaluate(model: torch.nn.Module, dataset: TokenDataset, batch_size: int, seq
     With world_size > 1 each rank evaluates its share and the sums are all-reduced; drop_last gives every rank
     the same number of batches, which FSDP needs since every forward is a collective. pack_documents: keep the
     documents of each window apart (`document_ids` split at the end-of-text token, as training with it does).
+    per_window (one process only): also `window_losses`, each window's mean loss in nats per token, in split order
+    (window i starts at token i * seq_len), for per-document reports and paired comparisons.
     """
+    if per_window and world_size > 1:
+        raise ValueError("per_window=True needs one process (world_size=1): the windows are not gathered")
     was_training = model.training
     model.eval()
     device = torch.device(device)
@@ -39,6 +44,7 @@ def evaluate(model: torch.nn.Module, dataset: TokenDataset, batch_size: int, seq
     # [sum of losses in nats, number of target tokens, number of target bytes,
     #  causal routing: (token, head) joins wanted, joins dropped by the causal limits, (token, head) slots]
     totals = torch.zeros(6, dtype=torch.float64, device=device)
+    window_losses = []
     split_windows = (dataset.num_tokens - 1) // seq_len
     num_batches = math.ceil(split_windows / (batch_size * world_size))
     if max_batches is not None:
@@ -52,6 +58,8 @@ def evaluate(model: torch.nn.Module, dataset: TokenDataset, batch_size: int, seq
         with autocast:
             logits, _ = model(x, **forward_kwargs, **packed)
         losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        if per_window:
+            window_losses += losses.view(y.shape).double().mean(1).tolist()
         totals[0] += losses.sum(dtype=torch.float64)
         totals[1] += y.numel()
         totals[2] += (y != dataset.eot_id).sum()
@@ -72,6 +80,8 @@ def evaluate(model: torch.nn.Module, dataset: TokenDataset, batch_size: int, seq
               "split_windows": split_windows}
     if slots:
         result.update(causal_join_rate=wanted / slots, causal_overflow_rate=overflow / slots)
+    if per_window:
+        result["window_losses"] = window_losses
     if dataset.meta.get("tokenizer") == "byte":
         # Bits per byte: the whole loss (end-of-text predictions included) over the bytes of text predicted.
         result["bpb"] = total_loss / math.log(2) / max(num_bytes, 1)
