@@ -186,9 +186,10 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
                           B, T, E, K, GROUPS, sm_scale, H: tl.constexpr,
                           D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
                           BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                          TILES_FASTEST: tl.constexpr, ROUTER: tl.constexpr, DOCS: tl.constexpr):
-    e = tl.program_id(1 if TILES_FASTEST else 0)
-    tile = tl.program_id(0 if TILES_FASTEST else 1)
+                          ROUTER: tl.constexpr, DOCS: tl.constexpr):
+    # tiles fastest: all tiles of a head run before the next head, so the head's weights are read from L2
+    tile = tl.program_id(0)
+    e = tl.program_id(1)
     DT: tl.constexpr = x_ptr.dtype.element_ty
     P: tl.constexpr = D - 2 * R2
     grp, slot, b, row_ok, sel = _tile_rows(tile, B, E, K, e, GROUPS, BLOCK_M)
@@ -492,7 +493,7 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim: int, r
         document_ids if docs else indices, dest, o, dy, dqkv, dx, dscores,
         batch, seq_len, num_heads, k, cfg["groups"], head_dim ** -0.5, H=hidden,
         D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
-        BH=cfg["BH"], PREC=precision, TILES_FASTEST=True, ROUTER=router, DOCS=docs, num_warps=cfg["num_warps"],
+        BH=cfg["BH"], PREC=precision, ROUTER=router, DOCS=docs, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     dw_qkv = torch.empty_like(w_qkv)
     dw_o = torch.empty_like(w_o)
