@@ -45,7 +45,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, *, spli
     pack_documents: keep the documents of each window apart, split at the end-of-text token (as training with
     --pack-documents does). per_window: also `window_losses` (each window's mean loss, in split order),
     `window_documents` (the document holding each window's first target) and `document_labels` (each document's
-    first line), for `per_document` and paired comparisons (`torch_mosa.statistics.paired_difference`). Returns evaluate()'s dict plus checkpoint, data, split, routing.
+    first line), for `per_document` and paired comparisons (`torch_mosa.statistics.paired_difference`).
+    Returns evaluate()'s dict plus checkpoint, data, split, routing, pack_documents.
     """
     path = resolve_checkpoint(checkpoint)
     model, config = load_model(path, device)
