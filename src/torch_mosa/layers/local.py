@@ -9,24 +9,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from torch_mosa.checks import check_attention_input, check_positive_int, check_routing
+from torch_mosa.checks import check_positive_int
 from torch_mosa.layers.dense import DenseAttention
 
 
 class LocalAttention(DenseAttention):
-    """Same parameters as DenseAttention; forward(x [B, T, h], attention_mask [B, T] or None) -> [B, T, h]."""
+    """Same parameters and forward as DenseAttention (forward(x [B, T, h], attention_mask [B, T] or None, routing,
+    documents) -> [B, T, h]); only `attend` differs: each token sees the last `window` tokens."""
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int = 64, window: int = 64,
                  rotate_fraction: float = 0.5, rope_base: float = 10000.0):
         super().__init__(hidden_size, num_heads, head_dim, rotate_fraction, rope_base)
         self.window = check_positive_int("window", window)
-
-    def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk", documents=None) -> torch.Tensor:
-        check_attention_input(x, self.hidden_size, self.w_o.weight, attention_mask, documents)
-        check_routing(routing)
-        positions = torch.arange(x.shape[1], device=x.device) if documents is None else documents.rope_positions
-        q, k, v = self.project_qkv(x, positions)
-        return self.merge_heads(self.attend(q, k, v, attention_mask, documents))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=None,
                documents=None) -> torch.Tensor:
