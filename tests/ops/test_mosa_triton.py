@@ -237,6 +237,28 @@ def test_dispatch_takes_reference_off_cuda():
         assert not dispatch.fast_path_enabled()
 
 
+def test_deterministic_mode_takes_the_reference(monkeypatch):
+    """The kernels' fp32 atomics are not reproducible bit for bit: torch.use_deterministic_algorithms(True) makes
+    the dispatch point run the reference even where the fast path would run."""
+    import torch_mosa.ops.mosa as mosa_ops
+
+    calls = []
+    monkeypatch.setattr(mosa_ops, "use_fast_path", lambda x: True)
+    monkeypatch.setattr(triton_mosa, "fused_mosa_attention", lambda *args: calls.append("fused") or args[0])
+    x, w_qkv, w_o = torch.randn(1, 6, 8), torch.randn(2, 8, 24), torch.randn(2, 8, 8)
+    indices, scores = torch.tensor([[[0, 2, 5], [1, 3, 4]]]), torch.rand(1, 2, 3)
+    mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim=4, rope_base=1e4)
+    assert calls == ["fused"]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        y = mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim=4, rope_base=1e4)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert calls == ["fused"]
+    torch.testing.assert_close(y, mosa_attention_reference(x, w_qkv, w_o, indices, scores, 4, 1e4))
+
+
 def test_dispatch_by_dtype_and_thread():
     """float64 never takes the kernels; a fast_path(False) block in one thread leaves other threads alone."""
     import threading
