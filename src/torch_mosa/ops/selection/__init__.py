@@ -56,11 +56,26 @@ def topk_route_documents(logits: torch.Tensor, layout, sparsity: int | None, k: 
     """`topk_route` for packed documents: each document of a row routes on its own, with
     k_d = max(2, len_d // sparsity) slots per head (or the fixed k, capped at len_d) and include_first forcing the
     document's first token. logits [B, E, T], layout a DocumentLayout (ops/documents.py) -> indices, scores
-    [B, E, K], K the largest sum of k_d over a row (padding slots, score 0, fill shorter rows).
+    [B, E, K], K the largest sum of k_d over a row (padding slots, position 0 and score 0, fill shorter rows).
 
-    Plain PyTorch on every device (two sorts per call): the selection kernel handles one document per row.
+    On CUDA one program of the selection kernel per (document, head); elsewhere two stable sorts in PyTorch.
     """
     if logits.dim() != 3 or tuple(logits.shape[::2]) != tuple(layout.shape):
         raise ValueError(f"logits must be [B, E, T] with [B, T] = {tuple(layout.shape)}, got {tuple(logits.shape)}")
     sizes, width = layout.selection_sizes(sparsity, k)
+    if use_fast_path(logits):
+        from torch_mosa.ops.selection.triton_selection import topk_route_segments_triton
+
+        return topk_route_segments_triton(logits, document_segments(layout, sizes), width, include_first)
     return topk_route_documents_reference(logits, sizes, width, include_first, layout)
+
+
+def document_segments(layout, sizes: torch.Tensor) -> torch.Tensor:
+    """[N, 5] int64 rows (b, start, length, k_d, slot offset), one per document of a packed batch in row-major
+    order: where each document lies and where its k_d slots begin among its row's slots."""
+    rows, starts = layout.is_first.nonzero(as_tuple=True)
+    lengths, counts = layout.lengths[rows, starts], sizes[rows, starts]
+    before = counts.cumsum(0) - counts  # slots of every earlier document of the batch
+    row_start = torch.zeros(layout.shape[0], dtype=counts.dtype, device=counts.device).scatter_reduce(
+        0, rows, before, reduce="amin", include_self=False)
+    return torch.stack([rows, starts, lengths, counts, before - row_start[rows]], dim=1)

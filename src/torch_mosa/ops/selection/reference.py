@@ -50,8 +50,8 @@ def topk_route_documents_reference(logits: torch.Tensor, sizes: torch.Tensor, wi
 
     Each document of each row takes, per head, its k_d largest logits (ties to the lowest position;
     include_first forces the document's first token in), exactly as top-k over that document alone would. Slots
-    hold every document's choices in ascending position, then padding slots (score 0) up to K for rows whose
-    documents sum to fewer slots.
+    hold every document's choices in ascending position, then padding slots (position 0, score 0) up to K for rows
+    whose documents sum to fewer slots.
 
     Two stable sorts rank tokens within their document without a loop over documents: descending by logit, then
     by document; a token's rank is then its place in the sorted row less its document's start.
@@ -72,4 +72,4 @@ def topk_route_documents_reference(logits: torch.Tensor, sizes: torch.Tensor, wi
     indices, real, _ = sort_selection(positions, chosen, seq_len)
     indices, real = indices[..., :width], real[..., :width]
     scores = torch.sigmoid(logits.gather(-1, indices)).masked_fill(~real, 0.0)
-    return indices, scores.float() if scores.dtype != torch.float64 else scores
+    return indices.masked_fill(~real, 0), scores.float() if scores.dtype != torch.float64 else scores

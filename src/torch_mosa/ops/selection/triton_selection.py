@@ -57,9 +57,9 @@ def _count_at_least(row_ptr, mask_row_ptr, first, offs, T, bound, key, in_row, N
 
 
 @triton.jit
-def _take_chunk(idx_ptr, score_ptr, out_row, t, key, logit, in_row, real, kth, need, num_real, equal_seen, real_seen,
-                pad_seen):
-    """Write the chunk's chosen positions to their slots; returns the updated running counts."""
+def _take_chunk(idx_ptr, score_ptr, out_row, base, t, key, logit, in_row, real, kth, need, num_real, equal_seen,
+                real_seen, pad_seen):
+    """Write the chunk's chosen positions (base + t) to their slots; returns the updated running counts."""
     equal = in_row & (key == kth)
     equal_rank = equal_seen + tl.cumsum(equal.to(tl.int32), 0)
     take = in_row & ((key > kth) | (equal & (equal_rank <= need)))
@@ -68,7 +68,7 @@ def _take_chunk(idx_ptr, score_ptr, out_row, t, key, logit, in_row, real, kth, n
     slot = tl.where(take_real, real_seen + tl.cumsum(take_real.to(tl.int32), 0) - 1,
                     num_real + pad_seen + tl.cumsum(take_pad.to(tl.int32), 0) - 1)
     score = tl.where(take_real, 1.0 / (1.0 + tl.exp(-logit)), 0.0)
-    tl.store(idx_ptr + out_row + slot, t.to(tl.int64), mask=take)
+    tl.store(idx_ptr + out_row + slot, base + t.to(tl.int64), mask=take)
     tl.store(score_ptr + out_row + slot, score, mask=take)
     return (equal_seen + tl.sum(equal.to(tl.int32), 0), real_seen + tl.sum(take_real.to(tl.int32), 0),
             pad_seen + tl.sum(take_pad.to(tl.int32), 0))
@@ -86,6 +86,36 @@ def _topk_route_kernel(logits_ptr, mask_ptr, first_ptr, idx_ptr, score_ptr, E, T
     first = -1
     if INCLUDE_FIRST:
         first = tl.load(first_ptr + b).to(tl.int32)
+    _select_row(row_ptr, mask_row_ptr, first, T, K, idx_ptr, score_ptr, row.to(tl.int64) * K, 0, HAS_MASK,
+                INCLUDE_FIRST, BLOCK_T, NUM_CHUNKS)
+
+
+@triton.jit
+def _topk_segments_kernel(logits_ptr, segments_ptr, idx_ptr, score_ptr, E, WIDTH, stride_lb, stride_le,
+                          INCLUDE_FIRST: tl.constexpr, BLOCK_T: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    """One program per (segment, head): segment s = (row b, start, length, k, slot offset) of a packed row, whose
+    k largest logits go to slots offset .. offset + k - 1 of the row's WIDTH slots, positions start + t."""
+    pid = tl.program_id(0)
+    segment = segments_ptr + (pid // E).to(tl.int64) * 5
+    e = pid % E
+    b = tl.load(segment)
+    start = tl.load(segment + 1)
+    length = tl.load(segment + 2).to(tl.int32)
+    k = tl.load(segment + 3).to(tl.int32)
+    offset = tl.load(segment + 4)
+    row_ptr = logits_ptr + b * stride_lb + e.to(tl.int64) * stride_le + start
+    first = -1
+    if INCLUDE_FIRST:
+        first = 0
+    _select_row(row_ptr, row_ptr, first, length, k, idx_ptr, score_ptr, (b * E + e) * WIDTH + offset, start, False,
+                INCLUDE_FIRST, BLOCK_T, NUM_CHUNKS)
+
+
+@triton.jit
+def _select_row(row_ptr, mask_row_ptr, first, T, K, idx_ptr, score_ptr, out_row, base, HAS_MASK: tl.constexpr,
+                INCLUDE_FIRST: tl.constexpr, BLOCK_T: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    """The K largest keys of a row of T logits at row_ptr, written to slots out_row .. out_row + K - 1 as positions
+    base + t, ascending."""
     offs = tl.arange(0, BLOCK_T)
     # a row that fits one chunk stays in registers for the whole search
     key, logit, in_row, real = _row_keys(row_ptr, mask_row_ptr, first, offs, T, HAS_MASK, INCLUDE_FIRST)
@@ -104,9 +134,8 @@ def _topk_route_kernel(logits_ptr, mask_ptr, first_ptr, idx_ptr, score_ptr, E, T
         need = K
     # padding (key 0) is taken only when kth == 0, after every real key
     num_real = tl.where(kth == 0, K - need, K)
-    out_row = row.to(tl.int64) * K
     if NUM_CHUNKS == 1:
-        _take_chunk(idx_ptr, score_ptr, out_row, offs, key, logit, in_row, real, kth, need, num_real, 0, 0, 0)
+        _take_chunk(idx_ptr, score_ptr, out_row, base, offs, key, logit, in_row, real, kth, need, num_real, 0, 0, 0)
     else:
         equal_seen = 0
         real_seen = 0
@@ -114,8 +143,8 @@ def _topk_route_kernel(logits_ptr, mask_ptr, first_ptr, idx_ptr, score_ptr, E, T
         for chunk in range(NUM_CHUNKS):
             t = chunk * BLOCK_T + offs
             key, logit, in_row, real = _row_keys(row_ptr, mask_row_ptr, first, t, T, HAS_MASK, INCLUDE_FIRST)
-            equal_seen, real_seen, pad_seen = _take_chunk(idx_ptr, score_ptr, out_row, t, key, logit, in_row, real,
-                                                          kth, need, num_real, equal_seen, real_seen, pad_seen)
+            equal_seen, real_seen, pad_seen = _take_chunk(idx_ptr, score_ptr, out_row, base, t, key, logit, in_row,
+                                                          real, kth, need, num_real, equal_seen, real_seen, pad_seen)
 
 
 def topk_route_triton(logits: torch.Tensor, k: int, include_first: bool, attention_mask=None):
@@ -149,3 +178,32 @@ def _topk_route_fake(logits, k, include_first, attention_mask):
     batch, num_heads, _ = logits.shape
     return (logits.new_empty(batch, num_heads, k, dtype=torch.int64),
             logits.new_empty(batch, num_heads, k, dtype=torch.float32))
+
+
+def topk_route_segments_triton(logits: torch.Tensor, segments: torch.Tensor, width: int, include_first: bool):
+    """Per-document top-k (see `topk_route_documents`): logits [B, E, T], segments [N, 5] int64 rows (b, start,
+    length, k_d, slot offset) -> indices, scores [B, E, width]; slots no segment fills hold position 0, score 0."""
+    return _topk_segments_op(logits.detach(), segments, int(width), bool(include_first))
+
+
+@torch.library.custom_op("torch_mosa::topk_route_segments", mutates_args=())
+def _topk_segments_op(logits: torch.Tensor, segments: torch.Tensor, width: int, include_first: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, num_heads, seq_len = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    indices = torch.zeros(batch, num_heads, width, device=logits.device, dtype=torch.int64)
+    scores = torch.zeros(batch, num_heads, width, device=logits.device, dtype=torch.float32)
+    block_t = min(MAX_BLOCK_T, max(16, triton.next_power_of_2(seq_len)))
+    _topk_segments_kernel[(segments.shape[0] * num_heads,)](
+        logits, segments.contiguous(), indices, scores, num_heads, width, logits.stride(0), logits.stride(1),
+        INCLUDE_FIRST=include_first, BLOCK_T=block_t, NUM_CHUNKS=triton.cdiv(seq_len, block_t),
+        num_warps=max(1, min(8, block_t // 512)))
+    return indices, scores
+
+
+@_topk_segments_op.register_fake
+def _topk_segments_fake(logits, segments, width, include_first):
+    batch, num_heads, _ = logits.shape
+    return (logits.new_empty(batch, num_heads, width, dtype=torch.int64),
+            logits.new_empty(batch, num_heads, width, dtype=torch.float32))
