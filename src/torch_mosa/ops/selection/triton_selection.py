@@ -165,19 +165,25 @@ def _topk_route_op(logits: torch.Tensor, k: int, include_first: bool, attention_
     has_mask = attention_mask is not None
     mask = attention_mask.to(torch.uint8).contiguous() if has_mask else indices
     first = first_real_position(attention_mask, batch, logits.device) if include_first else indices
-    block_t = min(MAX_BLOCK_T, max(16, triton.next_power_of_2(seq_len)))
     _topk_route_kernel[(batch * num_heads,)](
         logits, mask, first, indices, scores, num_heads, seq_len, k, logits.stride(0), logits.stride(1),
-        HAS_MASK=has_mask, INCLUDE_FIRST=include_first, BLOCK_T=block_t,
-        NUM_CHUNKS=triton.cdiv(seq_len, block_t), num_warps=max(1, min(8, block_t // 512)))
+        HAS_MASK=has_mask, INCLUDE_FIRST=include_first, **_row_blocks(seq_len))
     return indices, scores
 
 
-@_topk_route_op.register_fake
-def _topk_route_fake(logits, k, include_first, attention_mask):
+def _row_blocks(seq_len: int) -> dict:
+    """Chunk size, chunk count and warps for rows of up to seq_len logits (1 warp per 512 logits, at most 8)."""
+    block_t = min(MAX_BLOCK_T, max(16, triton.next_power_of_2(seq_len)))
+    return dict(BLOCK_T=block_t, NUM_CHUNKS=triton.cdiv(seq_len, block_t), num_warps=max(1, min(8, block_t // 512)))
+
+
+def _selection_fake(logits: torch.Tensor, width: int):
     batch, num_heads, _ = logits.shape
-    return (logits.new_empty(batch, num_heads, k, dtype=torch.int64),
-            logits.new_empty(batch, num_heads, k, dtype=torch.float32))
+    return (logits.new_empty(batch, num_heads, width, dtype=torch.int64),
+            logits.new_empty(batch, num_heads, width, dtype=torch.float32))
+
+
+_topk_route_op.register_fake(lambda logits, k, include_first, attention_mask: _selection_fake(logits, k))
 
 
 def topk_route_segments_triton(logits: torch.Tensor, segments: torch.Tensor, width: int, include_first: bool):
@@ -194,16 +200,10 @@ def _topk_segments_op(logits: torch.Tensor, segments: torch.Tensor, width: int, 
         logits = logits.contiguous()
     indices = torch.zeros(batch, num_heads, width, device=logits.device, dtype=torch.int64)
     scores = torch.zeros(batch, num_heads, width, device=logits.device, dtype=torch.float32)
-    block_t = min(MAX_BLOCK_T, max(16, triton.next_power_of_2(seq_len)))
     _topk_segments_kernel[(segments.shape[0] * num_heads,)](
         logits, segments.contiguous(), indices, scores, num_heads, width, logits.stride(0), logits.stride(1),
-        INCLUDE_FIRST=include_first, BLOCK_T=block_t, NUM_CHUNKS=triton.cdiv(seq_len, block_t),
-        num_warps=max(1, min(8, block_t // 512)))
+        INCLUDE_FIRST=include_first, **_row_blocks(seq_len))
     return indices, scores
 
 
-@_topk_segments_op.register_fake
-def _topk_segments_fake(logits, segments, width, include_first):
-    batch, num_heads, _ = logits.shape
-    return (logits.new_empty(batch, num_heads, width, dtype=torch.int64),
-            logits.new_empty(batch, num_heads, width, dtype=torch.float32))
+_topk_segments_op.register_fake(lambda logits, segments, width, include_first: _selection_fake(logits, width))
