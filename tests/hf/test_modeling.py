@@ -93,8 +93,6 @@ def test_forward_errors_name_the_argument():
     input_ids = torch.randint(0, VOCAB, (1, 8))
     with pytest.raises(ValueError, match="inputs_embeds"):
         wrapped(input_ids, inputs_embeds=torch.zeros(1, 8, 64))
-    with pytest.raises(ValueError, match="position_ids"):
-        wrapped(input_ids, position_ids=torch.arange(8)[None])
     with pytest.raises(TypeError, match="past_key_values"):
         wrapped(input_ids, past_key_values=transformers.DynamicCache())
     with pytest.raises(ValueError, match="routing='topk' cannot use a KV cache"):
@@ -164,3 +162,37 @@ def test_from_mosa_copies_weights_and_config():
     assert all(torch.equal(a, b) for a, b in zip(wrapped.model.state_dict().values(), model.state_dict().values()))
     with pytest.raises(TypeError, match="MoSALM"):
         mosa_hf.MoSAForCausalLM.from_mosa(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("routing", ["topk", "causal"])
+def test_packed_rows_from_position_ids_equal_each_document_alone(routing):
+    """transformers' flattened packing (position_ids restarting at 0 per example) routes and attends per document:
+    the packed row's logits and loss equal each document's alone."""
+    model = micro_lm("mosa")
+    wrapped = mosa_hf.MoSAForCausalLM.from_mosa(model)
+    lengths = [1, 9, 23]
+    input_ids = torch.randint(0, VOCAB, (1, sum(lengths)))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    labels = input_ids.clone()
+    labels[0, [0, 1, 10]] = -100  # as DataCollatorWithFlattening: no label for each document's first token
+    with torch.no_grad():
+        packed = wrapped(input_ids, position_ids=position_ids, labels=labels, routing=routing, use_cache=False)
+        alone, start = [], 0
+        for n in lengths:
+            alone.append(model(input_ids[:, start:start + n], routing=routing)[0])
+            start += n
+    torch.testing.assert_close(packed.logits, torch.cat(alone, 1), rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(packed.loss)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(position_ids=torch.tensor([[0, 1, 3, 4]])), "restart at 0"),
+    (dict(position_ids=torch.tensor([[0, 1, 0, 1]]), document_ids=torch.tensor([[0, 0, 1, 1]])), "not both"),
+    (dict(position_ids=torch.tensor([[0, 1, 0, 1]]), use_cache=True), "no KV cache"),
+    (dict(position_ids=torch.tensor([[0, 1, 0, 1]]), attention_mask=torch.tensor([[0, 1, 1, 1]])), "no padding"),
+    (dict(inputs_embeds=torch.zeros(1, 4, 64)), "inputs_embeds"),
+])
+def test_packed_input_errors(kwargs, match):
+    wrapped = mosa_hf.MoSAForCausalLM.from_mosa(micro_lm("mosa"))
+    with pytest.raises(ValueError, match=match):
+        wrapped(torch.zeros(1, 4, dtype=torch.long), **kwargs)

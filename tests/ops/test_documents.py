@@ -4,7 +4,8 @@ separator descriptions, unpacking to per-document rows, and clear errors."""
 import pytest
 import torch
 
-from torch_mosa.ops.documents import (document_ids_from_cu_seqlens, document_ids_from_separators, document_layout)
+from torch_mosa.ops.documents import (document_ids_from_cu_seqlens, document_ids_from_position_ids,
+                                      document_ids_from_separators, document_layout)
 
 
 def test_layout_of_documents_of_odd_lengths():
@@ -35,6 +36,13 @@ def test_unpack_to_document_rows():
     rows, mask = layout.unpack(values)
     assert rows[..., 0].tolist() == [[0, 0, 0], [1, 2, 3], [4, 5, 0], [6, 7, 0]]
     assert mask.tolist() == [[True, False, False], [True, True, True], [True, True, False], [True, True, False]]
+
+
+def test_position_ids_of_flattened_packing():
+    assert document_ids_from_position_ids(torch.tensor([[0, 1, 2, 0, 0, 1], [5, 6, 0, 1, 2, 3]])).tolist() == \
+        [[0, 0, 0, 1, 2, 2], [0, 0, 1, 1, 1, 1]]
+    with pytest.raises(ValueError, match="restart at 0"):
+        document_ids_from_position_ids(torch.tensor([[1, 1, 1, 0, 1]]))  # positions of a left-padded row
 
 
 def test_cu_seqlens_and_separators():

@@ -16,6 +16,7 @@ from torch_mosa.checks import check_routing
 from torch_mosa.hf.cache import MoSACache
 from torch_mosa.hf.configuration import MoSAConfig
 from torch_mosa.models.lm import MoSALM
+from torch_mosa.ops.documents import document_ids_from_position_ids
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
@@ -36,6 +37,9 @@ class MoSAForCausalLM(PreTrainedModel, GenerationMixin):
     (`use_cache`, the default in eval mode, or a MoSACache in `past_key_values`) runs causal routing: the prefill when
     the cache is empty, token-by-token decoding after. `routing` overrides `config.routing` for one call ("topk" works
     without a cache only). Positions follow the token order, left padding included, as in `MoSALM.generate`.
+    Packed rows (training, evaluation): `position_ids` that restart at 0 with every document, as transformers'
+    DataCollatorWithFlattening makes them, or torch_mosa's `document_ids`; each document is then computed as if it
+    were alone (docs/training.md, Packed documents), with no cache.
     """
 
     config_class = MoSAConfig
@@ -95,10 +99,16 @@ class MoSAForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: MoSACache | None = None, labels: torch.Tensor | None = None,
                 use_cache: bool | None = None, routing: str | None = None, **kwargs) -> CausalLMOutputWithPast:
-        for name in ("inputs_embeds", "position_ids"):
-            if kwargs.get(name) is not None:
-                raise ValueError(f"{name} is not supported by MoSA models: pass input_ids (positions follow the "
-                                 "token order, left padding included)")
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("inputs_embeds is not supported by MoSA models: pass input_ids")
+        document_ids = self._packed_documents(kwargs.get("position_ids"), kwargs.get("document_ids"))
+        if document_ids is not None:  # packed rows: no padding, no cache (training and evaluation)
+            if use_cache or past_key_values is not None:
+                raise ValueError("packed input (position_ids restarting per document, or document_ids) takes no KV "
+                                 "cache: pass use_cache=False and no past_key_values")
+            if attention_mask is not None and not bool(attention_mask.bool().all()):
+                raise ValueError("packed input holds no padding: its attention_mask must be all ones (or None)")
+            attention_mask, use_cache = None, False
         routing = self.config.routing if routing is None else routing
         check_routing(routing)
         self.model.check_input_ids(input_ids)
@@ -118,7 +128,7 @@ class MoSAForCausalLM(PreTrainedModel, GenerationMixin):
         # transformers' labels are the inputs; MoSALM's targets are the next tokens
         targets = None if labels is None else F.pad(labels[:, 1:], (0, 1), value=-100)
         if past_key_values is None:
-            logits, loss = self.model(input_ids, targets, attention_mask, routing)
+            logits, loss = self.model(input_ids, targets, attention_mask, routing, document_ids=document_ids)
         else:
             if past_key_values.get_seq_length() == 0:
                 logits = past_key_values.prefill(self.model, input_ids, attention_mask)
@@ -127,6 +137,16 @@ class MoSAForCausalLM(PreTrainedModel, GenerationMixin):
             loss = None if targets is None else F.cross_entropy(
                 logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    @staticmethod
+    def _packed_documents(position_ids, document_ids):
+        """Document ids of packed input, from position ids restarting at 0 per document (transformers'
+        DataCollatorWithFlattening) or given directly; None for ordinary rows."""
+        if position_ids is not None and document_ids is not None:
+            raise ValueError("give position_ids (restarting per packed document) or document_ids, not both")
+        if position_ids is not None:
+            return document_ids_from_position_ids(position_ids)
+        return document_ids
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode, batch_size: int,
                                       max_cache_length: int) -> None:

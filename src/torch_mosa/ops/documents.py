@@ -143,3 +143,17 @@ def document_ids_from_separators(input_ids: torch.Tensor, separator_id: int) -> 
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
     return (input_ids == separator_id).long().cumsum(-1)
+
+
+def document_ids_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Document ids [B, T] from position ids that restart at 0 with every document, as transformers'
+    DataCollatorWithFlattening packs examples: along a row each position is 0 (a document starts) or the previous
+    position plus one. Any other pattern (e.g. positions derived from left padding) is refused."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.dtype.is_floating_point:
+        got = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+        raise ValueError(f"position_ids must be an integer [batch, seq_len] tensor, got {got}")
+    starts = position_ids[:, 1:] == 0
+    if not bool((starts | (position_ids[:, 1:] == position_ids[:, :-1] + 1)).all()):
+        raise ValueError("position_ids must count 0, 1, 2, ... within each packed document and restart at 0 where "
+                         "the next document begins (transformers' DataCollatorWithFlattening format)")
+    return torch.nn.functional.pad(starts.long(), (1, 0)).cumsum(-1)
