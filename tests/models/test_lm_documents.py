@@ -87,7 +87,7 @@ def test_cu_seqlens_equals_document_ids_and_positions_switch():
     # Positions continued along the row: as attention stays inside documents and RoPE scores depend on position
     # differences only, the outputs agree up to rounding (restarting keeps packed runs equal to unpacked ones).
     model.config.restart_positions_per_document = False
-    layout = model.document_layout(input_ids, torch.tensor([[0] * 7 + [1] * 23]))
+    layout = model.packed_layout(input_ids, torch.tensor([[0] * 7 + [1] * 23]))
     assert layout.rope_positions.tolist() == [list(range(30))]
     continued, _ = model(input_ids, document_ids=torch.tensor([[0] * 7 + [1] * 23]))
     torch.testing.assert_close(continued, by_ids, rtol=1e-9, atol=1e-12)

@@ -127,7 +127,7 @@ class MoSALM(nn.Module):
                 cu_seqlens: torch.Tensor | None = None):
         self.check_input_ids(input_ids)
         check_routing(routing)
-        documents = self.document_layout(input_ids, document_ids, cu_seqlens)
+        documents = self.packed_layout(input_ids, document_ids, cu_seqlens)
         x = self.embed(input_ids)
         for block in self.blocks:
             x = block(x, attention_mask, routing, documents)
@@ -148,7 +148,7 @@ class MoSALM(nn.Module):
             loss = loss + self.config.router_aux_loss_weight * self.last_router_aux_loss
         return logits, loss
 
-    def document_layout(self, input_ids: torch.Tensor, document_ids=None, cu_seqlens=None):
+    def packed_layout(self, input_ids: torch.Tensor, document_ids=None, cu_seqlens=None):
         """The DocumentLayout of packed input (None without document_ids or cu_seqlens), built once per forward."""
         if document_ids is None and cu_seqlens is None:
             return None
