@@ -147,3 +147,35 @@ def test_fused_decode_in_bfloat16_on_the_gpu(batch, num_heads, capacity, width):
     for a, e in ((k, k64), (v, v64)):
         assert ((a[held].double() - e[held]).norm() / e[held].norm()).item() < 1e-2
     assert torch.equal(counts_fused, counts64) and int(overflow_fused) == int(overflow64)
+
+
+@pytest.mark.parametrize("attention", ["mosa", "fixed-per-head"])
+def test_fused_decode_inside_the_model_equals_the_full_causal_forward(monkeypatch, attention):
+    """The kernels wired into SparseHeads.decode_step (forced on, in the interpreter off CUDA): prefill + cached
+    decode equals the full causal forward of the model, with a head limit that bites (MoSA) or per-head strides."""
+    import torch_mosa.ops.decode as decode_ops
+    from torch_mosa import MoSAConfig, MoSALM
+    from torch_mosa.inference import calibrate_causal_thresholds, decode_one_token, new_cache, prefill
+
+    import torch_mosa.ops.decode.triton_decode as triton_decode
+
+    calls = []
+    monkeypatch.setattr(decode_ops, "use_fast_path", lambda x: True)
+    monkeypatch.setattr(triton_decode, "sparse_decode_triton",
+                        lambda *args: calls.append(1) or sparse_decode_triton(*args))
+    kind, extra = ("fixed", dict(fixed_offsets="per_head")) if attention == "fixed-per-head" else ("mosa", {})
+    torch.manual_seed(0)
+    model = MoSALM(MoSAConfig.from_preset("micro", attention=kind, sparsity=4, vocab_size=50, num_layers=1,
+                                          **extra)).eval().to(DEVICE)
+    if model.mosa_layers:
+        calibrate_causal_thresholds(model, [torch.randint(0, 50, (2, 40), device=DEVICE)])
+        model.mosa_layers[0].set_causal_limits(heads_per_token=3)
+    ids = torch.randint(0, 50, (2, 30), device=DEVICE)
+    with torch.no_grad():
+        full, _ = model(ids, routing="causal")
+        cache = new_cache(model, 2, 30, torch.float32, ids.device)
+        prefill(model, ids[:, :12], torch.ones(2, 12, dtype=torch.bool, device=DEVICE), cache)
+        for t in range(12, 30):
+            torch.testing.assert_close(decode_one_token(model, ids[:, t:t + 1], t, cache), full[:, t],
+                                       rtol=1e-4, atol=1e-4)
+    assert len(calls) == 18  # one decode step per new token, the kernels each time
