@@ -98,5 +98,9 @@ def test_mosa_leak_command(tmp_path, shards, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [row["routing"] for row in rows] == ["topk", "causal"]
     assert rows[1]["mean_change"] == 0 and rows[0]["cut"] == SEQ_LEN // 2
-    assert cli.main(["leak", str(run), "--split", "train", "--windows", "8", "--replacement", "far"]) == 0
-    assert "far away in the same document" in capsys.readouterr().out
+    assert cli.main(["leak", str(run), "--split", "train", "--windows", "8", "--replacement", "far", "--routing",
+                     "topk", "causal", "--by-position", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "far away in the same document" in out and "topk - causal" in out
+    assert len([line for line in out.splitlines() if line[:4].strip().isdigit()]) == 4  # four position spans
+    assert cli.main(["leak", str(run), "--by-position", "-1"]) == 2

@@ -25,6 +25,9 @@ def add_parser(subparsers) -> None:
                    help="routings to measure (causal needs calibrated thresholds: see --calibrate-batches)")
     p.add_argument("--calibrate-batches", type=int, default=0,
                    help="with causal routing, first calibrate the thresholds on N training batches")
+    p.add_argument("--by-position", type=int, default=0, metavar="BUCKETS",
+                   help="also print the mean loss by position in the window, in BUCKETS equal spans, for each "
+                        "routing (and top-k minus causal when both are measured)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ... (default auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object per measurement")
@@ -39,9 +42,11 @@ def run(args) -> int:
     from torch_mosa.checks import resolve_device
     from torch_mosa.data.shards import TokenDataset
     from torch_mosa.inference.calibrate import calibrate_on_dataset
-    from torch_mosa.leak import future_leak
+    from torch_mosa.leak import future_leak, loss_by_position
     from torch_mosa.runs import load_model, resolve_checkpoint, training_data_dir
 
+    if args.by_position < 0:
+        raise ValueError(f"--by-position must be >= 0 (0: off), got {args.by_position}")
     device = resolve_device(args.device)
     path = resolve_checkpoint(args.checkpoint)
     model, config = load_model(path, device)
@@ -66,8 +71,30 @@ def run(args) -> int:
                     continue
                 low, high = result["interval"]
                 source = "another document" if replacement == "other" else "far away in the same document"
-                print(f"[{routing}, future from {source}] {result['windows']} windows of {seq_len}, cut at {cut}: loss before the cut "
-                      f"{result['loss_before_cut']:.4f}, change {result['mean_change']:+.2e} nats/token "
+                print(f"[{routing}, future from {source}] {result['windows']} windows of {seq_len}, cut at {cut}: "
+                      f"loss before the cut {result['loss_before_cut']:.4f}, change {result['mean_change']:+.2e} nats/token "
                       f"(95% interval {low:+.2e} .. {high:+.2e}), mean |change| {result['mean_abs_change']:.2e}, "
                       f"{result['changed_share']:.0%} of windows changed, noise {result['noise']:.1e}")
+        if args.by_position:
+            curves = {routing: loss_by_position(model, dataset, seq_len, args.windows, routing, args.batch_size,
+                                                device) for routing in dict.fromkeys(args.routing)}
+            if "topk" in curves and "causal" in curves:
+                curves["topk - causal"] = curves["topk"] - curves["causal"]
+            print(position_table(curves, args.by_position, json_lines=args.json))
     return 0
+
+
+def position_table(curves: dict, buckets: int, json_lines: bool = False) -> str:
+    """Mean of each [T] loss curve over `buckets` equal spans of positions: a text table, or one JSON line."""
+    import torch
+
+    seq_len = len(next(iter(curves.values())))
+    edges = torch.linspace(0, seq_len, min(buckets, seq_len) + 1).round().long().tolist()
+    spans = list(zip(edges[:-1], edges[1:]))
+    means = {name: [float(curve[a:b].mean()) for a, b in spans] for name, curve in curves.items()}
+    if json_lines:
+        return json.dumps({"positions": [[a, b - 1] for a, b in spans], "mean_loss": means})
+    lines = ["positions " + "".join(f"{name:>16}" for name in means)]
+    for i, (a, b) in enumerate(spans):
+        lines.append(f"{a:>4}-{b - 1:<4} " + "".join(f"{means[name][i]:16.4f}" for name in means))
+    return "\n".join(lines)
