@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The GPU checks the CPU cannot make, one stage per device call (each fits the 10-minute call limit):
+#   tests   every CUDA-marked test (kernels against float64, packed documents, fused decode, CUDA graphs, compile)
+#   layer   the SPEC §6 layer table (cases A-D, dense beside the fast path)
+#   decode  decode throughput: yardstick, dense and MoSA models, fused decode beside the reference composition
+# Usage, from the repository root on the GPU machine: bash benchmarks/gpu_checklist.sh STAGE
+# Writes its log and tables under $OUT (default ./gpu-results) and prints the short table last.
+set -euo pipefail
+stage="${1:?give a stage: tests, layer or decode}"
+case "$stage" in tests|layer|decode) ;; *) echo "unknown stage '$stage': give tests, layer or decode" >&2; exit 2 ;; esac
+out="${OUT:-gpu-results}"
+mkdir -p "$out"
+export PYTHONPATH=src
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+case "$stage" in
+  tests)
+    python -m pytest -m cuda -q -rs 2>&1 | tee "$out/gpu-tests.log" | tail -40 ;;
+  layer)
+    python -m torch_mosa.bench --cases A B C D --paths dense fast --out "$out/mosa_layer.md" 2>&1 \
+      | tee "$out/layer.log" | tail -30 ;;
+  decode)
+    python -m torch_mosa.bench --decode --cuda-graphs --compile-decode --reference-decode --decode-batches 1 32 \
+      --no-eager --out "$out/decode.md" 2>&1 | tee "$out/decode.log" | tail -30 ;;
+esac
