@@ -18,8 +18,9 @@ case "$stage" in
   tests)
     python -m pytest -m cuda -q -rs 2>&1 | tee "$out/gpu-tests.log" | tail -40 ;;
   layer)
-    python -m torch_mosa.bench --cases A B C D --paths dense fast --out "$out/mosa_layer.md" 2>&1 \
-      | tee "$out/layer.log" | tail -30 ;;
+    # the SPEC §6 cases; TRAIN=1 adds whole Tiny training steps, plain and packed with 4 documents per row
+    python -m torch_mosa.bench --cases A B C D --paths dense fast --out "$out/mosa_layer.md" \
+      ${TRAIN:+--train-step --train-documents 4} 2>&1 | tee "$out/layer.log" | tail -30 ;;
   decode)
     # compiled + CUDA graphs only (the mode the targets are read in); one batch size per call keeps it
     # under the call limit: DECODE_BATCH=32 for the second

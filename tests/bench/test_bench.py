@@ -35,3 +35,13 @@ def test_bench_needs_cuda(capsys):
 
     assert main(["bench", "--cases", "A"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_packed_document_ids_for_the_training_step():
+    from torch_mosa.bench.cases import packed_document_ids
+    from torch_mosa.ops.documents import document_layout
+
+    ids = packed_document_ids(5, 64, 7)
+    layout = document_layout(ids)  # contiguous, non-decreasing
+    assert (layout.document_count() == 7).all() and (layout.lengths >= 1).all()
+    assert torch.equal(ids, packed_document_ids(5, 64, 7))  # a fixed seed

@@ -118,10 +118,22 @@ TRAIN_MODELS = {
 }
 
 
+def packed_document_ids(batch: int, seq_len: int, documents: int, seed: int = 0) -> torch.Tensor:
+    """Document ids [batch, seq_len] of rows packed with `documents` documents each, of random lengths (at least 1
+    token; cut points drawn uniformly with a fixed seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(batch, seq_len, dtype=torch.long)
+    for row in range(batch):
+        cuts = torch.randperm(seq_len - 1, generator=generator)[:documents - 1] + 1
+        ids[row, cuts] = 1
+    return ids.cumsum(-1)
+
+
 def train_step_tokens_per_second(model_kwargs: dict, batch: int = 64, steps: int = 10, compile_model: bool = True,
-                                 fast: bool = True, preset: str = "tiny") -> tuple[float, float]:
+                                 fast: bool = True, preset: str = "tiny", documents: int = 0) -> tuple[float, float]:
     """Full training steps of a preset model (autocast bf16, fused AdamW, optionally torch.compile):
-    (tokens/s from the median step, peak MiB)."""
+    (tokens/s from the median step, peak MiB). documents > 0 packs that many documents of random lengths into each
+    row (document_ids), so the per-document routing and masks are timed too."""
     device = torch.device("cuda")
     torch.manual_seed(0)
     config = MoSAConfig.from_preset(preset, **model_kwargs)
@@ -130,10 +142,12 @@ def train_step_tokens_per_second(model_kwargs: dict, batch: int = 64, steps: int
     forward = torch.compile(model) if compile_model else model
     tokens = torch.randint(0, config.vocab_size, (batch, config.max_seq_len + 1), device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    packed = {} if not documents else {
+        "document_ids": packed_document_ids(batch, config.max_seq_len, documents).to(device)}
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = forward(inputs, targets)
+            _, loss = forward(inputs, targets, **packed)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "sparsity 64 and 16, and the 4 + 17 sparsity-32 model")
     p.add_argument("--train-batch", type=int, default=64)
     p.add_argument("--no-compile", action="store_true", help="time the training steps without torch.compile")
+    p.add_argument("--train-documents", type=int, default=0, metavar="N",
+                   help="with --train-step, also time each model on rows packed with N documents of random lengths "
+                        "(per-document routing and masks)")
     p.add_argument("--decode", action="store_true",
                    help="time greedy decoding instead of the layer cases: the yardstick (a plain dense GPT with a "
                         "static KV cache), torch-mosa dense, MoSA 4+17 s32 and MoSA IsoFLOP s64 (tiny, bf16)")
@@ -62,6 +65,14 @@ def run(args: argparse.Namespace) -> int:
             train_rows.append((name, args.train_batch, tokens_per_s, mib))
             print(f"train step {name}: {tokens_per_s:,.0f} tokens/s, {mib:.0f} MiB", flush=True)
             torch.cuda.empty_cache()  # the next model starts from a clean cache
+            if args.train_documents:
+                packed_name = f"{name}, packed {args.train_documents} documents/row"
+                tokens_per_s, mib = train_step_tokens_per_second(model_kwargs, batch=args.train_batch,
+                                                                 compile_model=not args.no_compile,
+                                                                 documents=args.train_documents)
+                train_rows.append((packed_name, args.train_batch, tokens_per_s, mib))
+                print(f"train step {packed_name}: {tokens_per_s:,.0f} tokens/s, {mib:.0f} MiB", flush=True)
+                torch.cuda.empty_cache()
     report = markdown_report(rows, train_rows, command=" ".join(["python -m torch_mosa.bench", *sys.argv[1:]]))
     print(report)
     if args.out:
