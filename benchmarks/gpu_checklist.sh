@@ -4,11 +4,12 @@
 #   layer   the SPEC §6 layer table (cases A-D, dense beside the fast path)
 #   decode  decode throughput (compiled + CUDA graphs, DECODE_BATCH=1 or 32): yardstick, dense and MoSA models,
 #           the fused decode beside the reference composition
+#   tiles   the op per tile configuration (rows x warps x hidden chunk) on cases A-C (benchmarks/experiments/)
 # Usage, from the repository root on the GPU machine: bash benchmarks/gpu_checklist.sh STAGE
 # Writes its log and tables under $OUT (default ./gpu-results) and prints the short table last.
 set -euo pipefail
-stage="${1:?give a stage: tests, layer or decode}"
-case "$stage" in tests|layer|decode) ;; *) echo "unknown stage '$stage': give tests, layer or decode" >&2; exit 2 ;; esac
+stage="${1:?give a stage: tests, layer, decode or tiles}"
+case "$stage" in tests|layer|decode|tiles) ;; *) echo "unknown stage '$stage': give tests, layer, decode or tiles" >&2; exit 2 ;; esac
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
 export PYTHONPATH=src
@@ -27,4 +28,6 @@ case "$stage" in
     python -m torch_mosa.bench --decode --compile-decode --reference-decode --no-eager \
       --decode-batches "${DECODE_BATCH:-1}" --out "$out/decode-b${DECODE_BATCH:-1}.md" 2>&1 \
       | tee "$out/decode.log" | tail -30 ;;
+  tiles)
+    python benchmarks/experiments/tile_sweep.py --cases A B C 2>&1 | tee "$out/tile-sweep.log" | tail -25 ;;
 esac

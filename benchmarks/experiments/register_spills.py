@@ -1,0 +1,57 @@
+"""Registers and spills of the fused row kernels for sm_90, without a GPU: Triton compiles each configuration to
+PTX, `ptxas -v -arch=sm_90a` (CUDA 13.0 here) reports registers per thread and spill bytes.
+
+Run on any machine with Triton and ptxas: `PYTHONPATH=src python benchmarks/experiments/register_spills.py`.
+The shapes are SPEC §6 case A's (h 512, d 64, rotary 32, bf16). Spills are per thread, so configurations with more
+warps spread the same tile over more registers.
+"""
+
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from torch_mosa.ops.mosa import triton_mosa as tm
+
+TARGET = GPUTarget("cuda", 90, 32)
+POINTERS = dict(x_ptr="*bf16", w_qkv_ptr="*bf16", w_o_ptr="*bf16", idx_ptr="*i64", score_ptr="*fp32",
+                cos_ptr="*fp32", sin_ptr="*fp32", rope_pos_ptr="*i32", doc_ptr="*i32", dest_ptr="*i64",
+                y_ptr="*fp32", o_ptr="*bf16", w_router_ptr="*bf16", dy_ptr="*bf16", dqkv_ptr="*bf16",
+                dx_ptr="*fp32", dscore_ptr="*fp32", sm_scale="fp32")
+
+
+def ptxas_usage(kernel, constants: dict, num_warps: int) -> tuple[int, int, int]:
+    """(registers per thread, spill store bytes, spill load bytes) of `kernel` compiled with `constants`."""
+    names = list(kernel.arg_names)
+    signature = {n: "constexpr" if n in constants else POINTERS.get(n, "i32") for n in names}
+    constexprs = {(names.index(n),): v for n, v in constants.items()}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=TARGET,
+                              options={"num_warps": num_warps})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        report = subprocess.run(["ptxas", "-arch=sm_90a", "-v", ptx.name, "-o", "/dev/null"], capture_output=True,
+                                text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    stores, loads = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report).groups())
+    return registers, stores, loads
+
+
+def main() -> None:
+    print(f"{'kernel':10} {'rows':>4} {'warps':>5} {'BH':>3} {'docs':>5} {'regs':>5} {'spill st':>9} {'spill ld':>9}")
+    for block_m, warps in ((64, 4), (64, 8), (128, 8)):
+        for block_h in (64, 32):
+            for docs in (False, True):
+                constants = dict(H=512, D=64, R2=16, BLOCK_M=block_m, BR=16, BP=32, BD=64, BH=block_h, PREC="tf32",
+                                 DOCS=docs)
+                for name, kernel, extra in (("fwd", tm._mosa_fwd_kernel, {}),
+                                            ("bwd rows", tm._mosa_bwd_rows_kernel, dict(ROUTER=True))):
+                    regs, stores, loads = ptxas_usage(kernel, {**constants, **extra}, warps)
+                    print(f"{name:10} {block_m:4} {warps:5} {block_h:3} {str(docs):>5} {regs:5} {stores:9} {loads:9}")
+
+
+if __name__ == "__main__":
+    main()
