@@ -63,3 +63,12 @@ def test_cu_seqlens_and_separators():
 def test_errors_name_the_problem(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_selection_segments():
+    layout = document_layout(torch.tensor([[0] * 1 + [1] * 2 + [2] * 9 + [3] * 20, [7] * 32]))
+    segments = layout.selection_segments(4, None)
+    # (row, start, length, k_d, slot offset): k_d = 1, 2, 2, 5 in row 0 (offsets 0, 1, 3, 5), 8 in row 1
+    assert segments.tolist() == [[0, 0, 1, 1, 0], [0, 1, 2, 2, 1], [0, 3, 9, 2, 3], [0, 12, 20, 5, 5],
+                                 [1, 0, 32, 8, 0]]
+    assert layout.selection_segments(4, None) is segments  # kept for the other layers of the forward

@@ -142,7 +142,6 @@ def test_segment_kernel_matches_per_document_reference(lengths, sparsity, k, inc
     """The packed-batch kernel (one program per document and head) equals the per-document reference, ties and
     padding slots included."""
     from torch_mosa.ops.documents import document_layout
-    from torch_mosa.ops.selection import document_segments
     from torch_mosa.ops.selection.reference import topk_route_documents_reference
     from torch_mosa.ops.selection.triton_selection import topk_route_segments_triton
 
@@ -151,18 +150,17 @@ def test_segment_kernel_matches_per_document_reference(lengths, sparsity, k, inc
     sizes, width = layout.selection_sizes(sparsity, k)
     logits = make_logits(len(lengths), 3, ids.shape[1], seed=ids.shape[1], ties=True).to(DEVICE)
     expected = topk_route_documents_reference(logits, sizes, width, include_first, layout)
-    actual = topk_route_segments_triton(logits, document_segments(layout, sizes), width, include_first)
+    actual = topk_route_segments_triton(logits, layout.selection_segments(sparsity, k), width, include_first)
     assert torch.equal(actual[0], expected[0])
     torch.testing.assert_close(actual[1], expected[1], rtol=1e-6, atol=1e-7)
 
 
 def test_segment_kernel_is_a_custom_op_for_torch_compile():
     from torch_mosa.ops.documents import document_layout
-    from torch_mosa.ops.selection import document_segments
     from torch_mosa.ops.selection.triton_selection import _topk_segments_op
 
     layout = document_layout(torch.tensor([[0] * 7 + [1] * 33], device=DEVICE))
-    sizes, width = layout.selection_sizes(4, None)
+    _, width = layout.selection_sizes(4, None)
     logits = make_logits(1, 3, 40, seed=2).to(DEVICE)
-    torch.library.opcheck(_topk_segments_op, (logits, document_segments(layout, sizes), width, True),
+    torch.library.opcheck(_topk_segments_op, (logits, layout.selection_segments(4, None), width, True),
                           test_utils=("test_schema", "test_faketensor"))

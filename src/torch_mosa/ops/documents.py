@@ -65,6 +65,22 @@ class DocumentLayout:
             self._sizes[key] = sizes, int(per_row.max())
         return self._sizes[key]
 
+    def selection_segments(self, sparsity: int | None, k: int | None) -> torch.Tensor:
+        """[N, 5] int64 rows (b, start, length, k_d, slot offset), one per document of the batch in row-major order:
+        where each document lies and where its k_d selection slots begin among its row's (see selection_sizes).
+        Kept per (sparsity, k) like the sizes, so the layers of one forward share one host read."""
+        key = ("segments", sparsity, k)
+        if key not in self._sizes:
+            sizes, _ = self.selection_sizes(sparsity, k)
+            rows, starts = self.is_first.nonzero(as_tuple=True)
+            counts = sizes[rows, starts]
+            before = counts.cumsum(0) - counts  # slots of every earlier document of the batch
+            row_start = torch.zeros(self.shape[0], dtype=counts.dtype, device=counts.device).scatter_reduce(
+                0, rows, before, reduce="amin", include_self=False)
+            self._sizes[key] = torch.stack([rows, starts, self.lengths[rows, starts], counts, before - row_start[rows]],
+                                           dim=1)
+        return self._sizes[key]
+
     def document_count(self) -> torch.Tensor:
         """[B] number of documents in each row."""
         return self.is_first.sum(-1)

@@ -66,16 +66,6 @@ def topk_route_documents(logits: torch.Tensor, layout, sparsity: int | None, k: 
     if use_fast_path(logits):
         from torch_mosa.ops.selection.triton_selection import topk_route_segments_triton
 
-        return topk_route_segments_triton(logits, document_segments(layout, sizes), width, include_first)
+        return topk_route_segments_triton(logits, layout.selection_segments(sparsity, k), width, include_first)
     return topk_route_documents_reference(logits, sizes, width, include_first, layout)
 
-
-def document_segments(layout, sizes: torch.Tensor) -> torch.Tensor:
-    """[N, 5] int64 rows (b, start, length, k_d, slot offset), one per document of a packed batch in row-major
-    order: where each document lies and where its k_d slots begin among its row's slots."""
-    rows, starts = layout.is_first.nonzero(as_tuple=True)
-    lengths, counts = layout.lengths[rows, starts], sizes[rows, starts]
-    before = counts.cumsum(0) - counts  # slots of every earlier document of the batch
-    row_start = torch.zeros(layout.shape[0], dtype=counts.dtype, device=counts.device).scatter_reduce(
-        0, rows, before, reduce="amin", include_self=False)
-    return torch.stack([rows, starts, lengths, counts, before - row_start[rows]], dim=1)
