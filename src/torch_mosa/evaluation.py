@@ -77,15 +77,20 @@ def window_documents(dataset: TokenDataset, seq_len: int, windows: int) -> dict:
     return {"window_documents": np.searchsorted(ends, first_targets).tolist(), "document_labels": labels}
 
 
-def per_document(result: dict) -> list[dict]:
-    """Per-document view of a per_window result: [{document, label, windows, loss, ppl}] in split order (documents
-    with no evaluated window left out)."""
+def losses_by_document(result: dict) -> dict[int, list[float]]:
+    """A per_window result's window losses grouped by document, in split order."""
     groups: dict[int, list[float]] = {}
     for doc, loss in zip(result["window_documents"], result["window_losses"]):
         groups.setdefault(doc, []).append(loss)
+    return dict(sorted(groups.items()))
+
+
+def per_document(result: dict) -> list[dict]:
+    """Per-document view of a per_window result: [{document, label, windows, loss, ppl}] in split order (documents
+    with no evaluated window left out)."""
     return [{"document": doc, "label": result["document_labels"][doc], "windows": len(losses),
              "loss": sum(losses) / len(losses), "ppl": math.exp(sum(losses) / len(losses))}
-            for doc, losses in sorted(groups.items())]
+            for doc, losses in losses_by_document(result).items()]
 
 
 def _evaluate_loaded(model, config, path, data, split, batch_size, seq_len, max_batches, device, progress, routing,

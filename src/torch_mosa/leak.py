@@ -30,21 +30,26 @@ REPLACEMENTS = ("other", "far")
 FAR_WINDOWS = 8
 
 
+def spread_window_starts(dataset: TokenDataset, seq_len: int, num_windows: int) -> np.ndarray:
+    """Starts of up to `num_windows` windows of seq_len + 1 tokens spread evenly over the split (distinct)."""
+    check_positive_int("num_windows", num_windows)
+    last_start = dataset.num_tokens - seq_len - 1
+    if last_start < 0:
+        raise ValueError(f"the {dataset.split!r} split holds {dataset.num_tokens} tokens, fewer than a window of "
+                         f"seq_len + 1 = {seq_len + 1}")
+    return np.unique(np.linspace(0, last_start, num_windows).astype(np.int64))
+
+
 def leak_windows(dataset: TokenDataset, seq_len: int, cut: int, num_windows: int, replacement: str):
     """(starts [N], sources [N]): windows of seq_len + 1 tokens spread evenly over the split, and where each one's
     replacement future (seq_len - cut tokens) comes from: another document ("other"), or the same document at
     least FAR_WINDOWS windows away ("far"). Windows without such a source are left out, so N <= num_windows."""
     if replacement not in REPLACEMENTS:
         raise ValueError(f"replacement must be one of {REPLACEMENTS}, got {replacement!r}")
-    check_positive_int("num_windows", num_windows)
     if not 1 <= cut < seq_len:
         raise ValueError(f"cut must be in [1, seq_len={seq_len}), got cut={cut}")
-    last_start = dataset.num_tokens - seq_len - 1
-    if last_start < 0:
-        raise ValueError(f"the {dataset.split!r} split holds {dataset.num_tokens} tokens, fewer than a window of "
-                         f"seq_len + 1 = {seq_len + 1}")
+    starts = spread_window_starts(dataset, seq_len, num_windows)
     ends = dataset.end_of_text_positions()
-    starts = np.unique(np.linspace(0, last_start, num_windows).astype(np.int64))
     future = seq_len - cut
     chosen, sources = [], []
     for i, start in enumerate(starts):
@@ -123,12 +128,7 @@ def loss_by_position(model, dataset: TokenDataset, seq_len: int, num_windows: in
     """Mean next-token loss at each window position [seq_len] (float64, CPU) over windows spread evenly over the
     split."""
     check_routing(routing)
-    check_positive_int("num_windows", num_windows)
-    last_start = dataset.num_tokens - seq_len - 1
-    if last_start < 0:
-        raise ValueError(f"the {dataset.split!r} split holds {dataset.num_tokens} tokens, fewer than a window of "
-                         f"seq_len + 1 = {seq_len + 1}")
-    starts = np.unique(np.linspace(0, last_start, num_windows).astype(np.int64))
+    starts = spread_window_starts(dataset, seq_len, num_windows)
     tokens = torch.from_numpy(np.stack([dataset.window(int(s), seq_len + 1) for s in starts]).astype(np.int64))
     was_training = model.training
     model.eval()

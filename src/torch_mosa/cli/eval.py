@@ -47,7 +47,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from torch_mosa.checks import resolve_device
-    from torch_mosa.evaluation import evaluate_checkpoint, per_document
+    from torch_mosa.evaluation import evaluate_checkpoint, losses_by_document, per_document
     from torch_mosa.statistics import paired_difference
 
     device = resolve_device(args.device)
@@ -67,13 +67,10 @@ def run(args) -> int:
                                  **paired_difference(result["window_losses"], other["window_losses"])}
             if args.per_document:
                 theirs = {row["document"]: row for row in per_document(other)}
+                mine, their = losses_by_document(result), losses_by_document(other)
                 for row in result["per_document"]:
                     row["against_ppl"] = theirs[row["document"]]["ppl"]
-                    mine = [loss for doc, loss in zip(result["window_documents"], result["window_losses"])
-                            if doc == row["document"]]
-                    their = [loss for doc, loss in zip(other["window_documents"], other["window_losses"])
-                             if doc == row["document"]]
-                    row["difference"] = paired_difference(mine, their)
+                    row["difference"] = paired_difference(mine[row["document"]], their[row["document"]])
         if args.json:
             print(json.dumps(result))
             continue

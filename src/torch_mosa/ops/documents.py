@@ -33,7 +33,7 @@ class DocumentLayout:
     lengths: torch.Tensor
     offsets: torch.Tensor
     rope_positions: torch.Tensor
-    _sizes: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)  # selection sizes and segments per (sparsity, k)
 
     @property
     def shape(self) -> torch.Size:
@@ -56,30 +56,30 @@ class DocumentLayout:
 
         K is read to the host once per layout and (sparsity, k): the layers of one forward share it."""
         key = (sparsity, k)
-        if key not in self._sizes:
+        if key not in self._cache:
             if k is not None:
                 sizes = self.lengths.clamp(max=k)
             else:
                 sizes = torch.minimum(self.lengths, (self.lengths // sparsity).clamp(min=2))
             per_row = torch.where(self.is_first, sizes, torch.zeros_like(sizes)).sum(-1)
-            self._sizes[key] = sizes, int(per_row.max())
-        return self._sizes[key]
+            self._cache[key] = sizes, int(per_row.max())
+        return self._cache[key]
 
     def selection_segments(self, sparsity: int | None, k: int | None) -> torch.Tensor:
         """[N, 5] int64 rows (b, start, length, k_d, slot offset), one per document of the batch in row-major order:
         where each document lies and where its k_d selection slots begin among its row's (see selection_sizes).
         Kept per (sparsity, k) like the sizes, so the layers of one forward share one host read."""
         key = ("segments", sparsity, k)
-        if key not in self._sizes:
+        if key not in self._cache:
             sizes, _ = self.selection_sizes(sparsity, k)
             rows, starts = self.is_first.nonzero(as_tuple=True)
             counts = sizes[rows, starts]
             before = counts.cumsum(0) - counts  # slots of every earlier document of the batch
             row_start = torch.zeros(self.shape[0], dtype=counts.dtype, device=counts.device).scatter_reduce(
                 0, rows, before, reduce="amin", include_self=False)
-            self._sizes[key] = torch.stack([rows, starts, self.lengths[rows, starts], counts, before - row_start[rows]],
+            self._cache[key] = torch.stack([rows, starts, self.lengths[rows, starts], counts, before - row_start[rows]],
                                            dim=1)
-        return self._sizes[key]
+        return self._cache[key]
 
     def document_count(self) -> torch.Tensor:
         """[B] number of documents in each row."""
