@@ -5,6 +5,7 @@ command line."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -93,8 +94,12 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 
 def test_every_module_imports_alone():
-    """Each module imported first, in a fresh set of torch_mosa modules (third-party ones stay loaded: cheap)."""
+    """Each module imported first, in a fresh set of torch_mosa modules (third-party ones stay loaded: cheap).
+    The Triton kernel modules (`triton_*`) need the optional Triton package: without it they are left out, and the
+    dispatch points never import them (README: Triton is optional)."""
     names = [name for name in module_files() if not name.endswith("__main__")]
+    if importlib.util.find_spec("triton") is None:
+        names = [name for name in names if not name.rsplit(".", 1)[-1].startswith("triton_")]
     script = (
         "import importlib, sys, traceback\n"
         "failed = []\n"
