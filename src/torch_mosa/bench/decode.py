@@ -34,8 +34,21 @@ DECODE_MODELS = {
 }
 
 
+class _StaticKV(nn.Module):
+    """One layer's static cache as gpt-fast keeps it: registered k, v buffers [B, H, max_len, d].
+
+    One pair of buffers per layer, not one [layers, ...] tensor indexed per layer: under torch.compile an in-place
+    update of a view of a larger graph input is written back by copying the whole base, every layer of every step
+    (at B=32 that made the yardstick 3x slower than torch-mosa dense, benchmarks/results/decode-b32-h100-*-1632.md)."""
+
+    def __init__(self, batch: int, num_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(batch, num_heads, max_len, head_dim, dtype=dtype, device=device))
+        self.register_buffer("v", torch.zeros_like(self.k))
+
+
 class Yardstick(nn.Module):
-    """A plain dense GPT decoder with a preallocated static KV cache, on the weights of a dense MoSALM.
+    """A plain dense GPT decoder with a preallocated static KV cache per layer, on the weights of a dense MoSALM.
 
     prefill(input_ids [B, T]) -> logits [B, T, V]; decode(tokens [B, 1], position [1]) -> logits [B, V]."""
 
@@ -46,9 +59,8 @@ class Yardstick(nn.Module):
             raise ValueError(f"the yardstick is a dense GPT: give a dense model, got attention={config.attention!r}")
         self.model = model
         weight = model.lm_head.weight
-        shape = (config.num_layers, batch, config.num_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-        self.v = torch.zeros_like(self.k)
+        self.caches = nn.ModuleList(_StaticKV(batch, config.num_heads, max_len, config.head_dim, weight.dtype,
+                                              weight.device) for _ in range(config.num_layers))
         attn = model.blocks[0].attn
         self.rotary_dim = attn.rotary_dim
         cos, sin = rope_cos_sin(torch.arange(max_len, device=weight.device), attn.rotary_dim, attn.rope_base,
@@ -68,13 +80,13 @@ class Yardstick(nn.Module):
         batch, seq_len = input_ids.shape
         mask = self.causal[positions][None, None]  # [1, 1, T, max_len]
         x = self.model.embed(input_ids)
-        for index, block in enumerate(self.model.blocks):
+        for block, cache in zip(self.model.blocks, self.caches):
             attn = block.attn
             qkv = attn.w_qkv(block.attn_norm(x)).view(batch, seq_len, config.num_heads, 3 * config.head_dim)
             q, k, v = qkv.transpose(1, 2).split(config.head_dim, dim=-1)
-            self.k[index].index_copy_(2, positions, self._rope(k, positions))
-            self.v[index].index_copy_(2, positions, v)
-            y = F.scaled_dot_product_attention(self._rope(q, positions), self.k[index], self.v[index], attn_mask=mask)
+            cache.k.index_copy_(2, positions, self._rope(k, positions))
+            cache.v.index_copy_(2, positions, v)
+            y = F.scaled_dot_product_attention(self._rope(q, positions), cache.k, cache.v, attn_mask=mask)
             x = x + attn.w_o(y.transpose(1, 2).reshape(batch, seq_len, -1))
             x = x + block.ffn(block.ffn_norm(x))
         return self.model.lm_head(self.model.final_norm(x))
