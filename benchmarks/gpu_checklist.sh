@@ -5,11 +5,14 @@
 #   decode  decode throughput (compiled + CUDA graphs, DECODE_BATCH=1 or 32): yardstick, dense and MoSA models,
 #           the fused decode beside the reference composition
 #   tiles   the op per tile configuration (rows x warps x hidden chunk) on cases A-C (benchmarks/experiments/)
+#   eval    evaluation forwards of the Tiny IsoFLOP model: top-k beside causal routing, with and without capacity
+#   profile torch.profiler kernel tables of case D and of eager decode steps (benchmarks/experiments/)
 # Usage, from the repository root on the GPU machine: bash benchmarks/gpu_checklist.sh STAGE
 # Writes its log and tables under $OUT (default ./gpu-results) and prints the short table last.
 set -euo pipefail
-stage="${1:?give a stage: tests, layer, decode or tiles}"
-case "$stage" in tests|layer|decode|tiles) ;; *) echo "unknown stage '$stage': give tests, layer, decode or tiles" >&2; exit 2 ;; esac
+stages="tests, layer, decode, tiles, eval or profile"
+stage="${1:?give a stage: $stages}"
+case "$stage" in tests|layer|decode|tiles|eval|profile) ;; *) echo "unknown stage '$stage': give $stages" >&2; exit 2 ;; esac
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
 export PYTHONPATH=src
@@ -30,4 +33,9 @@ case "$stage" in
       | tee "$out/decode.log" | tail -30 ;;
   tiles)
     python benchmarks/experiments/tile_sweep.py --cases A B C 2>&1 | tee "$out/tile-sweep.log" | tail -25 ;;
+  eval)
+    python -m torch_mosa.bench --eval-routing --out "$out/eval-routing.md" 2>&1 | tee "$out/eval.log" | tail -12 ;;
+  profile)
+    python benchmarks/experiments/profile_case_d_and_decode.py --out "$out" > "$out/profile.log" 2>&1
+    grep "^==" "$out/profile.txt" ;;
 esac

@@ -45,6 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-decode", action="store_true",
                    help="with --decode, also time the sparse models' decode step as the plain-PyTorch composition "
                         "instead of the fused kernels (the A/B of ops/decode)")
+    p.add_argument("--eval-routing", action="store_true",
+                   help="time evaluation forwards of the Tiny IsoFLOP model instead of the layer cases: top-k "
+                        "routing beside causal routing with and without a capacity per head (B=--eval-batch)")
+    p.add_argument("--eval-batch", type=int, default=16, help="batch of --eval-routing (windows of max_seq_len)")
     p.add_argument("--out", default=None, help="write the markdown table here")
 
 
@@ -53,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("mosa bench needs a CUDA GPU; none is available")
     if args.decode:
         return run_decode(args)
+    if args.eval_routing:
+        return run_eval_routing(args)
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
         raise ValueError(f"--cases must be among {sorted(CASES)}, got {unknown}")
@@ -74,6 +80,25 @@ def run(args: argparse.Namespace) -> int:
                 print(f"train step {packed_name}: {tokens_per_s:,.0f} tokens/s, {mib:.0f} MiB", flush=True)
                 torch.cuda.empty_cache()
     report = markdown_report(rows, train_rows, command=" ".join(["python -m torch_mosa.bench", *sys.argv[1:]]))
+    print(report)
+    if args.out:
+        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.out).write_text(report)
+    return 0
+
+
+def run_eval_routing(args: argparse.Namespace) -> int:
+    from torch_mosa.bench.evaluation import eval_routing_markdown, run_eval_routing_bench
+    from torch_mosa.bench.report import environment
+
+    rows = run_eval_routing_bench(batch=args.eval_batch)
+    env = environment()
+    command = " ".join(["python -m torch_mosa.bench", *sys.argv[1:]])
+    report = eval_routing_markdown(rows, ["# Evaluation forward by routing (tiny shape, bf16, random weights, "
+                                          "thresholds calibrated on random tokens, no gradients)", "",
+                                          f"- date: {env['date']}", f"- GPU: {env['gpu']}",
+                                          f"- torch {env['torch']}, triton {env['triton']}, python {env['python']}",
+                                          f"- command: `{command}`"])
     print(report)
     if args.out:
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -27,15 +27,8 @@ from torch import nn
 from torch_mosa.checks import check_attention_input, check_positive_int, check_routing, first_real_position, \
     selection_size
 from torch_mosa.layers.sparse import SparseHeads, membership_selection
+from torch_mosa.ops.decode import largest_margin_heads, route_heads
 from torch_mosa.ops.selection import router_logits, topk_route, topk_route_documents
-
-
-def largest_margin_heads(router_logits: torch.Tensor, thresholds: torch.Tensor, heads_per_token: int):
-    """router_logits [..., E], thresholds [E] -> (above [..., E] bool: the logit passes the threshold, heads
-    [..., J]: the J = heads_per_token heads with the largest margin logit - threshold, those above first)."""
-    above = router_logits.detach() > thresholds
-    margin = (router_logits.detach() - thresholds).masked_fill(~above, float("-inf"))
-    return above, margin.topk(heads_per_token, dim=-1).indices
 
 
 def heads_above_threshold(router_logits: torch.Tensor, thresholds: torch.Tensor, heads_per_token: int | None):
@@ -289,13 +282,9 @@ class MoSAAttention(SparseHeads):
         """x [B, h] -> heads [B, J] (None: all E heads, when heads_per_token is unset), joined [B, J], scores [B, J].
         Heads dropped by heads_per_token are added to the cache's overflow count."""
         logits = self.router(x)
-        scores = torch.sigmoid(logits)
         if self.heads_per_token is None or self.heads_per_token >= self.num_heads:
-            return None, logits.detach() > self.causal_threshold, scores
-        above, heads = largest_margin_heads(logits, self.causal_threshold, self.heads_per_token)
-        joined = above.gather(1, heads)
-        cache.token_overflow += above.sum() - joined.sum()
-        return heads, joined, scores.gather(1, heads)
+            return None, logits.detach() > self.causal_threshold, torch.sigmoid(logits)
+        return route_heads(logits, self.causal_threshold, cache.token_overflow, self.heads_per_token)
 
     def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk", documents=None) -> torch.Tensor:
         check_attention_input(x, self.hidden_size, self.w_qkv, attention_mask, documents)

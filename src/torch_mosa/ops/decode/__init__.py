@@ -1,12 +1,33 @@
-"""Decode step of sparse heads (MoSA and fixed) over a per-head KV cache: `sparse_decode` dispatches to the
-reference or the fused kernels (see ops/dispatch.py)."""
+"""One decode step of sparse heads (MoSA and fixed) over a per-head KV cache: `route_heads` (a new token's causal
+routing to at most J heads) and `sparse_decode` (the step over the joined heads) each dispatch to the reference or
+the fused kernels (see ops/dispatch.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from torch_mosa.ops.decode.reference import sparse_decode_reference
+from torch_mosa.ops.decode.reference import largest_margin_heads, route_heads_reference, sparse_decode_reference
 from torch_mosa.ops.dispatch import use_fast_path
+
+__all__ = ["largest_margin_heads", "route_heads", "sparse_decode"]
+
+
+def route_heads(logits: torch.Tensor, thresholds: torch.Tensor, token_overflow: torch.Tensor, heads_per_token: int):
+    """A new token's causal routing (SPEC §5) to at most J = heads_per_token heads.
+
+    logits [B, E] the token's router logits, thresholds [E]; token_overflow a 0-dim long counter, incremented in
+    place by the joins beyond J. Returns heads [B, J] long (the J heads of largest margin logit - threshold, in the
+    order of `largest_margin_heads`), joined [B, J] bool (that head's logit passes its threshold) and scores [B, J]
+    (sigmoid of the logit, in the logits' dtype). On CUDA one kernel instead of a sort, gathers and a reduction.
+    """
+    if not 0 < heads_per_token <= logits.shape[-1]:
+        raise ValueError(f"heads_per_token must be in 1..{logits.shape[-1]} (the number of heads), "
+                         f"got {heads_per_token}")
+    if use_fast_path(logits):
+        from torch_mosa.ops.decode.triton_decode import route_heads_triton
+
+        return route_heads_triton(logits.contiguous(), thresholds.contiguous(), token_overflow, int(heads_per_token))
+    return route_heads_reference(logits, thresholds, token_overflow, heads_per_token)
 
 
 def sparse_decode(x: torch.Tensor, heads: torch.Tensor | None, joined: torch.Tensor, scores: torch.Tensor,

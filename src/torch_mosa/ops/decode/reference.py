@@ -1,4 +1,5 @@
-"""Plain-PyTorch decode step of sparse heads over their per-head KV cache: the CPU path and the kernels' oracle."""
+"""Plain PyTorch for one decode step of sparse heads: the routing of a new token to at most J heads, and the step over
+their per-head KV cache. The CPU path and the kernels' oracle."""
 
 from __future__ import annotations
 
@@ -6,6 +7,26 @@ import torch
 import torch.nn.functional as F
 
 from torch_mosa.ops.rope import apply_rope
+
+
+def largest_margin_heads(router_logits: torch.Tensor, thresholds: torch.Tensor, heads_per_token: int):
+    """router_logits [..., E], thresholds [E] -> (above [..., E] bool: the logit passes the threshold, heads
+    [..., J]: the J = heads_per_token heads with the largest margin logit - threshold, those above first).
+
+    The order is fixed, so the fused kernel can match it exactly: margin descending, ties to the lower head index,
+    then the heads below their threshold by index (a stable sort). The margin is rounded to the logits' dtype."""
+    above = router_logits.detach() > thresholds
+    margin = (router_logits.detach() - thresholds).masked_fill(~above, float("-inf"))
+    return above, torch.sort(margin, dim=-1, descending=True, stable=True).indices[..., :heads_per_token]
+
+
+def route_heads_reference(logits: torch.Tensor, thresholds: torch.Tensor, token_overflow: torch.Tensor,
+                          heads_per_token: int):
+    """A new token's causal routing to at most J heads; see `torch_mosa.ops.decode.route_heads`."""
+    above, heads = largest_margin_heads(logits, thresholds, heads_per_token)
+    joined = above.gather(-1, heads)
+    token_overflow += above.sum() - joined.sum()
+    return heads, joined, torch.sigmoid(logits).gather(-1, heads)
 
 
 def sparse_decode_reference(x, heads, joined, scores, position, w_qkv, w_o, cache_k, cache_v, counts,

@@ -1,18 +1,23 @@
-"""Fused Triton decode step of sparse heads: two launches instead of the reference's ~15 small kernels and copies.
+"""Fused Triton decode step of sparse heads: three launches instead of the reference's ~20 small kernels and copies.
 
-At batch 1 a decode step is launch-bound (SPEC §6 inference numbers, benchmarks/decode*.md): the reference
-composition gathers each joined head's weights (w_qkv[heads], w_o[heads]) and cache rows (k[rows, heads]) into
-copies, then runs a dozen small kernels for the projection, RoPE, the cache append, the mask and attention. Here:
+At batch 1 a decode step is launch- and latency-bound (SPEC §6 inference numbers, benchmarks/decode*.md): every
+kernel of a CUDA graph costs a few microseconds however little it does, and a kernel whose few programs each walk a
+chain of dependent loads costs a microsecond per link. So:
 
+  route kernel   one program per row: the token's routing to at most J heads (`route_heads`): threshold, margin,
+                 the rank of every head by margin (ties to the lower index) and, for the J best, their slot's
+                 head, joined flag and score; the joins beyond J are counted. Replaces a sort, gathers and sums.
   head kernel    one program per (row, head slot j): skip a head the token did not join; count a join into a full
-                 head as capacity overflow; else project x through the head's W_Q|W_K|W_V in place (a GEMV over
-                 hidden chunks, no weight copy), rotate at `position`, append K, V to the head's cache, and attend
-                 over the head's held tokens with an online softmax read straight from the cache. Writes
-                 score x attention [B, J, d] (fp32; zeros for heads without a write) and the written flags.
-  output kernel  one program per (row, hidden chunk): out = sum over the row's written heads of
-                 attended @ W_O[head], in head order (deterministic, no atomics).
+                 head as capacity overflow; else project x through the head's W_Q|W_K|W_V in place (a GEMV whose
+                 hidden chunks load all seven column segments at once, so their loads are in flight together),
+                 rotate at `position`, append K, V to the head's cache, and attend over the head's held tokens with
+                 an online softmax read straight from the cache. Writes score x attention [B, J, d] (fp32; zeros
+                 for heads without a write) and the written flags.
+  output kernel  one program per (row, hidden chunk): out = sum over the row's written heads of attended @
+                 W_O[head], reducing over (head slot, dim) pairs in blocks of BLOCK_K rows of W_O gathered from
+                 several heads at once (a fixed order: deterministic, no atomics).
 
-Both are torch.library custom ops, so the step stays capturable as a CUDA graph and traceable by torch.compile.
+All are torch.library custom ops, so the step stays capturable as a CUDA graph and traceable by torch.compile.
 """
 
 from __future__ import annotations
@@ -24,22 +29,45 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_H = 64
-BLOCK_SLOTS = 32
+BLOCK_H = 128  # hidden rows of W_QKV per step of the head kernel's GEMV
+BLOCK_SLOTS = 32  # cache slots per step of the online softmax
+OUT_BLOCK_H = 32  # hidden columns per program of the output kernel (B * h / 32 programs: 16 per row at h 512)
+OUT_BLOCK_K = 512  # (head slot, dim) rows of W_O per step of the output kernel's reduction
+ROUTE_BLOCK = 32  # candidate heads ranked per step of the route kernel
 
 
 @triton.jit
-def _gemv_segment(x_ptr, w_e, cols, col_mask, H: tl.constexpr, THREE_D: tl.constexpr, BH: tl.constexpr,
-                  WIDTH: tl.constexpr):
-    """x [H] @ W_e[:, cols] -> [WIDTH] fp32 (W_e a [H, 3d] row-major head weight)."""
-    acc = tl.zeros([WIDTH], tl.float32)
-    for h0 in range(0, H, BH):
-        hs = h0 + tl.arange(0, BH)
-        hm = hs < H
-        xs = tl.load(x_ptr + hs, mask=hm, other=0.0).to(tl.float32)
-        w = tl.load(w_e + hs[:, None] * THREE_D + cols[None, :], mask=hm[:, None] & col_mask[None, :], other=0.0)
-        acc += tl.sum(xs[:, None] * w.to(tl.float32), 0)
-    return acc
+def _route_heads_kernel(logits_ptr, thresholds_ptr, heads_ptr, joined_ptr, scores_ptr, overflow_ptr, E,
+                        J: tl.constexpr, BE: tl.constexpr, BC: tl.constexpr):
+    """One row: rank every head by margin (logit - threshold, rounded to the logits' dtype as the reference does;
+    -inf below the threshold), ties to the lower index, and write the J best into the row's slots."""
+    b = tl.program_id(0).to(tl.int64)
+    LT: tl.constexpr = logits_ptr.dtype.element_ty
+    e = tl.arange(0, BE)
+    em = e < E
+    logit = tl.load(logits_ptr + b * E + e, mask=em, other=0.0)
+    above = em & (logit > tl.load(thresholds_ptr + e, mask=em, other=0.0))
+    margin = tl.where(above, (logit.to(tl.float32) - tl.load(thresholds_ptr + e, mask=em, other=0.0)
+                              .to(tl.float32)).to(LT).to(tl.float32), -float("inf"))
+    num_above = tl.sum(above.to(tl.int32), 0)
+    if num_above > J:
+        tl.atomic_add(overflow_ptr, (num_above - J).to(tl.int64))
+    for c0 in range(0, BE, BC):
+        c = c0 + tl.arange(0, BC)
+        cm = c < E
+        c_logit = tl.load(logits_ptr + b * E + c, mask=cm, other=0.0)
+        c_threshold = tl.load(thresholds_ptr + c, mask=cm, other=0.0)
+        c_above = cm & (c_logit > c_threshold)
+        c_margin = tl.where(c_above, (c_logit.to(tl.float32) - c_threshold.to(tl.float32)).to(LT).to(tl.float32),
+                            -float("inf"))
+        ahead = (margin[None, :] > c_margin[:, None]) | ((margin[None, :] == c_margin[:, None]) & (e[None, :] < c[:, None]))
+        rank = tl.sum((ahead & em[None, :]).to(tl.int32), 1)
+        keep = cm & (rank < J)
+        slot = b * J + rank
+        tl.store(heads_ptr + slot, c.to(tl.int64), mask=keep)
+        tl.store(joined_ptr + slot, c_above, mask=keep)
+        score = 1.0 / (1.0 + tl.exp(-c_logit.to(tl.float32)))
+        tl.store(scores_ptr + slot, score.to(LT), mask=keep)
 
 
 @triton.jit
@@ -72,14 +100,30 @@ def _sparse_decode_heads_kernel(x_ptr, heads_ptr, joined_ptr, scores_ptr, pos_pt
     if written:
         x_row = x_ptr + b.to(tl.int64) * H
         w_e = w_qkv_ptr + e * H * 3 * D
-        # Q and K as (rotated half 1, rotated half 2, pass-through) segments, as the training kernels hold them
-        q1 = _gemv_segment(x_row, w_e, r, rm, H, 3 * D, BH, BR)
-        q2 = _gemv_segment(x_row, w_e, R2 + r, rm, H, 3 * D, BH, BR)
-        q3 = _gemv_segment(x_row, w_e, 2 * R2 + p, pm, H, 3 * D, BH, BP)
-        k1 = _gemv_segment(x_row, w_e, D + r, rm, H, 3 * D, BH, BR)
-        k2 = _gemv_segment(x_row, w_e, D + R2 + r, rm, H, 3 * D, BH, BR)
-        k3 = _gemv_segment(x_row, w_e, D + 2 * R2 + p, pm, H, 3 * D, BH, BP)
-        v = _gemv_segment(x_row, w_e, 2 * D + d, dm, H, 3 * D, BH, BD)
+        # Q and K as (rotated half 1, rotated half 2, pass-through) segments, as the training kernels hold them;
+        # one pass over the hidden rows loads all seven segments of a chunk together
+        q1 = tl.zeros([BR], tl.float32)
+        q2 = tl.zeros([BR], tl.float32)
+        q3 = tl.zeros([BP], tl.float32)
+        k1 = tl.zeros([BR], tl.float32)
+        k2 = tl.zeros([BR], tl.float32)
+        k3 = tl.zeros([BP], tl.float32)
+        v = tl.zeros([BD], tl.float32)
+        for h0 in range(0, H, BH):
+            hs = h0 + tl.arange(0, BH)
+            hm = hs < H
+            xs = tl.load(x_row + hs, mask=hm, other=0.0).to(tl.float32)[:, None]
+            rows = w_e + hs[:, None] * (3 * D)
+            hr = hm[:, None] & rm[None, :]
+            hp = hm[:, None] & pm[None, :]
+            q1 += tl.sum(xs * tl.load(rows + r[None, :], mask=hr, other=0.0).to(tl.float32), 0)
+            q2 += tl.sum(xs * tl.load(rows + R2 + r[None, :], mask=hr, other=0.0).to(tl.float32), 0)
+            q3 += tl.sum(xs * tl.load(rows + 2 * R2 + p[None, :], mask=hp, other=0.0).to(tl.float32), 0)
+            k1 += tl.sum(xs * tl.load(rows + D + r[None, :], mask=hr, other=0.0).to(tl.float32), 0)
+            k2 += tl.sum(xs * tl.load(rows + D + R2 + r[None, :], mask=hr, other=0.0).to(tl.float32), 0)
+            k3 += tl.sum(xs * tl.load(rows + D + 2 * R2 + p[None, :], mask=hp, other=0.0).to(tl.float32), 0)
+            v += tl.sum(xs * tl.load(rows + 2 * D + d[None, :], mask=hm[:, None] & dm[None, :],
+                                     other=0.0).to(tl.float32), 0)
         if R2 > 0:  # RoPE at `position`: the reference's fp32 angles position * base^(-2i / rotary_dim)
             position = tl.load(pos_ptr).to(tl.float32)
             inv_freq = tl.exp2(-(2.0 * r.to(tl.float32) / (2 * R2)) * log2_base)
@@ -144,27 +188,28 @@ def _attend_slots(k_ptr, v_ptr, head_cache, s0, held, q1, q2, q3, r, p, d, rm, p
 
 @triton.jit
 def _sparse_decode_output_kernel(attended_ptr, written_ptr, heads_ptr, w_o_ptr, out_ptr, J: tl.constexpr,
-                                 H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                                 H: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
                                  ALL_HEADS: tl.constexpr):
+    """out[b, chunk] = sum over (head slot j, dim i) of attended[b, j, i] * W_O[head j][i, chunk]: the J*D pairs
+    in blocks of BK, each block gathering the W_O rows of several heads (skipped for heads without a write)."""
     num_chunks = tl.cdiv(H, BH)
-    b = tl.program_id(0) // num_chunks
+    b = (tl.program_id(0) // num_chunks).to(tl.int64)
     hs = (tl.program_id(0) % num_chunks) * BH + tl.arange(0, BH)
     hm = hs < H
-    d = tl.arange(0, BD)
-    dm = d < D
     acc = tl.zeros([BH], tl.float32)
-    for j in range(J):
-        slot = b.to(tl.int64) * J + j
-        if tl.load(written_ptr + slot) != 0:
-            if ALL_HEADS:
-                e = j
-            else:
-                e = tl.load(heads_ptr + slot)
-            a = tl.load(attended_ptr + slot * D + d, mask=dm, other=0.0)
-            w = tl.load(w_o_ptr + e.to(tl.int64) * D * H + d[:, None] * H + hs[None, :],
-                        mask=dm[:, None] & hm[None, :], other=0.0)
-            acc += tl.sum(a[:, None] * w.to(tl.float32), 0)
-    tl.store(out_ptr + b.to(tl.int64) * H + hs, acc.to(out_ptr.dtype.element_ty), mask=hm)
+    for k0 in range(0, J * D, BK):
+        k = k0 + tl.arange(0, BK)
+        slot = b * J + k // D
+        i = k % D
+        live = (k < J * D) & (tl.load(written_ptr + slot, mask=k < J * D, other=0) != 0)
+        if ALL_HEADS:
+            e = (k // D).to(tl.int64)
+        else:
+            e = tl.load(heads_ptr + slot, mask=live, other=0).to(tl.int64)
+        a = tl.load(attended_ptr + b * J * D + k, mask=live, other=0.0)
+        w = tl.load(w_o_ptr + (e * D + i)[:, None] * H + hs[None, :], mask=live[:, None] & hm[None, :], other=0.0)
+        acc += tl.sum(a[:, None] * w.to(tl.float32), 0)
+    tl.store(out_ptr + b * H + hs, acc.to(out_ptr.dtype.element_ty), mask=hm)
 
 
 def _block(n: int) -> int:
@@ -195,11 +240,11 @@ def sparse_decode_triton(x: torch.Tensor, heads: torch.Tensor | None, joined: to
         capacity_overflow, attended, written, num_heads, width, math.log2(rope_base),
         H=hidden, D=head_dim, R2=rotary_dim // 2, CAP=capacity, BR=_block(rotary_dim // 2),
         BP=_block(head_dim - rotary_dim), BD=block_d, BH=BLOCK_H, BS=BLOCK_SLOTS, ALL_HEADS=heads is None,
-        SLOTS_BOUND=capacity + 1 if _interpreting() else 0, num_warps=4)
+        SLOTS_BOUND=capacity + 1 if _interpreting() else 0, num_warps=8)
     out = torch.empty(batch, hidden, device=x.device, dtype=x.dtype)
-    _sparse_decode_output_kernel[(batch * triton.cdiv(hidden, BLOCK_H),)](
+    _sparse_decode_output_kernel[(batch * triton.cdiv(hidden, OUT_BLOCK_H),)](
         attended, written, joined if heads is None else heads, w_o, out, J=width, H=hidden, D=head_dim,
-        BD=block_d, BH=BLOCK_H, ALL_HEADS=heads is None, num_warps=4)
+        BK=OUT_BLOCK_K, BH=OUT_BLOCK_H, ALL_HEADS=heads is None, num_warps=8)
     return out
 
 
@@ -207,3 +252,23 @@ def sparse_decode_triton(x: torch.Tensor, heads: torch.Tensor | None, joined: to
 def _sparse_decode_fake(x, heads, joined, scores, position, w_qkv, w_o, cache_k, cache_v, counts, capacity_overflow,
                         rotary_dim, rope_base):
     return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("torch_mosa::route_heads", mutates_args=("token_overflow",))
+def route_heads_triton(logits: torch.Tensor, thresholds: torch.Tensor, token_overflow: torch.Tensor,
+                       heads_per_token: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The route kernel (module docstring); arguments as `torch_mosa.ops.decode.route_heads`, contiguous."""
+    batch, num_heads = logits.shape
+    heads = torch.empty(batch, heads_per_token, device=logits.device, dtype=torch.long)
+    joined = torch.empty(batch, heads_per_token, device=logits.device, dtype=torch.bool)
+    scores = torch.empty(batch, heads_per_token, device=logits.device, dtype=logits.dtype)
+    _route_heads_kernel[(batch,)](logits, thresholds, heads, joined, scores, token_overflow, num_heads,
+                                  J=heads_per_token, BE=_block(num_heads), BC=ROUTE_BLOCK, num_warps=8)
+    return heads, joined, scores
+
+
+@route_heads_triton.register_fake
+def _route_heads_fake(logits, thresholds, token_overflow, heads_per_token):
+    shape = (logits.shape[0], heads_per_token)
+    return (logits.new_empty(shape, dtype=torch.long), logits.new_empty(shape, dtype=torch.bool),
+            logits.new_empty(shape))
