@@ -52,16 +52,23 @@ def test_route_kernel_matches_reference(batch, num_heads, heads_per_token, dtype
     assert bool(joined[0].all()), "row 0 has every head above its threshold"
 
 
-def test_margin_order_and_ties():
-    """Largest margin first, equal margins by lower head index, heads below their threshold last by index."""
+@pytest.mark.parametrize("heads_per_token,heads,joined,overflow", [
+    (1, [1], [True], 3),  # margins 2.0 (heads 1 and 3) tie: the lower index wins
+    (2, [1, 3], [True, True], 2),
+    (3, [1, 2, 3], [True, True, True], 1),  # written in head order
+    (5, [0, 1, 2, 3, 4], [True, True, True, True, False], 0),  # head 4 fills the slot left over, not joined
+])
+def test_which_heads_and_in_what_order(heads_per_token, heads, joined, overflow):
+    """The J largest margins, equal margins by lower head index, slots left over by the lowest other heads; in
+    head order."""
     logits = torch.tensor([[0.5, 2.0, 1.0, 2.0, -1.0, 3.0]], device=DEVICE)
     thresholds = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 5.0], device=DEVICE)
     for op in (route_heads_reference, route_heads_triton):
-        overflow = torch.zeros((), dtype=torch.long, device=DEVICE)
-        heads, joined, _ = op(logits, thresholds, overflow, 6)
-        assert heads.tolist() == [[1, 3, 2, 0, 4, 5]]
-        assert joined.tolist() == [[True, True, True, True, False, False]]
-        assert int(overflow) == 0
+        counter = torch.zeros((), dtype=torch.long, device=DEVICE)
+        got_heads, got_joined, scores = op(logits, thresholds, counter, heads_per_token)
+        assert got_heads.tolist() == [heads] and got_joined.tolist() == [joined], op.__name__
+        assert int(counter) == overflow
+        torch.testing.assert_close(scores, torch.sigmoid(logits[:, heads]))
 
 
 def test_heads_per_token_is_checked():

@@ -11,13 +11,15 @@ from torch_mosa.ops.rope import apply_rope
 
 def largest_margin_heads(router_logits: torch.Tensor, thresholds: torch.Tensor, heads_per_token: int):
     """router_logits [..., E], thresholds [E] -> (above [..., E] bool: the logit passes the threshold, heads
-    [..., J]: the J = heads_per_token heads with the largest margin logit - threshold, those above first).
+    [..., J]: the J = heads_per_token heads with the largest margin logit - threshold, in head order).
 
-    The order is fixed, so the fused kernel can match it exactly: margin descending, ties to the lower head index,
-    then the heads below their threshold by index (a stable sort). The margin is rounded to the logits' dtype."""
+    Which J, exactly, so the fused kernel can match it: by margin (rounded to the logits' dtype), equal margins by
+    the lower head index, and when fewer than J heads pass, the others filled in by lowest index (a stable sort
+    with -inf margins below the threshold)."""
     above = router_logits.detach() > thresholds
     margin = (router_logits.detach() - thresholds).masked_fill(~above, float("-inf"))
-    return above, torch.sort(margin, dim=-1, descending=True, stable=True).indices[..., :heads_per_token]
+    top = torch.sort(margin, dim=-1, descending=True, stable=True).indices[..., :heads_per_token]
+    return above, top.sort(dim=-1).values
 
 
 def route_heads_reference(logits: torch.Tensor, thresholds: torch.Tensor, token_overflow: torch.Tensor,

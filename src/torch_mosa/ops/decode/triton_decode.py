@@ -4,9 +4,10 @@ At batch 1 a decode step is launch- and latency-bound (SPEC §6 inference number
 kernel of a CUDA graph costs a few microseconds however little it does, and a kernel whose few programs each walk a
 chain of dependent loads costs a microsecond per link. So:
 
-  route kernel   one program per row: the token's routing to at most J heads (`route_heads`): threshold, margin,
-                 the rank of every head by margin (ties to the lower index) and, for the J best, their slot's
-                 head, joined flag and score; the joins beyond J are counted. Replaces a sort, gathers and sums.
+  route kernel   one program (one warp) per row: the token's routing to at most J heads (`route_heads`): the heads
+                 over their thresholds and, when more than J are, the J of largest margin (the J-th largest
+                 found bit by bit, its ties by index); their slots in head order with joined flag and score; the
+                 joins beyond J counted. Replaces a sort, gathers and sums.
   head kernel    one program per (row, head slot j): skip a head the token did not join; count a join into a full
                  head as capacity overflow; else project x through the head's W_Q|W_K|W_V in place (a GEMV whose
                  hidden chunks load all seven column segments at once, so their loads are in flight together),
@@ -33,41 +34,44 @@ BLOCK_H = 128  # hidden rows of W_QKV per step of the head kernel's GEMV
 BLOCK_SLOTS = 32  # cache slots per step of the online softmax
 OUT_BLOCK_H = 32  # hidden columns per program of the output kernel (B * h / 32 programs: 16 per row at h 512)
 OUT_BLOCK_K = 512  # (head slot, dim) rows of W_O per step of the output kernel's reduction
-ROUTE_BLOCK = 32  # candidate heads ranked per step of the route kernel
 
 
 @triton.jit
 def _route_heads_kernel(logits_ptr, thresholds_ptr, heads_ptr, joined_ptr, scores_ptr, overflow_ptr, E,
-                        J: tl.constexpr, BE: tl.constexpr, BC: tl.constexpr):
-    """One row: rank every head by margin (logit - threshold, rounded to the logits' dtype as the reference does;
-    -inf below the threshold), ties to the lower index, and write the J best into the row's slots."""
+                        J: tl.constexpr, BE: tl.constexpr):
+    """One row, one warp (its reductions stay in shuffles): the heads whose logit passes the threshold, at most J
+    of them by largest margin (rounded to the logits' dtype, as the reference computes it; equal margins to the
+    lower index), the slots left over filled by the lowest other heads; written in head order."""
     b = tl.program_id(0).to(tl.int64)
     LT: tl.constexpr = logits_ptr.dtype.element_ty
     e = tl.arange(0, BE)
-    em = e < E
-    logit = tl.load(logits_ptr + b * E + e, mask=em, other=0.0)
-    above = em & (logit > tl.load(thresholds_ptr + e, mask=em, other=0.0))
-    margin = tl.where(above, (logit.to(tl.float32) - tl.load(thresholds_ptr + e, mask=em, other=0.0)
-                              .to(tl.float32)).to(LT).to(tl.float32), -float("inf"))
+    valid = e < E
+    logit = tl.load(logits_ptr + b * E + e, mask=valid, other=0.0)
+    threshold = tl.load(thresholds_ptr + e, mask=valid, other=0.0)
+    above = valid & (logit > threshold)
     num_above = tl.sum(above.to(tl.int32), 0)
-    if num_above > J:
+    chosen = above
+    if num_above > J:  # keep the J largest margins: find the J-th largest key bit by bit, then break its ties
         tl.atomic_add(overflow_ptr, (num_above - J).to(tl.int64))
-    for c0 in range(0, BE, BC):
-        c = c0 + tl.arange(0, BC)
-        cm = c < E
-        c_logit = tl.load(logits_ptr + b * E + c, mask=cm, other=0.0)
-        c_threshold = tl.load(thresholds_ptr + c, mask=cm, other=0.0)
-        c_above = cm & (c_logit > c_threshold)
-        c_margin = tl.where(c_above, (c_logit.to(tl.float32) - c_threshold.to(tl.float32)).to(LT).to(tl.float32),
-                            -float("inf"))
-        ahead = (margin[None, :] > c_margin[:, None]) | ((margin[None, :] == c_margin[:, None]) & (e[None, :] < c[:, None]))
-        rank = tl.sum((ahead & em[None, :]).to(tl.int32), 1)
-        keep = cm & (rank < J)
-        slot = b * J + rank
-        tl.store(heads_ptr + slot, c.to(tl.int64), mask=keep)
-        tl.store(joined_ptr + slot, c_above, mask=keep)
-        score = 1.0 / (1.0 + tl.exp(-c_logit.to(tl.float32)))
-        tl.store(scores_ptr + slot, score.to(LT), mask=keep)
+        margin = (logit.to(tl.float32) - threshold.to(tl.float32)).to(LT).to(tl.float32)
+        bits = margin.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        key = tl.where(above, tl.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits + 0x80000000), 0)
+        kth = tl.zeros([], tl.int64)
+        for bit in tl.static_range(31, -1, -1):
+            candidate = kth | (1 << bit)
+            kth = tl.where(tl.sum((key >= candidate).to(tl.int32), 0) >= J, candidate, kth)
+        equal = above & (key == kth)
+        need = J - tl.sum((key > kth).to(tl.int32), 0)
+        chosen = (key > kth) | (equal & (tl.cumsum(equal.to(tl.int32), 0) <= need))
+    # fewer than J passed: the remaining slots take the lowest-index other heads, not joined
+    others = valid & ~chosen
+    filler = others & (tl.cumsum(others.to(tl.int32), 0) <= J - tl.sum(chosen.to(tl.int32), 0))
+    taken = chosen | filler
+    slot = b * J + tl.cumsum(taken.to(tl.int32), 0) - 1
+    tl.store(heads_ptr + slot, e.to(tl.int64), mask=taken)
+    tl.store(joined_ptr + slot, chosen, mask=taken)
+    score = 1.0 / (1.0 + tl.exp(-logit.to(tl.float32)))
+    tl.store(scores_ptr + slot, score.to(LT), mask=taken)
 
 
 @triton.jit
@@ -100,15 +104,17 @@ def _sparse_decode_heads_kernel(x_ptr, heads_ptr, joined_ptr, scores_ptr, pos_pt
     if written:
         x_row = x_ptr + b.to(tl.int64) * H
         w_e = w_qkv_ptr + e * H * 3 * D
-        # Q and K as (rotated half 1, rotated half 2, pass-through) segments, as the training kernels hold them;
-        # one pass over the hidden rows loads all seven segments of a chunk together
-        q1 = tl.zeros([BR], tl.float32)
-        q2 = tl.zeros([BR], tl.float32)
-        q3 = tl.zeros([BP], tl.float32)
-        k1 = tl.zeros([BR], tl.float32)
-        k2 = tl.zeros([BR], tl.float32)
-        k3 = tl.zeros([BP], tl.float32)
-        v = tl.zeros([BD], tl.float32)
+        # Q and K as (rotated half 1, rotated half 2, pass-through) segments, as the training kernels hold them.
+        # One pass over the hidden rows loads all seven segments of a chunk together, and the products gather in
+        # [BH, width] accumulators, summed over the hidden rows once after the loop: a sum across warps inside
+        # the loop would cost a shared-memory round trip per segment and chunk
+        q1 = tl.zeros([BH, BR], tl.float32)
+        q2 = tl.zeros([BH, BR], tl.float32)
+        q3 = tl.zeros([BH, BP], tl.float32)
+        k1 = tl.zeros([BH, BR], tl.float32)
+        k2 = tl.zeros([BH, BR], tl.float32)
+        k3 = tl.zeros([BH, BP], tl.float32)
+        v = tl.zeros([BH, BD], tl.float32)
         for h0 in range(0, H, BH):
             hs = h0 + tl.arange(0, BH)
             hm = hs < H
@@ -116,14 +122,20 @@ def _sparse_decode_heads_kernel(x_ptr, heads_ptr, joined_ptr, scores_ptr, pos_pt
             rows = w_e + hs[:, None] * (3 * D)
             hr = hm[:, None] & rm[None, :]
             hp = hm[:, None] & pm[None, :]
-            q1 += tl.sum(xs * tl.load(rows + r[None, :], mask=hr, other=0.0).to(tl.float32), 0)
-            q2 += tl.sum(xs * tl.load(rows + R2 + r[None, :], mask=hr, other=0.0).to(tl.float32), 0)
-            q3 += tl.sum(xs * tl.load(rows + 2 * R2 + p[None, :], mask=hp, other=0.0).to(tl.float32), 0)
-            k1 += tl.sum(xs * tl.load(rows + D + r[None, :], mask=hr, other=0.0).to(tl.float32), 0)
-            k2 += tl.sum(xs * tl.load(rows + D + R2 + r[None, :], mask=hr, other=0.0).to(tl.float32), 0)
-            k3 += tl.sum(xs * tl.load(rows + D + 2 * R2 + p[None, :], mask=hp, other=0.0).to(tl.float32), 0)
-            v += tl.sum(xs * tl.load(rows + 2 * D + d[None, :], mask=hm[:, None] & dm[None, :],
-                                     other=0.0).to(tl.float32), 0)
+            q1 += xs * tl.load(rows + r[None, :], mask=hr, other=0.0).to(tl.float32)
+            q2 += xs * tl.load(rows + R2 + r[None, :], mask=hr, other=0.0).to(tl.float32)
+            q3 += xs * tl.load(rows + 2 * R2 + p[None, :], mask=hp, other=0.0).to(tl.float32)
+            k1 += xs * tl.load(rows + D + r[None, :], mask=hr, other=0.0).to(tl.float32)
+            k2 += xs * tl.load(rows + D + R2 + r[None, :], mask=hr, other=0.0).to(tl.float32)
+            k3 += xs * tl.load(rows + D + 2 * R2 + p[None, :], mask=hp, other=0.0).to(tl.float32)
+            v += xs * tl.load(rows + 2 * D + d[None, :], mask=hm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        q1 = tl.sum(q1, 0)
+        q2 = tl.sum(q2, 0)
+        q3 = tl.sum(q3, 0)
+        k1 = tl.sum(k1, 0)
+        k2 = tl.sum(k2, 0)
+        k3 = tl.sum(k3, 0)
+        v = tl.sum(v, 0)
         if R2 > 0:  # RoPE at `position`: the reference's fp32 angles position * base^(-2i / rotary_dim)
             position = tl.load(pos_ptr).to(tl.float32)
             inv_freq = tl.exp2(-(2.0 * r.to(tl.float32) / (2 * R2)) * log2_base)
@@ -196,7 +208,7 @@ def _sparse_decode_output_kernel(attended_ptr, written_ptr, heads_ptr, w_o_ptr, 
     b = (tl.program_id(0) // num_chunks).to(tl.int64)
     hs = (tl.program_id(0) % num_chunks) * BH + tl.arange(0, BH)
     hm = hs < H
-    acc = tl.zeros([BH], tl.float32)
+    acc = tl.zeros([BK, BH], tl.float32)  # summed over its rows once, after the loop
     for k0 in range(0, J * D, BK):
         k = k0 + tl.arange(0, BK)
         slot = b * J + k // D
@@ -208,8 +220,8 @@ def _sparse_decode_output_kernel(attended_ptr, written_ptr, heads_ptr, w_o_ptr, 
             e = tl.load(heads_ptr + slot, mask=live, other=0).to(tl.int64)
         a = tl.load(attended_ptr + b * J * D + k, mask=live, other=0.0)
         w = tl.load(w_o_ptr + (e * D + i)[:, None] * H + hs[None, :], mask=live[:, None] & hm[None, :], other=0.0)
-        acc += tl.sum(a[:, None] * w.to(tl.float32), 0)
-    tl.store(out_ptr + b * H + hs, acc.to(out_ptr.dtype.element_ty), mask=hm)
+        acc += a[:, None] * w.to(tl.float32)
+    tl.store(out_ptr + b * H + hs, tl.sum(acc, 0).to(out_ptr.dtype.element_ty), mask=hm)
 
 
 def _block(n: int) -> int:
@@ -263,7 +275,7 @@ def route_heads_triton(logits: torch.Tensor, thresholds: torch.Tensor, token_ove
     joined = torch.empty(batch, heads_per_token, device=logits.device, dtype=torch.bool)
     scores = torch.empty(batch, heads_per_token, device=logits.device, dtype=logits.dtype)
     _route_heads_kernel[(batch,)](logits, thresholds, heads, joined, scores, token_overflow, num_heads,
-                                  J=heads_per_token, BE=_block(num_heads), BC=ROUTE_BLOCK, num_warps=8)
+                                  J=heads_per_token, BE=_block(num_heads), num_warps=1)
     return heads, joined, scores
 
 
