@@ -57,6 +57,31 @@ def _count_at_least(row_ptr, mask_row_ptr, first, offs, T, bound, key, in_row, N
 
 
 @triton.jit
+def _radix_kth(row_ptr, mask_row_ptr, first, offs, T, K, HAS_MASK: tl.constexpr, INCLUDE_FIRST: tl.constexpr,
+               BLOCK_T: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    """(the K-th largest key of the row, how many keys equal to it the top K hold), by 4 radix-256 passes."""
+    kth = tl.zeros([], tl.uint32)
+    need = K  # of the keys that share kth's bytes found so far, how many the top K still takes
+    digits = tl.arange(0, 256)
+    for level in tl.static_range(4):
+        shift = 24 - 8 * level
+        histogram = tl.zeros([256], tl.int32)
+        for chunk in range(NUM_CHUNKS):
+            key, _, in_row, _ = _row_keys(row_ptr, mask_row_ptr, first, chunk * BLOCK_T + offs, T, HAS_MASK,
+                                          INCLUDE_FIRST)
+            match = in_row
+            if level > 0:
+                match = match & ((key >> (shift + 8)) == (kth >> (shift + 8)))
+            histogram += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=match)
+        # the largest digit with at least `need` matching keys at or above it
+        at_or_above = tl.sum(histogram, 0) - tl.cumsum(histogram, 0) + histogram
+        digit = tl.max(tl.where(at_or_above >= need, digits, 0), 0)
+        need -= tl.sum(tl.where(digits > digit, histogram, 0), 0)
+        kth = kth | (digit.to(tl.uint32) << shift)
+    return kth, need
+
+
+@triton.jit
 def _take_chunk(idx_ptr, score_ptr, out_row, base, t, key, logit, in_row, real, kth, need, num_real, equal_seen,
                 real_seen, pad_seen):
     """Write the chunk's chosen positions (base + t) to their slots; returns the updated running counts."""
@@ -119,19 +144,26 @@ def _select_row(row_ptr, mask_row_ptr, first, T, K, idx_ptr, score_ptr, out_row,
     offs = tl.arange(0, BLOCK_T)
     # a row that fits one chunk stays in registers for the whole search
     key, logit, in_row, real = _row_keys(row_ptr, mask_row_ptr, first, offs, T, HAS_MASK, INCLUDE_FIRST)
-    # the k-th largest key, bit by bit from the top: the largest value with at least K keys at or above it
-    kth = tl.zeros([], tl.uint32)
-    one = tl.full([], 1, tl.uint32)
-    for bit in tl.static_range(31, -1, -1):
-        candidate = kth | (one << bit)
-        count = _count_at_least(row_ptr, mask_row_ptr, first, offs, T, candidate, key, in_row, NUM_CHUNKS, BLOCK_T,
-                                HAS_MASK, INCLUDE_FIRST)
-        kth = tl.where(count >= K, candidate, kth)
-    # take every key above the k-th and the lowest-positioned `need` keys equal to it
-    need = K - _count_at_least(row_ptr, mask_row_ptr, first, offs, T, kth + 1, key, in_row, NUM_CHUNKS, BLOCK_T,
-                               HAS_MASK, INCLUDE_FIRST)
-    if kth == 0xFFFFFFFF:  # kth + 1 wrapped: every key equal to the maximum is "at or above" it
-        need = K
+    if NUM_CHUNKS == 1:
+        # the k-th largest key, bit by bit from the top: the largest value with at least K keys at or above it
+        kth = tl.zeros([], tl.uint32)
+        one = tl.full([], 1, tl.uint32)
+        for bit in tl.static_range(31, -1, -1):
+            candidate = kth | (one << bit)
+            count = _count_at_least(row_ptr, mask_row_ptr, first, offs, T, candidate, key, in_row, NUM_CHUNKS,
+                                    BLOCK_T, HAS_MASK, INCLUDE_FIRST)
+            kth = tl.where(count >= K, candidate, kth)
+        # take every key above the k-th and the lowest-positioned `need` keys equal to it
+        need = K - _count_at_least(row_ptr, mask_row_ptr, first, offs, T, kth + 1, key, in_row, NUM_CHUNKS, BLOCK_T,
+                                   HAS_MASK, INCLUDE_FIRST)
+        if kth == 0xFFFFFFFF:  # kth + 1 wrapped: every key equal to the maximum is "at or above" it
+            need = K
+    else:
+        # a long row is read from memory once per pass: find the k-th largest key a byte at a time (radix select,
+        # 4 passes, each a 256-bin histogram of the next byte among keys sharing the bytes found so far) instead
+        # of a bit at a time (32 passes)
+        kth, need = _radix_kth(row_ptr, mask_row_ptr, first, offs, T, K, HAS_MASK, INCLUDE_FIRST, BLOCK_T,
+                               NUM_CHUNKS)
     # padding (key 0) is taken only when kth == 0, after every real key
     num_real = tl.where(kth == 0, K - need, K)
     if NUM_CHUNKS == 1:
