@@ -71,6 +71,18 @@ def test_which_heads_and_in_what_order(heads_per_token, heads, joined, overflow)
         torch.testing.assert_close(scores, torch.sigmoid(logits[:, heads]))
 
 
+@pytest.mark.parametrize("threshold_dtype", [torch.float16, torch.float32])
+def test_margins_tie_in_the_dtype_torch_computes_them_in(threshold_dtype):
+    """Half-precision logits: with half thresholds torch rounds the margins to half and the first three tie at 1.0
+    (the lower indices win); with fp32 thresholds they are 0.99976, 1.0 and 1.00024 (heads 2 and 1 win)."""
+    logits = torch.tensor([[1.0, 1.0009765625, 1.0009765625, 0.5]], dtype=torch.float16, device=DEVICE)
+    thresholds = torch.tensor([0.000244140625, 0.0009765625, 0.000732421875, 0.0], device=DEVICE,
+                              dtype=threshold_dtype)
+    (heads, joined, _, overflow), (heads_k, joined_k, _, overflow_k) = both(logits, thresholds, 2)
+    assert torch.equal(heads_k, heads) and torch.equal(joined_k, joined) and int(overflow_k) == int(overflow) == 2
+    assert heads.tolist() == [[0, 1] if threshold_dtype == torch.float16 else [1, 2]]
+
+
 def test_heads_per_token_is_checked():
     logits, thresholds = make_logits(1, 4, seed=0)
     overflow = torch.zeros((), dtype=torch.long, device=DEVICE)

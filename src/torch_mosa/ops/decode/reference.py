@@ -13,7 +13,8 @@ def largest_margin_heads(router_logits: torch.Tensor, thresholds: torch.Tensor, 
     """router_logits [..., E], thresholds [E] -> (above [..., E] bool: the logit passes the threshold, heads
     [..., J]: the J = heads_per_token heads with the largest margin logit - threshold, in head order).
 
-    Which J, exactly, so the fused kernel can match it: by margin (rounded to the logits' dtype), equal margins by
+    Which J, exactly, so the fused kernel can match it: by margin (in torch's promoted dtype of logits and
+    thresholds: bf16 margins of bf16 logits and thresholds tie more often than fp32 ones), equal margins by
     the lower head index, and when fewer than J heads pass, the others filled in by lowest index (a stable sort
     with -inf margins below the threshold)."""
     above = router_logits.detach() > thresholds

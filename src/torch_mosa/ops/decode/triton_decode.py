@@ -38,10 +38,11 @@ OUT_BLOCK_K = 512  # (head slot, dim) rows of W_O per step of the output kernel'
 
 @triton.jit
 def _route_heads_kernel(logits_ptr, thresholds_ptr, heads_ptr, joined_ptr, scores_ptr, overflow_ptr, E,
-                        J: tl.constexpr, BE: tl.constexpr):
+                        J: tl.constexpr, BE: tl.constexpr, ROUND_MARGIN: tl.constexpr):
     """One row, one warp (its reductions stay in shuffles): the heads whose logit passes the threshold, at most J
-    of them by largest margin (rounded to the logits' dtype, as the reference computes it; equal margins to the
-    lower index), the slots left over filled by the lowest other heads; written in head order."""
+    of them by largest margin (rounded to the logits' dtype when torch's logits - thresholds would be, as the
+    reference computes it; equal margins to the lower index), the slots left over filled by the lowest other heads;
+    written in head order."""
     b = tl.program_id(0).to(tl.int64)
     LT: tl.constexpr = logits_ptr.dtype.element_ty
     e = tl.arange(0, BE)
@@ -53,7 +54,9 @@ def _route_heads_kernel(logits_ptr, thresholds_ptr, heads_ptr, joined_ptr, score
     chosen = above
     if num_above > J:  # keep the J largest margins: find the J-th largest key bit by bit, then break its ties
         tl.atomic_add(overflow_ptr, (num_above - J).to(tl.int64))
-        margin = (logit.to(tl.float32) - threshold.to(tl.float32)).to(LT).to(tl.float32)
+        margin = logit.to(tl.float32) - threshold.to(tl.float32)
+        if ROUND_MARGIN:
+            margin = margin.to(LT).to(tl.float32)
         bits = margin.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
         key = tl.where(above, tl.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits + 0x80000000), 0)
         kth = tl.zeros([], tl.int64)
@@ -274,8 +277,10 @@ def route_heads_triton(logits: torch.Tensor, thresholds: torch.Tensor, token_ove
     heads = torch.empty(batch, heads_per_token, device=logits.device, dtype=torch.long)
     joined = torch.empty(batch, heads_per_token, device=logits.device, dtype=torch.bool)
     scores = torch.empty(batch, heads_per_token, device=logits.device, dtype=logits.dtype)
+    # torch computes logits - thresholds in their promoted dtype: the margins tie as they do there
+    round_margin = logits.dtype != torch.float32 and torch.promote_types(logits.dtype, thresholds.dtype) == logits.dtype
     _route_heads_kernel[(batch,)](logits, thresholds, heads, joined, scores, token_overflow, num_heads,
-                                  J=heads_per_token, BE=_block(num_heads), num_warps=1)
+                                  J=heads_per_token, BE=_block(num_heads), ROUND_MARGIN=round_margin, num_warps=1)
     return heads, joined, scores
 
 

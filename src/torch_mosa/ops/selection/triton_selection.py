@@ -2,12 +2,18 @@
 
 One program per (batch, head) row of router logits [B, E, T] (fp32). The logits are mapped to unsigned keys whose
 order is the float order; 32 counting passes (one per bit, most significant first) find the k-th largest key
-exactly, from registers when the row fits one chunk; a last pass takes every key above it plus the
+exactly, from registers when the row fits one chunk (T <= 4096); a last pass takes every key above it plus the
 lowest-positioned keys equal to it (ties go to the lowest position, as in the reference's stable sort) and writes
-them compacted, already in ascending position, with their sigmoid scores. (A first version found the key with four
-8-bit tl.histogram passes: 0.78 ms in SPEC §6 case A on an H100, slower than torch.topk.) Padded tokens get key 0 and are taken only when a row has fewer than k real tokens; they land after
-the real slots with score 0. include_first forces each row's first real token by giving it the largest key.
-Replaces torch.topk + two sorts + the masking passes around them (about 1 ms in SPEC §6 case A).
+them compacted, already in ascending position, with their sigmoid scores. Padded tokens get key 0 and are taken only
+when a row has fewer than k real tokens; they land after the real slots with score 0. include_first forces each
+row's first real token by giving it the largest key. Replaces torch.topk + two sorts + the masking passes around
+them (about 1 ms in SPEC §6 case A).
+
+A row longer than one chunk is read from memory on every pass, so there the k-th key is found a byte at a time
+instead (radix select: four passes, each a 256-bin tl.histogram of the next byte among the keys that share the
+bytes found so far), five reads of the row instead of 34: SPEC §6 case D (60 rows of 131072) went from 2.29 to
+2.12 ms per layer step on an H100. For rows in registers the bitwise search stays: a first version of this kernel
+used the four histogram passes there and took 0.78 ms in case A, slower than torch.topk.
 """
 
 from __future__ import annotations
