@@ -4,7 +4,8 @@ benchmarks/experiments/register_spills.py found, for SPEC §6 case A's shapes in
 x 64-wide hidden chunks spill 1.0 KB (forward) and 2.2-2.8 KB (backward rows) per thread, while 64 rows x 8 warps
 x 32-wide chunks spill nothing forward and 0.13 KB backward. This script times the op (forward, and forward +
 backward with the router gradient inside) for each configuration on the SPEC §6 cases, and checks each one against
-the default configuration's output first.
+the default configuration's output first. Each configuration is used by the forward and the backward kernels alike
+(since this sweep, the forward's default differs for k <= 16: `triton_mosa._forward_tile_config`).
 
 On the GPU machine: `PYTHONPATH=src python benchmarks/experiments/tile_sweep.py [--cases A B C]`.
 `--dry-run` runs one tiny case per configuration on the CPU in Triton's interpreter (correctness only, no timing).
@@ -34,6 +35,10 @@ def main() -> int:
     from torch_mosa.ops.selection.reference import topk_route_reference
 
     default_config = tm._tile_config
+    default_forward_config = tm._forward_tile_config
+
+    def use(config, forward_config):  # the forward and the backward kernels, both with the swept tiles
+        tm._tile_config, tm._forward_tile_config = config, forward_config
 
     def configured(block_m, warps, block_h):
         def tile_config(batch, k, head_dim, rotary_dim, dtype):
@@ -72,11 +77,12 @@ def main() -> int:
                 leaf.grad = None
             forward().backward(grad_y)
 
-        tm._tile_config = default_config
+        use(default_config, default_forward_config)
         forward_backward()
         expected = [forward().detach()] + [leaf.grad.clone() for leaf in leaves]
         for block_m, warps, block_h in CONFIGS:
-            tm._tile_config = configured(block_m, warps, block_h)
+            swept = configured(block_m, warps, block_h)
+            use(swept, swept)
             forward_backward()
             got = [forward().detach()] + [leaf.grad for leaf in leaves]
             errors = [((a.double() - e.double()).norm() / e.double().norm()).item() for a, e in zip(got, expected)]
@@ -88,7 +94,7 @@ def main() -> int:
             rows.append((name, block_m, warps, block_h, *timing, max(errors)))
             print(f"{name} rows={block_m} warps={warps} BH={block_h}: fwd {timing[0]:.3f} ms, fwd+bwd "
                   f"{timing[1]:.3f} ms, max relative difference to the default {max(errors):.1e}", flush=True)
-        tm._tile_config = default_config
+        use(default_config, default_forward_config)
     print("\n| case | rows | warps | BH | fwd ms | fwd+bwd ms | max rel. diff. to default |")
     print("|---|---|---|---|---|---|---|")
     for name, block_m, warps, block_h, fwd, both, error in rows:

@@ -391,6 +391,22 @@ def _tile_config(batch: int, k: int, head_dim: int, rotary_dim: int, dtype: torc
                 num_stages=2 if (wide or block_m > 64) else 3)
 
 
+def _forward_tile_config(batch: int, k: int, head_dim: int, rotary_dim: int, dtype: torch.dtype) -> dict:
+    """The forward kernel's tiles: the backward's, except that 16-bit selections of k <= 16 tokens take 128 rows
+    (8 or more whole groups) x 8 warps, keeping the 3-stage pipeline of 64-row tiles.
+
+    Measured with benchmarks/experiments/tile_sweep.py (H100, bf16, forward of the op; results/tile-sweep-h100-
+    2026-11-23.log): SPEC §6 case A (k 16) 1.30 -> 1.20 ms, case C (k 16) 0.57 -> 0.50 ms; case B (k 64) was slower
+    with 128 rows (1.19 -> 1.23 ms), so larger k keep the default. The backward was fastest with the default tiles.
+    The forward's tiles are its own: what it saves for the backward (O [E, B*k, d]) does not depend on them.
+    """
+    cfg = _tile_config(batch, k, head_dim, rotary_dim, dtype)
+    if dtype != torch.float32 and k <= 16 and batch * k >= 128:
+        groups = 128 // k
+        cfg.update(block_m=128, groups=groups, num_tiles=triton.cdiv(batch, groups), num_warps=8)
+    return cfg
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32: three-pass tf32 keeps ~fp32 accuracy on tensor cores; 16-bit operands ignore the setting
     return "tf32x3" if dtype == torch.float32 else "tf32"
@@ -453,7 +469,7 @@ def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, 
     batch, seq_len, hidden = x.shape
     num_heads, _, three_d = w_qkv.shape
     head_dim, k = three_d // 3, indices.shape[-1]
-    cfg = _tile_config(batch, k, head_dim, rotary_dim, x.dtype)
+    cfg = _forward_tile_config(batch, k, head_dim, rotary_dim, x.dtype)
     cos, sin = _rope_tables(seq_len, rotary_dim, rope_base, x.device)
     dest, acc_rows, tokens = _accumulator_rows(indices, seq_len)
     y = torch.zeros(acc_rows, hidden, device=x.device, dtype=torch.float32)
