@@ -86,6 +86,18 @@ def test_left_padded_cached_decode_equals_full_causal_forward(attention):
                                    rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("attention", ["dense", "mosa"])
+def test_dense_heads_share_one_real_token_mask(attention):
+    """Every layer's dense-head cache reads one real-token mask and only the first writes it (one kernel per decode
+    step, not one per layer); the left-padded decode tests above check the result is unchanged."""
+    model = model_for(attention)
+    cache = new_cache(model, 2, 12, torch.float64, "cpu")
+    dense = [c for c in cache.caches() if type(c).__name__ == "DenseCache"]
+    assert len(dense) == model.config.num_layers >= 2
+    assert all(c.key_real is dense[0].key_real for c in dense)
+    assert [c.marks_real for c in dense] == [True] + [False] * (len(dense) - 1)
+
+
 def test_causal_limits_are_applied_alike_and_counted():
     """With a small capacity per head and few heads per token, joins are dropped: decode still equals the full causal
     forward (both apply the same rule), and the cache counts exactly the drops the full forward counts."""

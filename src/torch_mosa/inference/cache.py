@@ -25,12 +25,17 @@ class _KVCache:
 
 
 class DenseCache(_KVCache):
-    """k, v [B, H, max_len, d] by position; `key_real` [B, max_len] marks the real tokens written so far."""
+    """k, v [B, H, max_len, d] by position; `key_real` [B, max_len] marks the real tokens written so far.
+
+    The real-token marks are the same for every dense layer of a model, so ModelCache lets its dense layers share
+    one `key_real` and only the first marks each new token (`marks_real`): one small kernel per decode step instead
+    of one per layer."""
 
     def __init__(self, batch: int, num_heads: int, head_dim: int, max_len: int, dtype, device):
         self.k = torch.zeros(batch, num_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.key_real = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.marks_real = True
 
     def reset(self) -> None:
         """Forget every token (the buffers stay: a captured CUDA graph keeps pointing at them)."""
@@ -49,7 +54,8 @@ class DenseCache(_KVCache):
         """One token at `position` ([1] long tensor) for every row: k, v [B, H, 1, d]."""
         self.k.index_copy_(2, position, k.to(self.k.dtype))
         self.v.index_copy_(2, position, v.to(self.v.dtype))
-        self.key_real.index_fill_(1, position, True)
+        if self.marks_real:
+            self.key_real.index_fill_(1, position, True)
 
     def keys_values_mask(self):
         """k, v [B, H, max_len, d] and the attention mask [B, 1, 1, max_len] of the stored tokens.
@@ -137,7 +143,17 @@ def cache_parts(layer_cache) -> list:
 
 
 class ModelCache(list):
-    """One cache per block (a DenseCache for a dense layer, a LayerCache for a hybrid), with the paper's size report."""
+    """One cache per block (a DenseCache for a dense layer, a LayerCache for a hybrid), with the paper's size report.
+
+    Its dense-head caches (not the local rings, whose slots are not positions) share one real-token mask, written
+    by the first of them; layers run in order, so each reads the marks of the step it is in."""
+
+    def __init__(self, layers=()):
+        super().__init__(layers)
+        dense = [c for c in self.caches() if type(c) is DenseCache]
+        for c in dense[1:]:
+            if c.key_real.shape == dense[0].key_real.shape and c.key_real.device == dense[0].key_real.device:
+                c.key_real, c.marks_real = dense[0].key_real, False
 
     def caches(self) -> list:
         return [c for layer in self for c in cache_parts(layer)]
