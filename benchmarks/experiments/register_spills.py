@@ -46,7 +46,7 @@ def main() -> None:
         for block_h in (64, 32):
             for docs in (False, True):
                 constants = dict(H=512, D=64, R2=16, BLOCK_M=block_m, BR=16, BP=32, BD=64, BH=block_h, PREC="tf32",
-                                 DOCS=docs)
+                                 DOCS=docs, SLOTS=False)
                 for name, kernel, extra in (("fwd", tm._mosa_fwd_kernel, {}),
                                             ("bwd rows", tm._mosa_bwd_rows_kernel, dict(ROUTER=True))):
                     regs, stores, loads = ptxas_usage(kernel, {**constants, **extra}, warps)

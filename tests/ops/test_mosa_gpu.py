@@ -182,6 +182,35 @@ def test_layer_fast_path_matches_reference(dtype):
     assert all(error <= bound for error in errors.values()), errors
 
 
+def test_deterministic_mode_is_bitwise_reproducible(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the layer (selection kernel, fused op with per-slot rows and
+    a fixed-order combine) gives bitwise identical outputs and gradients run to run, close to the default path."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses deterministic mode without it
+    torch.manual_seed(0)
+    layer = MoSAAttention(512, 64, 64, sparsity=16, include_first=True).cuda().bfloat16()
+    x = torch.randn(4, 1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad_y = torch.randn_like(x)
+
+    def run():
+        y = layer(x)
+        y.backward(grad_y)
+        result = [y.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        return result
+
+    default = run()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = run(), run()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for index, (a, b, c) in enumerate(zip(first, second, default)):
+        assert torch.equal(a, b), f"tensor {index} differs between two deterministic runs"
+        assert relative_error(a, c) < 2e-2, index
+
+
 def test_router_logits_are_float32_under_autocast():
     x, weight = torch.randn(2, 50, 64, device="cuda"), torch.randn(7, 64, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):

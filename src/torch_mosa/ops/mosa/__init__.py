@@ -29,16 +29,17 @@ def mosa_attention(
     the router's gradient (to router_weight and x) is computed inside the op, from the selected rows only.
     Packed documents (ops/documents.py): positions [B, T] integers in [0, T), the position RoPE rotates each token
     by (default: its index); document_ids [B, T]: a slot attends only to earlier slots of its own document.
-    Bitwise reproducible on a GPU only under torch.use_deterministic_algorithms(True), which takes the reference.
+    Bitwise reproducible on a GPU under torch.use_deterministic_algorithms(True): the kernels then write one output
+    row per selected slot and sum them into tokens in a fixed order, instead of adding with fp32 atomics.
     """
     check_mosa_inputs(x, w_qkv, w_o, indices, scores, rotary_dim, router_weight, positions, document_ids)
     # the kernels sum heads with fp32 atomics (run-to-run differences ~1e-3); under
-    # torch.use_deterministic_algorithms(True) the reference runs instead, whose scatter_add_ PyTorch then makes
-    # deterministic
-    if use_fast_path(x) and not torch.are_deterministic_algorithms_enabled():
+    # torch.use_deterministic_algorithms(True) they write per-slot rows that index_add_ (deterministic in that mode)
+    # sums by token
+    if use_fast_path(x):
         from torch_mosa.ops.mosa.triton_mosa import fused_mosa_attention
 
         return fused_mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, router_weight,
-                                    positions, document_ids)
+                                    positions, document_ids, torch.are_deterministic_algorithms_enabled())
     return mosa_attention_reference(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base,
                                     router_weight=router_weight, positions=positions, document_ids=document_ids)

@@ -139,7 +139,7 @@ def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin
                      dest_ptr, y_ptr, o_ptr, B, T, E, K, GROUPS, sm_scale, H: tl.constexpr,
                      D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
                      BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                     DOCS: tl.constexpr):
+                     DOCS: tl.constexpr, SLOTS: tl.constexpr):
     e = tl.program_id(0)
     tile = tl.program_id(1)
     DT: tl.constexpr = x_ptr.dtype.element_ty
@@ -170,7 +170,12 @@ def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin
         hm = hs < H
         wo = tl.load(w_o_e + d[:, None] * H + hs[None, :], mask=(d < D)[:, None] & hm[None, :], other=0.0)
         out = tl.dot(o, wo.to(DT), input_precision=PREC) * score[:, None]
-        tl.atomic_add(y_ptr + dest[:, None] * H + hs[None, :], out, mask=keep[:, None] & hm[None, :], sem="relaxed")
+        if SLOTS:  # deterministic combine: the row's own output row, summed by token afterwards in a fixed order
+            tl.store(y_ptr + sel[:, None] * H + hs[None, :], out.to(y_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & hm[None, :])
+        else:
+            tl.atomic_add(y_ptr + dest[:, None] * H + hs[None, :], out, mask=keep[:, None] & hm[None, :],
+                          sem="relaxed")
 
 
 @triton.jit
@@ -186,7 +191,7 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
                           B, T, E, K, GROUPS, sm_scale, H: tl.constexpr,
                           D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
                           BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                          ROUTER: tl.constexpr, DOCS: tl.constexpr):
+                          ROUTER: tl.constexpr, DOCS: tl.constexpr, SLOTS: tl.constexpr):
     # tiles fastest: all tiles of a head run before the next head, so the head's weights are read from L2
     tile = tl.program_id(0)
     e = tl.program_id(1)
@@ -281,8 +286,12 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
         if ROUTER:
             w_router = tl.load(w_router_ptr + e.to(tl.int64) * H + hs, mask=hm, other=0.0).to(tl.float32)
             dx += dscore[:, None] * w_router[None, :]
-        tl.atomic_add(dx_ptr + dest[:, None] * H + hs[None, :], dx, mask=row_ok[:, None] & hm[None, :],
-                      sem="relaxed")
+        if SLOTS:  # as the forward: the row's own dX row, summed by token afterwards
+            tl.store(dx_ptr + sel[:, None] * H + hs[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & hm[None, :])
+        else:
+            tl.atomic_add(dx_ptr + dest[:, None] * H + hs[None, :], dx, mask=row_ok[:, None] & hm[None, :],
+                          sem="relaxed")
 
 
 @triton.jit
@@ -445,13 +454,35 @@ def _accumulator_rows(indices: torch.Tensor, seq_len: int):
     back, so no fp32 [B, T, h] buffer is filled, read and cast.
     """
     batch = indices.shape[0]
-    offsets = torch.arange(batch, device=indices.device).view(-1, 1, 1) * seq_len
-    tokens = (indices.long() + offsets).reshape(-1)
+    tokens = _slot_tokens(indices, seq_len)
     if 2 * tokens.numel() >= batch * seq_len:
         return tokens.view(indices.shape), batch * seq_len, None
     row_of_token = torch.full((batch * seq_len,), -1, dtype=torch.long, device=indices.device)
     row_of_token.scatter_(0, tokens, torch.arange(tokens.numel(), device=indices.device))
     return row_of_token[tokens].view(indices.shape), tokens.numel(), tokens
+
+
+# rows of per-slot outputs converted to fp32 at a time by the deterministic combine (bounds its fp32 copy)
+COMBINE_CHUNK_ROWS = 1 << 16
+
+
+def _slot_tokens(indices: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The flat token b*T + position of every selection slot, in [B, E, k] order: [B*E*k] int64."""
+    offsets = torch.arange(indices.shape[0], device=indices.device).view(-1, 1, 1) * seq_len
+    return (indices.long() + offsets).reshape(-1)
+
+
+def _combine_slots(slot_rows: torch.Tensor, indices: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """Deterministic combine: per-slot rows [B*E*k, h] (one per selection slot, [B, E, k] order) summed into
+    their tokens in fp32 -> [B, T, h] in dtype. index_add_ is deterministic under
+    torch.use_deterministic_algorithms(True) (PyTorch sorts the indices and reduces in order), so the sum is
+    bitwise reproducible, unlike the kernels' fp32 atomics."""
+    tokens = _slot_tokens(indices, shape[1])
+    acc = torch.zeros(shape[0] * shape[1], shape[2], device=slot_rows.device, dtype=torch.float32)
+    for start in range(0, tokens.numel(), COMBINE_CHUNK_ROWS):
+        rows = slice(start, start + COMBINE_CHUNK_ROWS)
+        acc.index_add_(0, tokens[rows], slot_rows[rows].float())
+    return acc.view(shape).to(dtype)
 
 
 def _write_back(acc: torch.Tensor, dest: torch.Tensor, tokens, shape, dtype) -> torch.Tensor:
@@ -463,29 +494,36 @@ def _write_back(acc: torch.Tensor, dest: torch.Tensor, tokens, shape, dtype) -> 
     return out
 
 
-def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, positions=None, document_ids=None):
+def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, positions=None, document_ids=None,
+             deterministic: bool = False):
     """-> y [B, T, h] in x.dtype, O [E, B*k, d] (attention output per selected row, kept for the backward).
-    positions, document_ids: the [B, T] int32 tables of packed documents (both or neither)."""
+    positions, document_ids: the [B, T] int32 tables of packed documents (both or neither). deterministic: each
+    slot writes its own output row (x.dtype) and `_combine_slots` sums them, instead of fp32 atomics."""
     batch, seq_len, hidden = x.shape
     num_heads, _, three_d = w_qkv.shape
     head_dim, k = three_d // 3, indices.shape[-1]
     cfg = _forward_tile_config(batch, k, head_dim, rotary_dim, x.dtype)
     cos, sin = _rope_tables(seq_len, rotary_dim, rope_base, x.device)
-    dest, acc_rows, tokens = _accumulator_rows(indices, seq_len)
-    y = torch.zeros(acc_rows, hidden, device=x.device, dtype=torch.float32)
+    if deterministic:
+        dest, y = indices, torch.empty(batch * num_heads * k, hidden, device=x.device, dtype=x.dtype)
+    else:
+        dest, acc_rows, tokens = _accumulator_rows(indices, seq_len)
+        y = torch.zeros(acc_rows, hidden, device=x.device, dtype=torch.float32)
     o = torch.empty(num_heads, batch * k, head_dim, device=x.device, dtype=x.dtype)
     docs = document_ids is not None
     _mosa_fwd_kernel[(num_heads, cfg["num_tiles"])](
         x, w_qkv, w_o, indices, scores, cos, sin, positions if docs else indices, document_ids if docs else indices,
         dest, y, o, batch, seq_len, num_heads, k, cfg["groups"], head_dim ** -0.5, H=hidden,
         D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
-        BH=cfg["BH"], PREC=_dot_precision(x.dtype), DOCS=docs, num_warps=cfg["num_warps"],
+        BH=cfg["BH"], PREC=_dot_precision(x.dtype), DOCS=docs, SLOTS=deterministic, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
+    if deterministic:
+        return _combine_slots(y, indices, x.shape, x.dtype), o
     return _write_back(y, dest, tokens, x.shape, x.dtype), o
 
 
 def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim: int, rope_base: float, positions=None,
-             document_ids=None):
+             document_ids=None, deterministic: bool = False):
     """-> dx, dw_qkv, dw_o, and dscores (w_router None) or dw_router (scores are sigmoid(x . w_router)); each in
     its input's dtype.
 
@@ -499,8 +537,11 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim: int, r
     cfg = _tile_config(batch, k, head_dim, rotary_dim, x.dtype)
     cos, sin = _rope_tables(seq_len, rotary_dim, rope_base, x.device)
     precision = _dot_precision(x.dtype)
-    dest, acc_rows, tokens = _accumulator_rows(indices, seq_len)
-    dx = torch.zeros(acc_rows, hidden, device=x.device, dtype=torch.float32)
+    if deterministic:  # per-slot dX rows, summed by token after the kernel (see mosa_fwd)
+        dest, dx = indices, torch.empty(batch * num_heads * k, hidden, device=x.device, dtype=x.dtype)
+    else:
+        dest, acc_rows, tokens = _accumulator_rows(indices, seq_len)
+        dx = torch.zeros(acc_rows, hidden, device=x.device, dtype=torch.float32)
     dqkv = torch.empty(num_heads, batch * k, three_d, device=x.device, dtype=x.dtype)
     dscores = torch.empty(batch, num_heads, k, device=x.device, dtype=torch.float32)
     docs = document_ids is not None
@@ -509,7 +550,7 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim: int, r
         document_ids if docs else indices, dest, o, dy, dqkv, dx, dscores,
         batch, seq_len, num_heads, k, cfg["groups"], head_dim ** -0.5, H=hidden,
         D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
-        BH=cfg["BH"], PREC=precision, ROUTER=router, DOCS=docs, num_warps=cfg["num_warps"],
+        BH=cfg["BH"], PREC=precision, ROUTER=router, DOCS=docs, SLOTS=deterministic, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     dw_qkv = torch.empty_like(w_qkv)
     dw_o = torch.empty_like(w_o)
@@ -519,7 +560,10 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim: int, r
         batch, seq_len, num_heads, k, batch * k, H=hidden, ROWS_BOUND=batch * k if _interpreting() else 0,
         D=head_dim, BLOCK_R=BLOCK_ROWS_WEIGHTS, BD=cfg["BD"], BH=BLOCK_H, PREC=precision, ROUTER=router,
         num_warps=4, num_stages=cfg["num_stages"])
-    dx = _write_back(dx, dest, tokens, x.shape, x.dtype)
+    if deterministic:
+        dx = _combine_slots(dx, indices, x.shape, x.dtype)
+    else:
+        dx = _write_back(dx, dest, tokens, x.shape, x.dtype)
     return dx, dw_qkv, dw_o, (dw_router if router else dscores.to(scores.dtype))
 
 
@@ -530,13 +574,14 @@ def _interpreting() -> bool:
 @torch.library.custom_op("torch_mosa::mosa_attention_fwd", mutates_args=())
 def _mosa_fwd_op(x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, w_router: Optional[torch.Tensor],
                  indices: torch.Tensor, scores: torch.Tensor, rotary_dim: int, rope_base: float,
-                 positions: Optional[torch.Tensor], document_ids: Optional[torch.Tensor]
+                 positions: Optional[torch.Tensor], document_ids: Optional[torch.Tensor], deterministic: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    return mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, positions, document_ids)
+    return mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, positions, document_ids, deterministic)
 
 
 @_mosa_fwd_op.register_fake
-def _mosa_fwd_fake(x, w_qkv, w_o, w_router, indices, scores, rotary_dim, rope_base, positions, document_ids):
+def _mosa_fwd_fake(x, w_qkv, w_o, w_router, indices, scores, rotary_dim, rope_base, positions, document_ids,
+                   deterministic):
     num_heads, _, three_d = w_qkv.shape
     return x.new_empty(x.shape), x.new_empty(num_heads, x.shape[0] * indices.shape[-1], three_d // 3)
 
@@ -545,29 +590,32 @@ def _mosa_fwd_fake(x, w_qkv, w_o, w_router, indices, scores, rotary_dim, rope_ba
 def _mosa_bwd_op(dy: torch.Tensor, x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor,
                  w_router: Optional[torch.Tensor], indices: torch.Tensor, scores: torch.Tensor, o: torch.Tensor,
                  rotary_dim: int, rope_base: float, positions: Optional[torch.Tensor],
-                 document_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim, rope_base, positions, document_ids)
+                 document_ids: Optional[torch.Tensor], deterministic: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim, rope_base, positions, document_ids,
+                    deterministic)
 
 
 @_mosa_bwd_op.register_fake
-def _mosa_bwd_fake(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim, rope_base, positions, document_ids):
+def _mosa_bwd_fake(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim, rope_base, positions, document_ids,
+                   deterministic):
     last = w_router.new_empty(w_router.shape) if w_router is not None else scores.new_empty(scores.shape)
     return x.new_empty(x.shape), w_qkv.new_empty(w_qkv.shape), w_o.new_empty(w_o.shape), last
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_qkv, w_o, w_router, indices, scores, rotary_dim, rope_base, positions, document_ids = inputs
+    x, w_qkv, w_o, w_router, indices, scores, rotary_dim, rope_base, positions, document_ids, deterministic = inputs
     ctx.save_for_backward(x, w_qkv, w_o, w_router, indices, scores, output[1], positions, document_ids)
-    ctx.rotary_dim, ctx.rope_base = rotary_dim, rope_base
+    ctx.rotary_dim, ctx.rope_base, ctx.deterministic = rotary_dim, rope_base, deterministic
 
 
 def _backward(ctx, dy, _d_o):
     x, w_qkv, w_o, w_router, indices, scores, o, positions, document_ids = ctx.saved_tensors
     dx, dw_qkv, dw_o, last = _mosa_bwd_op(dy.contiguous(), x, w_qkv, w_o, w_router, indices, scores, o,
-                                          ctx.rotary_dim, ctx.rope_base, positions, document_ids)
+                                          ctx.rotary_dim, ctx.rope_base, positions, document_ids, ctx.deterministic)
     if w_router is None:
-        return dx, dw_qkv, dw_o, None, None, last, None, None, None, None
-    return dx, dw_qkv, dw_o, last, None, None, None, None, None, None
+        return dx, dw_qkv, dw_o, None, None, last, None, None, None, None, None
+    return dx, dw_qkv, dw_o, last, None, None, None, None, None, None, None
 
 
 _mosa_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -594,8 +642,10 @@ def mosa_attention_triton(x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tenso
 
 
 def fused_mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, router_weight=None,
-                         positions=None, document_ids=None):
-    """`mosa_attention_triton` on arguments already checked (the dispatch point checks them once)."""
+                         positions=None, document_ids=None, deterministic: bool = False):
+    """`mosa_attention_triton` on arguments already checked (the dispatch point checks them once). deterministic:
+    heads are summed into tokens by a fixed-order reduction instead of fp32 atomics (bitwise reproducible under
+    torch.use_deterministic_algorithms(True); more memory: one output row per selected slot)."""
     if indices.shape[-1] > (MAX_FUSED_K_FP32 if x.dtype == torch.float32 else MAX_FUSED_K):
         return mosa_attention_reference(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base,
                                         router_weight=router_weight, positions=positions, document_ids=document_ids)
@@ -608,4 +658,5 @@ def fused_mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_b
         document_ids = (torch.zeros_like(default) if document_ids is None
                         else document_ids.to(torch.int32)).contiguous()
     return _mosa_fwd_op(x.contiguous(), w_qkv.contiguous(), w_o.contiguous(), router_weight, indices.contiguous(),
-                        scores.contiguous(), int(rotary_dim), float(rope_base), positions, document_ids)[0]
+                        scores.contiguous(), int(rotary_dim), float(rope_base), positions, document_ids,
+                        bool(deterministic))[0]
