@@ -7,12 +7,13 @@
 #   tiles   the op per tile configuration (rows x warps x hidden chunk) on cases A-C (benchmarks/experiments/)
 #   eval    evaluation forwards of the Tiny IsoFLOP model: top-k beside causal routing, with and without capacity
 #   profile torch.profiler kernel tables of case D and of eager decode steps (benchmarks/experiments/)
+#   combine the op's fp32-atomic combine against deterministic mode's per-slot rows + index_add_ (cases A-C)
 # Usage, from the repository root on the GPU machine: bash benchmarks/gpu_checklist.sh STAGE
 # Writes its log and tables under $OUT (default ./gpu-results) and prints the short table last.
 set -euo pipefail
-stages="tests, layer, decode, tiles, eval or profile"
+stages="tests, layer, decode, tiles, eval, profile or combine"
 stage="${1:?give a stage: $stages}"
-case "$stage" in tests|layer|decode|tiles|eval|profile) ;; *) echo "unknown stage '$stage': give $stages" >&2; exit 2 ;; esac
+case "$stage" in tests|layer|decode|tiles|eval|profile|combine) ;; *) echo "unknown stage '$stage': give $stages" >&2; exit 2 ;; esac
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
 export PYTHONPATH=src
@@ -38,4 +39,6 @@ case "$stage" in
   profile)
     python benchmarks/experiments/profile_case_d_and_decode.py --out "$out" > "$out/profile.log" 2>&1
     grep "^==" "$out/profile.txt" ;;
+  combine)
+    python benchmarks/experiments/combine_atomics_vs_slots.py 2>&1 | tee "$out/combine.log" | tail -10 ;;
 esac
