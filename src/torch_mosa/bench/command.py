@@ -79,50 +79,47 @@ def run(args: argparse.Namespace) -> int:
                 train_rows.append((packed_name, args.train_batch, tokens_per_s, mib))
                 print(f"train step {packed_name}: {tokens_per_s:,.0f} tokens/s, {mib:.0f} MiB", flush=True)
                 torch.cuda.empty_cache()
-    report = markdown_report(rows, train_rows, command=" ".join(["python -m torch_mosa.bench", *sys.argv[1:]]))
+    return _emit(markdown_report(rows, train_rows, command=_command()), args.out)
+
+
+def _command() -> str:
+    return " ".join(["python -m torch_mosa.bench", *sys.argv[1:]])
+
+
+def _header(title: str) -> list[str]:
+    """A table's heading: title, date, GPU, versions and the exact command."""
+    from torch_mosa.bench.report import environment
+
+    env = environment()
+    return [title, "", f"- date: {env['date']}", f"- GPU: {env['gpu']}",
+            f"- torch {env['torch']}, triton {env['triton']}, python {env['python']}", f"- command: `{_command()}`"]
+
+
+def _emit(report: str, out: str | None) -> int:
+    """Print the report, and write it to `out` when given."""
     print(report)
-    if args.out:
-        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.out).write_text(report)
+    if out:
+        pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(out).write_text(report)
     return 0
 
 
 def run_eval_routing(args: argparse.Namespace) -> int:
     from torch_mosa.bench.evaluation import eval_routing_markdown, run_eval_routing_bench
-    from torch_mosa.bench.report import environment
 
     rows = run_eval_routing_bench(batch=args.eval_batch)
-    env = environment()
-    command = " ".join(["python -m torch_mosa.bench", *sys.argv[1:]])
-    report = eval_routing_markdown(rows, ["# Evaluation forward by routing (tiny shape, bf16, random weights, "
-                                          "thresholds calibrated on random tokens, no gradients)", "",
-                                          f"- date: {env['date']}", f"- GPU: {env['gpu']}",
-                                          f"- torch {env['torch']}, triton {env['triton']}, python {env['python']}",
-                                          f"- command: `{command}`"])
-    print(report)
-    if args.out:
-        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.out).write_text(report)
-    return 0
+    return _emit(eval_routing_markdown(rows, _header("# Evaluation forward by routing (tiny shape, bf16, random "
+                                                     "weights, thresholds calibrated on random tokens, no "
+                                                     "gradients)")), args.out)
 
 
 def run_decode(args: argparse.Namespace) -> int:
     from torch_mosa.bench.decode import decode_markdown, run_decode_bench
-    from torch_mosa.bench.report import environment
 
     rows = run_decode_bench(tuple(args.decode_batches), prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                             cuda_graphs=args.cuda_graphs, compile_step=args.compile_decode, eager=not args.no_eager,
                             reference_decode=args.reference_decode)
-    env = environment()
-    command = " ".join(["python -m torch_mosa.bench", *sys.argv[1:]])
-    report = decode_markdown(rows, ["# Decode throughput (tiny shape, bf16, random weights, greedy)", "",
-                                    f"- date: {env['date']}", f"- GPU: {env['gpu']}",
-                                    f"- torch {env['torch']}, triton {env['triton']}, python {env['python']}",
-                                    f"- command: `{command}`",
-                                    f"- prompt {args.prompt_len} tokens, 8 untimed + {args.new_tokens} timed new "
-                                    "tokens; KV sizes over all tokens held at the end"])
-    print(report)
-    if args.out:
-        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.out).write_text(report)
-    return 0
+    header = _header("# Decode throughput (tiny shape, bf16, random weights, greedy)")
+    header.append(f"- prompt {args.prompt_len} tokens, 8 untimed + {args.new_tokens} timed new tokens; KV sizes over "
+                  "all tokens held at the end")
+    return _emit(decode_markdown(rows, header), args.out)
