@@ -1,5 +1,7 @@
 """The two ways the fused MoSA op sums heads into tokens, timed on a GPU: fp32 atomics (the default) against
-per-slot rows summed by a fixed-order `index_add_` (what `torch.use_deterministic_algorithms(True)` runs).
+per-slot rows summed token by token in slot order (`_combine_slots`, a segmented sum over a CSR of the slots: what
+`torch.use_deterministic_algorithms(True)` runs; until 2026-11-23 17:50 UTC it was PyTorch's deterministic
+`index_add_`, 4-6x slower than the atomics: results/combine-atomics-vs-slots-h100-2026-11-23.log).
 
 For each SPEC §6 case A-C: the op's forward and forward + backward in each mode (median of triton's do_bench), peak
 memory of one forward + backward, whether two deterministic runs are bitwise equal, and the largest relative
@@ -64,13 +66,13 @@ def main() -> int:
             finally:
                 torch.use_deterministic_algorithms(False)
             results[deterministic] = (first, fwd, both, peak, same)
-            print(f"{name} {'slots + index_add' if deterministic else 'fp32 atomics'}: fwd {fwd:.3f} ms, "
+            print(f"{name} {'slots + CSR sum' if deterministic else 'fp32 atomics'}: fwd {fwd:.3f} ms, "
                   f"fwd+bwd {both:.3f} ms, peak {peak:.0f} MiB, bitwise equal run to run: {same}", flush=True)
         difference = max(((a.double() - b.double()).norm() / b.double().norm()).item()
                          for a, b in zip(results[True][0], results[False][0]))
         for deterministic in (False, True):
             _, fwd, both, peak, same = results[deterministic]
-            rows.append((name, "slots + index_add" if deterministic else "fp32 atomics", fwd, both, peak, same,
+            rows.append((name, "slots + CSR sum" if deterministic else "fp32 atomics", fwd, both, peak, same,
                          difference))
     print("\n| case | combine | fwd ms | fwd+bwd ms | peak MiB | bitwise equal run to run | rel. diff. between modes |")
     print("|---|---|---|---|---|---|---|")

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_mosa.checks import check_attention_input, check_head_sizes, check_routing
-from torch_mosa.ops.rope import apply_rope, rotary_dim_for
+from torch_mosa.ops.rope import apply_rope, rope_table, rotary_dim_for
 
 
 def padding_causal_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -34,14 +34,15 @@ class DenseAttention(nn.Module):
         self.w_qkv = nn.Linear(hidden_size, 3 * num_heads * head_dim, bias=False)
         self.w_o = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
 
-    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor):
-        """x [B, T, h], positions [T] or [B, T] -> q, k, v [B, H, T, d] with RoPE applied."""
+    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor, rope=None):
+        """x [B, T, h], positions [T] or [B, T] -> q, k, v [B, H, T, d] with RoPE applied (looked up in `rope`, a
+        rope_table, when given)."""
         batch, seq_len, _ = x.shape
         qkv = self.w_qkv(x).view(batch, seq_len, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)
         positions = positions.unsqueeze(-2) if positions.dim() == 2 else positions
-        return apply_rope(q, positions, self.rotary_dim, self.rope_base), \
-            apply_rope(k, positions, self.rotary_dim, self.rope_base), v
+        return apply_rope(q, positions, self.rotary_dim, self.rope_base, rope), \
+            apply_rope(k, positions, self.rotary_dim, self.rope_base, rope), v
 
     def merge_heads(self, attended: torch.Tensor) -> torch.Tensor:
         batch, _, seq_len, _ = attended.shape
@@ -70,7 +71,8 @@ class DenseAttention(nn.Module):
     def new_cache(self, batch: int, max_len: int, dtype, device):
         from torch_mosa.inference.cache import DenseCache
 
-        return DenseCache(batch, self.num_heads, self.head_dim, max_len, dtype, device)
+        return DenseCache(batch, self.num_heads, self.head_dim, max_len, dtype, device,
+                          rope=rope_table(max_len, self.rotary_dim, self.rope_base, dtype, device))
 
     def prefill(self, x: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
         """Causal forward of the prompt x [B, T, h] (left padding by attention_mask), storing keys and values."""
@@ -81,7 +83,7 @@ class DenseAttention(nn.Module):
     def decode_step(self, x: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
         """x [B, 1, h] at `position` ([1] long tensor) -> [B, 1, h]: one attention call over the whole cache buffer
         (fixed shapes: no host sync, CUDA-graph safe)."""
-        q, k, v = self.project_qkv(x, position)
+        q, k, v = self.project_qkv(x, position, cache.rope)
         cache.update(position, k, v)
         keys, values, mask = cache.keys_values_mask()
         return self.merge_heads(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))

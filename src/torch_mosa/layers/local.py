@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from torch_mosa.checks import check_positive_int
 from torch_mosa.layers.dense import DenseAttention
+from torch_mosa.ops.rope import rope_table
 
 
 class LocalAttention(DenseAttention):
@@ -58,4 +59,5 @@ class LocalAttention(DenseAttention):
     def new_cache(self, batch: int, max_len: int, dtype, device):
         from torch_mosa.inference.cache import LocalCache
 
-        return LocalCache(batch, self.num_heads, self.head_dim, self.window, dtype, device)
+        return LocalCache(batch, self.num_heads, self.head_dim, self.window, dtype, device,
+                          rope=rope_table(max_len, self.rotary_dim, self.rope_base, dtype, device))

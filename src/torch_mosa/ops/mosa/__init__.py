@@ -34,8 +34,8 @@ def mosa_attention(
     """
     check_mosa_inputs(x, w_qkv, w_o, indices, scores, rotary_dim, router_weight, positions, document_ids)
     # the kernels sum heads with fp32 atomics (run-to-run differences ~1e-3); under
-    # torch.use_deterministic_algorithms(True) they write per-slot rows that index_add_ (deterministic in that mode)
-    # sums by token
+    # torch.use_deterministic_algorithms(True) they write per-slot rows that a token-major segmented sum adds up in
+    # slot order
     if use_fast_path(x):
         from torch_mosa.ops.mosa.triton_mosa import fused_mosa_attention
 

@@ -462,27 +462,48 @@ def _accumulator_rows(indices: torch.Tensor, seq_len: int):
     return row_of_token[tokens].view(indices.shape), tokens.numel(), tokens
 
 
-# rows of per-slot outputs converted to fp32 at a time by the deterministic combine (bounds its fp32 copy)
-COMBINE_CHUNK_ROWS = 1 << 16
-
-
 def _slot_tokens(indices: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The flat token b*T + position of every selection slot, in [B, E, k] order: [B*E*k] int64."""
     offsets = torch.arange(indices.shape[0], device=indices.device).view(-1, 1, 1) * seq_len
     return (indices.long() + offsets).reshape(-1)
 
 
+@triton.jit
+def _combine_slots_kernel(rows_ptr, order_ptr, starts_ptr, out_ptr, H, MAX_ENTRIES: tl.constexpr, BH: tl.constexpr):
+    """Program (token t, hidden chunk): out[t] = the sum, in fp32 and in slot order, of the rows of the slots that
+    picked t (order[starts[t]:starts[t + 1]]); zeros for a token no slot picked."""
+    t = tl.program_id(0).to(tl.int64)
+    hs = tl.program_id(1) * BH + tl.arange(0, BH)
+    hm = hs < H
+    start = tl.load(starts_ptr + t)
+    end = tl.load(starts_ptr + t + 1)
+    acc = tl.zeros([BH], tl.float32)
+    if MAX_ENTRIES > 0:  # the interpreter cannot loop to a bound it loaded
+        for i in range(0, MAX_ENTRIES):
+            live = start + i < end
+            slot = tl.load(order_ptr + start + i, mask=live, other=0)
+            acc += tl.load(rows_ptr + slot * H + hs, mask=hm & live, other=0.0).to(tl.float32)
+    else:
+        for i in range(start, end):
+            slot = tl.load(order_ptr + i)
+            acc += tl.load(rows_ptr + slot * H + hs, mask=hm, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + hs, acc.to(out_ptr.dtype.element_ty), mask=hm)
+
+
 def _combine_slots(slot_rows: torch.Tensor, indices: torch.Tensor, shape, dtype) -> torch.Tensor:
     """Deterministic combine: per-slot rows [B*E*k, h] (one per selection slot, [B, E, k] order) summed into
-    their tokens in fp32 -> [B, T, h] in dtype. index_add_ is deterministic under
-    torch.use_deterministic_algorithms(True) (PyTorch sorts the indices and reduces in order), so the sum is
-    bitwise reproducible, unlike the kernels' fp32 atomics."""
-    tokens = _slot_tokens(indices, shape[1])
-    acc = torch.zeros(shape[0] * shape[1], shape[2], device=slot_rows.device, dtype=torch.float32)
-    for start in range(0, tokens.numel(), COMBINE_CHUNK_ROWS):
-        rows = slice(start, start + COMBINE_CHUNK_ROWS)
-        acc.index_add_(0, tokens[rows], slot_rows[rows].float())
-    return acc.view(shape).to(dtype)
+    their tokens -> [B, T, h] in dtype. A token-major segmented sum over a CSR of the slots (a stable sort of their
+    tokens): each token adds its slots' rows in slot order in fp32, so the result is bitwise reproducible, unlike
+    the kernels' fp32 atomics, and no fp32 [B*T, h] buffer is zeroed, accumulated into and cast."""
+    batch, seq_len, hidden = shape
+    sorted_tokens, order = torch.sort(_slot_tokens(indices, seq_len), stable=True)
+    starts = torch.searchsorted(sorted_tokens, torch.arange(batch * seq_len + 1, device=indices.device))
+    out = torch.empty(shape, device=slot_rows.device, dtype=dtype)
+    max_entries = max(1, int((starts[1:] - starts[:-1]).max())) if _interpreting() else 0
+    block_h = min(1024, _block(hidden))
+    _combine_slots_kernel[(batch * seq_len, triton.cdiv(hidden, block_h))](
+        slot_rows, order, starts, out, hidden, MAX_ENTRIES=max_entries, BH=block_h, num_warps=4)
+    return out
 
 
 def _write_back(acc: torch.Tensor, dest: torch.Tensor, tokens, shape, dtype) -> torch.Tensor:
