@@ -62,7 +62,7 @@ OP_CASES = [
     (3, 101, 128, 7, 2, False, True),
     (2, 1000, 512, 600, 16, True, False),
     (4, 130, 384, 100, 16, False, True),
-    (9, 301, 256, 11, 16, True, True),  # B*k 144: the forward's 128-row tiles (16-bit, k <= 16)
+    (33, 301, 256, 11, 16, True, True),  # B*k 528: the forward's 128-row tiles (16-bit, k <= 16, >= 512 rows)
     (3, 517, 512, 37, 64, False, True),
     (2, 1500, 256, 9, 100, True, True),
     (1, 8191, 1024, 60, 64, False, False),

@@ -401,16 +401,19 @@ def _tile_config(batch: int, k: int, head_dim: int, rotary_dim: int, dtype: torc
 
 
 def _forward_tile_config(batch: int, k: int, head_dim: int, rotary_dim: int, dtype: torch.dtype) -> dict:
-    """The forward kernel's tiles: the backward's, except that 16-bit selections of k <= 16 tokens take 128 rows
-    (8 or more whole groups) x 8 warps, keeping the 3-stage pipeline of 64-row tiles.
+    """The forward kernel's tiles: the backward's, except that 16-bit selections of k <= 16 tokens in at least 512
+    rows per head take 128 rows (8 or more whole groups) x 8 warps, keeping the 3-stage pipeline of 64-row tiles.
 
     Measured with benchmarks/experiments/tile_sweep.py (H100, bf16, forward of the op; results/tile-sweep-h100-
-    2026-11-23.log): SPEC §6 case A (k 16) 1.30 -> 1.20 ms, case C (k 16) 0.57 -> 0.50 ms; case B (k 64) was slower
-    with 128 rows (1.19 -> 1.23 ms), so larger k keep the default. The backward was fastest with the default tiles.
-    The forward's tiles are its own: what it saves for the backward (O [E, B*k, d]) does not depend on them.
+    2026-11-23.log): SPEC §6 case A (k 16, 1024 rows per head) 1.30 -> 1.20 ms; case B (k 64) was slower with 128
+    rows (1.19 -> 1.23 ms), so larger k keep the default. Case C (k 16, 256 rows per head) ran its op forward faster
+    too (0.57 -> 0.50 ms) but its whole layer slower (4.69 -> 4.99 ms forward + backward,
+    results/forward-tiles-layer-h100-2026-11-23.log): half the programs per head, and that layer is bound by the host
+    anyway. The backward was fastest with the default tiles. The forward's tiles are its own: what it saves for the
+    backward (O [E, B*k, d]) does not depend on them.
     """
     cfg = _tile_config(batch, k, head_dim, rotary_dim, dtype)
-    if dtype != torch.float32 and k <= 16 and batch * k >= 128:
+    if dtype != torch.float32 and k <= 16 and batch * k >= 512:
         groups = 128 // k
         cfg.update(block_m=128, groups=groups, num_tiles=triton.cdiv(batch, groups), num_warps=8)
     return cfg
