@@ -1,18 +1,14 @@
 """The fused decode step of sparse heads against the reference: output, appended keys and values, head counts and
-the capacity-overflow counter, with a head-slot list or all heads, some heads full, at small odd sizes; the op's
-per-slot rows, zero for the slots without a write.
+the capacity-overflow counter, with a head-slot list or all heads, some heads full, at small odd sizes.
 
 Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 """
-
-from unittest import mock
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-import torch_mosa.ops.decode as decode_ops  # noqa: E402
 from torch_mosa.ops.decode import sparse_decode  # noqa: E402
 from torch_mosa.ops.decode.reference import sparse_decode_reference  # noqa: E402
 from torch_mosa.ops.decode.triton_decode import sparse_decode_triton  # noqa: E402
@@ -50,15 +46,6 @@ def make_step(batch, hidden, num_heads, head_dim, capacity, width, seed, dtype=t
     return tensors, route, cache
 
 
-def fused_decode(x, heads, joined, scores, position, w_qkv, w_o, cache_k, cache_v, counts, capacity_overflow,
-                 rotary_dim, rope_base):
-    """`sparse_decode` on its fast path (forced off CUDA: the kernels in the interpreter): the op's slot rows summed
-    in x's dtype."""
-    with mock.patch.object(decode_ops, "use_fast_path", lambda x: True):
-        return sparse_decode(x, heads, joined, scores, position, w_qkv, w_o, cache_k, cache_v, counts,
-                             capacity_overflow, rotary_dim=rotary_dim, rope_base=rope_base)
-
-
 def run(op, tensors, route, cache, rotary_dim):
     x, w_qkv, w_o = tensors
     heads, joined, scores, position = route
@@ -80,7 +67,7 @@ CASES = [
 def test_fused_decode_matches_reference(batch, hidden, num_heads, head_dim, capacity, width, rotary_dim):
     tensors, route, cache = make_step(batch, hidden, num_heads, head_dim, capacity, width, seed=capacity)
     expected, expected_cache = run(sparse_decode_reference, tensors, route, cache, rotary_dim)
-    actual, actual_cache = run(fused_decode, tensors, route, cache, rotary_dim)
+    actual, actual_cache = run(sparse_decode_triton, tensors, route, cache, rotary_dim)
     torch.testing.assert_close(actual, expected, rtol=2e-5, atol=2e-6)
     held = torch.arange(capacity + 1, device=DEVICE) < expected_cache[2][..., None]  # the scratch slot may differ
     for name, a, e in zip(("k", "v"), actual_cache[:2], expected_cache[:2]):
@@ -93,7 +80,7 @@ def test_fused_decode_in_half_precision():
     tensors, route, cache = make_step(2, 48, 5, 16, 12, 3, seed=4, dtype=torch.float16)
     expected, _ = run(sparse_decode_reference, [t.float() for t in tensors], route,
                       [t.float() if t.is_floating_point() else t for t in cache], 8)
-    actual, _ = run(fused_decode, tensors, route, cache, 8)
+    actual, _ = run(sparse_decode_triton, tensors, route, cache, 8)
     assert actual.dtype == torch.float16
     torch.testing.assert_close(actual.float(), expected, rtol=2e-2, atol=2e-3)
 
@@ -103,25 +90,8 @@ def test_wrong_cache_count_fails():
     tensors, route, cache = make_step(1, 40, 5, 16, 7, None, seed=1)
     expected, _ = run(sparse_decode_reference, tensors, route, cache, 8)
     cache[2] = (cache[2] - 1).clamp(min=0)
-    actual, _ = run(fused_decode, tensors, route, cache, 8)
+    actual, _ = run(sparse_decode_triton, tensors, route, cache, 8)
     assert not torch.allclose(actual, expected, rtol=2e-5, atol=2e-6)
-
-
-@pytest.mark.parametrize("width", [None, 3])
-def test_slots_without_a_write_give_zero_rows(nan_allocations, width):
-    """The op's rows, one per head slot: exactly zero for a slot whose token did not join or joined a full head
-    (every row is summed, so the kernel must store them), and summed they are the reference's output."""
-    tensors, route, cache = make_step(2, 40, 5, 16, 7, width, seed=5)
-    heads, joined = route[:2]
-    counts = cache[2] if heads is None else cache[2].gather(1, heads)
-    written = joined & (counts < 7)
-    assert joined[0, 0] and not written[0, 0] and (~joined).any() and written.any()
-    slot_rows, _ = run(sparse_decode_triton, tensors, route, cache, 8)
-    expected, _ = run(sparse_decode_reference, tensors, route, cache, 8)
-    assert slot_rows.shape == (2, joined.shape[1], 40) and slot_rows.dtype == torch.float32
-    assert torch.equal(slot_rows[~written], torch.zeros_like(slot_rows[~written]))
-    assert (slot_rows[written] != 0).any(dim=-1).all()
-    torch.testing.assert_close(slot_rows.sum(1), expected, rtol=2e-5, atol=2e-6)
 
 
 def test_dispatch_takes_the_reference_off_cuda():
@@ -166,7 +136,7 @@ def test_fused_decode_in_bfloat16_on_the_gpu(batch, num_heads, capacity, width):
     for inputs, dtype in ((bf16, torch.bfloat16), ([t.double() for t in bf16], torch.float64)):
         x_, w_qkv_, w_o_, k_, v_ = [t.clone() for t in inputs]
         counts_, overflow = counts.clone().cuda(), torch.zeros((), dtype=torch.long, device="cuda")
-        op = fused_decode if dtype == torch.bfloat16 else sparse_decode_reference
+        op = sparse_decode_triton if dtype == torch.bfloat16 else sparse_decode_reference
         out = op(x_, None if heads is None else heads.cuda(), joined.cuda(), scores.cuda().to(dtype),
                  position.cuda(), w_qkv_, w_o_, k_, v_, counts_, overflow, 32, 10000.0)
         results.append((out, k_, v_, counts_, overflow))

@@ -130,7 +130,7 @@ class SparseHeads(nn.Module):
         """One new token per row, x [B, 1, h] at `position` (a [1] long tensor: no host sync, CUDA-graph safe).
 
         Routes first, then projects, attends and outputs only the heads the token joined: J head slots per row,
-        J = route_token's width (ops/decode: on CUDA a fused kernel that reads the joined heads' weights and cache
+        J = route_token's width (ops/decode: on CUDA two fused kernels that read the joined heads' weights and cache
         rows in place). Returns [B, 1, h]."""
         heads, joined, scores = self.route_token(x[:, 0], position, cache)
         hx, w_qkv, w_o = self._weights(x[:, 0])

@@ -47,12 +47,9 @@ def sparse_decode(x: torch.Tensor, heads: torch.Tensor | None, joined: torch.Ten
     if use_fast_path(x):
         from torch_mosa.ops.decode.triton_decode import sparse_decode_triton
 
-        # the op returns one fp32 row per head slot; summed here, outside it, so that torch.compile fuses the sum
-        # into the residual add that follows (no launch of its own: at batch 1 a step is launch-bound)
-        slot_rows = sparse_decode_triton(x.contiguous(), None if heads is None else heads.contiguous(),
-                                         joined.contiguous(), scores.contiguous(), position, w_qkv.contiguous(),
-                                         w_o.contiguous(), cache_k, cache_v, counts, capacity_overflow,
-                                         int(rotary_dim), float(rope_base))
-        return slot_rows.sum(1).to(x.dtype)
+        return sparse_decode_triton(x.contiguous(), None if heads is None else heads.contiguous(),
+                                    joined.contiguous(), scores.contiguous(), position, w_qkv.contiguous(),
+                                    w_o.contiguous(), cache_k, cache_v, counts, capacity_overflow, int(rotary_dim),
+                                    float(rope_base))
     return sparse_decode_reference(x, heads, joined, scores, position, w_qkv, w_o, cache_k, cache_v, counts,
                                    capacity_overflow, rotary_dim, rope_base)

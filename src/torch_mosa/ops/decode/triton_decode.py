@@ -1,4 +1,4 @@
-"""Fused Triton decode step of sparse heads: two launches instead of the reference's ~20 small kernels and copies.
+"""Fused Triton decode step of sparse heads: three launches instead of the reference's ~20 small kernels and copies.
 
 At batch 1 a decode step is launch- and latency-bound (SPEC §6 inference numbers, benchmarks/decode*.md): every
 kernel of a CUDA graph costs a few microseconds however little it does, and a kernel whose few programs each walk a
@@ -11,13 +11,12 @@ chain of dependent loads costs a microsecond per link. So:
   head kernel    one program per (row, head slot j): skip a head the token did not join; count a join into a full
                  head as capacity overflow; else project x through the head's W_Q|W_K|W_V in place (a GEMV whose
                  hidden chunks load all seven column segments at once, so their loads are in flight together),
-                 rotate at `position`, append K, V to the head's cache, attend over the head's held tokens with
-                 an online softmax read straight from the cache, and project score x attention through the head's
-                 W_O. Writes that slot's row [B, J, h] (fp32; zeros for a slot without a write).
-
-The slots' rows are summed outside the op (`torch_mosa.ops.decode.sparse_decode`), so that torch.compile fuses the sum
-into the residual add that follows it instead of launching a kernel for it (the output kernel that summed them before
-was a launch of its own).
+                 rotate at `position`, append K, V to the head's cache, and attend over the head's held tokens with
+                 an online softmax read straight from the cache. Writes score x attention [B, J, d] (fp32; zeros
+                 for heads without a write) and the written flags.
+  output kernel  one program per (row, hidden chunk): out = sum over the row's written heads of attended @
+                 W_O[head], reducing over (head slot, dim) pairs in blocks of BLOCK_K rows of W_O gathered from
+                 several heads at once (a fixed order: deterministic, no atomics).
 
 All are torch.library custom ops, so the step stays capturable as a CUDA graph and traceable by torch.compile.
 """
@@ -33,7 +32,8 @@ import triton.language as tl
 
 BLOCK_H = 128  # hidden rows of W_QKV per step of the head kernel's GEMV
 BLOCK_SLOTS = 32  # cache slots per step of the online softmax
-BLOCK_O = 128  # hidden columns of W_O per step of the head kernel's output projection
+OUT_BLOCK_H = 32  # hidden columns per program of the output kernel (B * h / 32 programs: 16 per row at h 512)
+OUT_BLOCK_K = 512  # (head slot, dim) rows of W_O per step of the output kernel's reduction
 
 
 @triton.jit
@@ -78,12 +78,11 @@ def _route_heads_kernel(logits_ptr, thresholds_ptr, heads_ptr, joined_ptr, score
 
 
 @triton.jit
-def _sparse_decode_heads_kernel(x_ptr, heads_ptr, joined_ptr, scores_ptr, pos_ptr, w_qkv_ptr, w_o_ptr, k_ptr,
-                                v_ptr, counts_ptr, overflow_ptr, slot_rows_ptr, E, J, log2_base,
+def _sparse_decode_heads_kernel(x_ptr, heads_ptr, joined_ptr, scores_ptr, pos_ptr, w_qkv_ptr, k_ptr, v_ptr,
+                                counts_ptr, overflow_ptr, attended_ptr, written_ptr, E, J, log2_base,
                                 H: tl.constexpr, D: tl.constexpr, R2: tl.constexpr, CAP: tl.constexpr,
                                 BR: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                                BO: tl.constexpr, BS: tl.constexpr, ALL_HEADS: tl.constexpr,
-                                SLOTS_BOUND: tl.constexpr):
+                                BS: tl.constexpr, ALL_HEADS: tl.constexpr, SLOTS_BOUND: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // J
     j = pid % J
@@ -177,15 +176,8 @@ def _sparse_decode_heads_kernel(x_ptr, heads_ptr, joined_ptr, scores_ptr, pos_pt
                                               scale, m_i, l_i, acc, D, R2, BS)
         score = tl.load(scores_ptr + pid).to(tl.float32)
         out = acc / l_i * score
-    # the slot's row out @ W_O[e], in chunks of hidden columns; a slot without a write stores zeros (every row is
-    # summed) without reading W_O
-    w_o_e = w_o_ptr + e * D * H
-    slot_row = slot_rows_ptr + pid.to(tl.int64) * H
-    for h0 in range(0, H, BO):
-        hs = h0 + tl.arange(0, BO)
-        hm = hs < H
-        w = tl.load(w_o_e + d[:, None] * H + hs[None, :], mask=written & dm[:, None] & hm[None, :], other=0.0)
-        tl.store(slot_row + hs, tl.sum(out[:, None] * w.to(tl.float32), 0), mask=hm)
+    tl.store(attended_ptr + pid.to(tl.int64) * D + d, out, mask=dm)
+    tl.store(written_ptr + pid, written.to(tl.int8))
 
 
 @triton.jit
@@ -209,6 +201,32 @@ def _attend_slots(k_ptr, v_ptr, head_cache, s0, held, q1, q2, q3, r, p, d, rm, p
     return m_new, l_i, acc
 
 
+@triton.jit
+def _sparse_decode_output_kernel(attended_ptr, written_ptr, heads_ptr, w_o_ptr, out_ptr, J: tl.constexpr,
+                                 H: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
+                                 ALL_HEADS: tl.constexpr):
+    """out[b, chunk] = sum over (head slot j, dim i) of attended[b, j, i] * W_O[head j][i, chunk]: the J*D pairs
+    in blocks of BK, each block gathering the W_O rows of several heads (skipped for heads without a write)."""
+    num_chunks = tl.cdiv(H, BH)
+    b = (tl.program_id(0) // num_chunks).to(tl.int64)
+    hs = (tl.program_id(0) % num_chunks) * BH + tl.arange(0, BH)
+    hm = hs < H
+    acc = tl.zeros([BK, BH], tl.float32)  # summed over its rows once, after the loop
+    for k0 in range(0, J * D, BK):
+        k = k0 + tl.arange(0, BK)
+        slot = b * J + k // D
+        i = k % D
+        live = (k < J * D) & (tl.load(written_ptr + slot, mask=k < J * D, other=0) != 0)
+        if ALL_HEADS:
+            e = (k // D).to(tl.int64)
+        else:
+            e = tl.load(heads_ptr + slot, mask=live, other=0).to(tl.int64)
+        a = tl.load(attended_ptr + b * J * D + k, mask=live, other=0.0)
+        w = tl.load(w_o_ptr + (e * D + i)[:, None] * H + hs[None, :], mask=live[:, None] & hm[None, :], other=0.0)
+        acc += a[:, None] * w.to(tl.float32)
+    tl.store(out_ptr + b * H + hs, tl.sum(acc, 0).to(out_ptr.dtype.element_ty), mask=hm)
+
+
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -223,29 +241,32 @@ def sparse_decode_triton(x: torch.Tensor, heads: torch.Tensor | None, joined: to
                          position: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, cache_k: torch.Tensor,
                          cache_v: torch.Tensor, counts: torch.Tensor, capacity_overflow: torch.Tensor,
                          rotary_dim: int, rope_base: float) -> torch.Tensor:
-    """The fused decode step (module docstring); arguments as `torch_mosa.ops.decode.sparse_decode`, contiguous.
-    Returns each head slot's output row, slot_rows [B, J, h] fp32 (J = E when heads is None; zeros for a slot
-    without a write): their sum over the slots is the step's output."""
+    """The fused decode step (module docstring); arguments as `torch_mosa.ops.decode.sparse_decode`, contiguous."""
     batch, hidden = x.shape
     num_heads, _, three_d = w_qkv.shape
     head_dim = three_d // 3
     capacity = cache_k.shape[2] - 1
     width = num_heads if heads is None else heads.shape[1]
-    slot_rows = torch.empty(batch, width, hidden, device=x.device, dtype=torch.float32)
+    attended = torch.empty(batch, width, head_dim, device=x.device, dtype=torch.float32)
+    written = torch.empty(batch, width, device=x.device, dtype=torch.int8)
+    block_d = _block(head_dim)
     _sparse_decode_heads_kernel[(batch * width,)](
-        x, joined if heads is None else heads, joined, scores, position, w_qkv, w_o, cache_k, cache_v, counts,
-        capacity_overflow, slot_rows, num_heads, width, math.log2(rope_base),
+        x, joined if heads is None else heads, joined, scores, position, w_qkv, cache_k, cache_v, counts,
+        capacity_overflow, attended, written, num_heads, width, math.log2(rope_base),
         H=hidden, D=head_dim, R2=rotary_dim // 2, CAP=capacity, BR=_block(rotary_dim // 2),
-        BP=_block(head_dim - rotary_dim), BD=_block(head_dim), BH=BLOCK_H, BO=BLOCK_O, BS=BLOCK_SLOTS,
-        ALL_HEADS=heads is None, SLOTS_BOUND=capacity + 1 if _interpreting() else 0, num_warps=8)
-    return slot_rows
+        BP=_block(head_dim - rotary_dim), BD=block_d, BH=BLOCK_H, BS=BLOCK_SLOTS, ALL_HEADS=heads is None,
+        SLOTS_BOUND=capacity + 1 if _interpreting() else 0, num_warps=8)
+    out = torch.empty(batch, hidden, device=x.device, dtype=x.dtype)
+    _sparse_decode_output_kernel[(batch * triton.cdiv(hidden, OUT_BLOCK_H),)](
+        attended, written, joined if heads is None else heads, w_o, out, J=width, H=hidden, D=head_dim,
+        BK=OUT_BLOCK_K, BH=OUT_BLOCK_H, ALL_HEADS=heads is None, num_warps=8)
+    return out
 
 
 @sparse_decode_triton.register_fake
 def _sparse_decode_fake(x, heads, joined, scores, position, w_qkv, w_o, cache_k, cache_v, counts, capacity_overflow,
                         rotary_dim, rope_base):
-    width = w_qkv.shape[0] if heads is None else heads.shape[1]
-    return x.new_empty((x.shape[0], width, x.shape[1]), dtype=torch.float32)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("torch_mosa::route_heads", mutates_args=("token_overflow",))
