@@ -2,7 +2,7 @@
 bound by the host?
 
 Session 4 gave the forward 128-row tiles for k <= 16 after the op alone ran faster with them (tile_sweep.py: case C
-forward 0.57 -> 0.50 ms). The next layer table (results/layer-train-h100-2026-11-23-1805.md) had case C at 5.55 ms
+forward 0.57 -> 0.50 ms). The next layer table (results/layer-train-h100-2026-11-23-1756.md) had case C at 5.55 ms
 against 4.69 ms before, A and B unchanged. This times each SPEC §6 case A-C layer (forward + backward, do_bench
 median) with the forward's tiles and with the backward's tiles in the forward (the earlier behaviour), alternately in
 one process, beside the dense layer; and the host's time to issue one step (no synchronisation inside), which, when
