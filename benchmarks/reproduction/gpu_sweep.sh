@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# One device call of the reproduction (issue 7) on a 2-GPU machine: unpack the pre-tokenized Gutenberg shards
-# (made here with `mosa prepare`, then xz-compressed to travel), run two queues of `run_queue.py`, one per GPU.
-# Usage: bash benchmarks/reproduction/gpu_sweep.sh DATA_XZ_DIR OUT "QUEUE0 SPECS" "QUEUE1 SPECS" [SECONDS]
+# One device call of the reproduction (issues 7 and 15): unpack the pre-tokenized Gutenberg shards (made here with
+# `mosa prepare`, then xz-compressed to travel), then run one queue of `run_queue.py` per GPU, queue i on GPU i.
+# Usage: bash benchmarks/reproduction/gpu_sweep.sh DATA_XZ_DIR OUT SECONDS "QUEUE0 SPECS" ["QUEUE1 SPECS" ...]
+# Extra run_queue.py options (e.g. --tokens, --lr, --eval-batches) go in RUN_QUEUE_ARGS.
+# Every queue stops at SECONDS (its unfinished run is lost; finished runs are in OUT already).
 set -u
-data_xz=$1; out=$2; queue0=$3; queue1=$4; seconds=${5:-560}
+data_xz=${1:?DATA_XZ_DIR}; out=${2:?OUT}; seconds=${3:?SECONDS}; shift 3
+[ $# -ge 1 ] || { echo "give at least one queue of run specs" >&2; exit 2; }
+gpus=$(nvidia-smi -L | wc -l)
+[ $# -le "$gpus" ] || { echo "$# queues but $gpus GPU(s): give at most one queue per GPU" >&2; exit 2; }
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 data=/tmp/gutenberg
 mkdir -p "$data" "$out"
@@ -16,13 +21,13 @@ for f in src.glob("*.xz"):
         shutil.copyfileobj(i, o, 1 << 24)
 PY
 nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-# GPU 0: its queue, then the fast path's GPU correctness check in whatever time is left
-(CUDA_VISIBLE_DEVICES=0 timeout "$seconds" python3 benchmarks/reproduction/run_queue.py $queue0 --data "$data" \
-    --runs /tmp/runs --out "$out" --tag 0
- left=$((seconds - SECONDS)); [ "$left" -gt 30 ] && CUDA_VISIBLE_DEVICES=0 timeout "$left" \
-    python3 benchmarks/check_mosa_gpu.py --log "$out/gpu-check.txt" > "$out/gpu-check-table.txt" 2>&1) &
-CUDA_VISIBLE_DEVICES=1 timeout "$seconds" python3 benchmarks/reproduction/run_queue.py $queue1 --data "$data" \
-    --runs /tmp/runs --out "$out" --tag 1 &
+left=$((seconds - SECONDS))
+gpu=0
+for queue in "$@"; do
+  # shellcheck disable=SC2086  # a queue is a list of run specs, split on spaces
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$left" python3 benchmarks/reproduction/run_queue.py $queue --data "$data" \
+      --runs /tmp/runs --out "$out" --tag "$gpu" ${RUN_QUEUE_ARGS:-} &
+  gpu=$((gpu + 1))
+done
 wait
 grep -h "^done\|^FAILED\|^\\$" "$out"/log-*.txt
-tail -n 25 "$out/gpu-check-table.txt" 2>/dev/null

@@ -1,16 +1,28 @@
-"""Run a queue of reproduction runs (issue 7) on one GPU: `mosa train` then `mosa eval`, one after the other.
+"""Run a queue of reproduction runs (issues 7 and 15) on one GPU: `mosa train` then `mosa eval`, one after the other.
 
 Every command is printed and recorded, so each row of docs/reproduction.md can be repeated by hand. Results go to
-OUT/results-<gpu>.jsonl (one line per finished run) and OUT/runs-<gpu>.tar.gz (config, metrics, summary of every
+OUT/results-<tag>.jsonl (one line per finished run) and OUT/runs-<tag>.tar.gz (config, metrics, summary of every
 finished run), rewritten after each run so that a queue cut short still returns what it finished.
 
-Run spec: NAME:ATTENTION:SPARSITY[:SEED[:NUM_SPARSE_HEADS]], e.g. dense:dense:1, mosa64:mosa:64, t2:mosa:32:0:17.
+Run spec: NAME:ATTENTION:SPARSITY[:SEED[:NUM_SPARSE_HEADS]][:KEY=VALUE...], e.g. dense:dense:1,
+mosa64:mosa:64, t2:mosa:32:0:17, dense-lr2e-3:dense:1:lr=2e-3, c64:mosa:64:routing=causal:lr=1e-3. Keys:
+  lr             peak learning rate (`mosa train --lr`; default: the queue's --lr)
+  routing        topk | causal: the training routing (causal training, issue 11)
+  fixed_offsets  shared | per_head (fixed sparse heads, `--fixed-offsets`)
+  tokens         training tokens of this run (default: the queue's --tokens)
+  num_layers, hidden_size   a smaller shape than the preset's (`--num-layers`, `--hidden-size`)
+Evaluation: top-k and causal routing. A top-k-trained model is calibrated first (`--calibrate-batches 4`); a
+causal-trained model keeps the thresholds it trained. Under causal routing each MoSA head keeps at most
+--eval-capacity-factor x T/sparsity tokens per window (`--causal-capacity`; joins beyond it are dropped and
+reported): without a capacity the causal forward runs every head at full width, about 100x slower
+(docs/causal_inference.md, "Evaluation speed").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,19 +30,35 @@ import tarfile
 import time
 from pathlib import Path
 
+OPTION_FLAGS = {"lr": "--lr", "routing": "--routing", "fixed_offsets": "--fixed-offsets",
+                "num_layers": "--num-layers", "hidden_size": "--hidden-size"}
+
 
 def parse_spec(spec: str) -> dict:
     parts = spec.split(":")
-    if not 3 <= len(parts) <= 5:
-        raise SystemExit(f"bad run spec {spec!r}: NAME:ATTENTION:SPARSITY[:SEED[:NUM_SPARSE_HEADS]]")
-    name, attention, sparsity = parts[0], parts[1], int(parts[2])
-    seed = int(parts[3]) if len(parts) > 3 else 0
-    heads = int(parts[4]) if len(parts) > 4 else None
-    return {"name": name, "attention": attention, "sparsity": sparsity, "seed": seed, "num_sparse_heads": heads}
+    positional = [p for p in parts if "=" not in p]
+    options = dict(p.split("=", 1) for p in parts if "=" in p)
+    if not 3 <= len(positional) <= 5 or parts[:len(positional)] != positional:
+        raise SystemExit(f"bad run spec {spec!r}: NAME:ATTENTION:SPARSITY[:SEED[:NUM_SPARSE_HEADS]][:KEY=VALUE...]")
+    unknown = set(options) - set(OPTION_FLAGS) - {"tokens"}
+    if unknown:
+        raise SystemExit(f"bad run spec {spec!r}: unknown keys {sorted(unknown)}; allowed: "
+                         f"{sorted([*OPTION_FLAGS, 'tokens'])}")
+    if options.get("routing", "topk") not in ("topk", "causal"):
+        raise SystemExit(f"bad run spec {spec!r}: routing must be topk or causal, got {options['routing']!r}")
+    name, attention, sparsity = positional[0], positional[1], int(positional[2])
+    seed = int(positional[3]) if len(positional) > 3 else 0
+    heads = int(positional[4]) if len(positional) > 4 else None
+    return {"name": name, "attention": attention, "sparsity": sparsity, "seed": seed, "num_sparse_heads": heads,
+            "options": options}
 
 
 def commands(run: dict, args) -> tuple[list[str], list[str]]:
-    steps = args.tokens // (args.batch_size * args.seq_len)
+    options = dict(run["options"])
+    tokens = int(float(options.pop("tokens", args.tokens)))
+    if args.lr is not None:
+        options.setdefault("lr", args.lr)
+    steps = tokens // (args.batch_size * args.seq_len)
     warmup = max(1, round(0.04 * steps))
     out = str(Path(args.runs) / run["name"])
     train = ["mosa", "train", "--preset", args.preset, "--attention", run["attention"], "--data", args.data,
@@ -41,9 +69,19 @@ def commands(run: dict, args) -> tuple[list[str], list[str]]:
         train += ["--sparsity", str(run["sparsity"])]
     if run["num_sparse_heads"] is not None:
         train += ["--num-sparse-heads", str(run["num_sparse_heads"])]
-    routings = ["topk"] if run["attention"] == "routing" else ["topk", "causal"]
-    evaluate = ["mosa", "eval", out, "--routing", *routings, "--calibrate-batches", "4", "--max-batches",
-                str(args.eval_batches), "--batch-size", "8", "--decode-tokens", "64", "--device", args.device, "--json"]
+    for key, value in options.items():
+        train += [OPTION_FLAGS[key], str(value)]
+    evaluate = ["mosa", "eval", out, "--max-batches", str(args.eval_batches), "--batch-size", "8",
+                "--decode-tokens", "64", "--device", args.device, "--json"]
+    if run["attention"] == "routing":  # Routing attention has no causal rule
+        evaluate += ["--routing", "topk"]
+    else:
+        evaluate += ["--routing", "topk", "causal"]
+        if options.get("routing", "topk") == "topk":
+            evaluate += ["--calibrate-batches", "4"]
+        if run["attention"] in ("mosa", "pure_mosa") and args.eval_capacity_factor > 0:
+            capacity = math.ceil(args.eval_capacity_factor * args.seq_len / run["sparsity"])
+            evaluate += ["--causal-capacity", str(capacity)]
     return train, evaluate
 
 
@@ -70,6 +108,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=40_000_000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-batches", type=int, default=64)
+    parser.add_argument("--lr", default=None, help="peak learning rate of runs whose spec gives none (default: "
+                                                   "mosa train's)")
+    parser.add_argument("--eval-capacity-factor", type=float, default=2.0,
+                        help="causal evaluation keeps at most this x T/sparsity tokens per MoSA head (0: no cap)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
