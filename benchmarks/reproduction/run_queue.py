@@ -10,7 +10,8 @@ mosa64:mosa:64, t2:mosa:32:0:17, dense-lr2e-3:dense:1:lr=2e-3, c64:mosa:64:routi
   routing        topk | causal: the training routing (causal training, issue 11)
   fixed_offsets  shared | per_head (fixed sparse heads, `--fixed-offsets`)
   tokens         training tokens of this run (default: the queue's --tokens)
-  num_layers, hidden_size   a smaller shape than the preset's (`--num-layers`, `--hidden-size`)
+  num_layers, hidden_size, ffn_size, head_dim, num_heads   a smaller shape than the preset's (the `mosa train`
+                 options of the same names; docs/reproduction.md has the one issue 15 suggests)
 Evaluation: top-k and causal routing. A top-k-trained model is calibrated first (`--calibrate-batches 4`); a
 causal-trained model keeps the thresholds it trained. Under causal routing each MoSA head keeps at most
 --eval-capacity-factor x T/sparsity tokens per window (`--causal-capacity`; joins beyond it are dropped and
@@ -31,7 +32,8 @@ import time
 from pathlib import Path
 
 OPTION_FLAGS = {"lr": "--lr", "routing": "--routing", "fixed_offsets": "--fixed-offsets",
-                "num_layers": "--num-layers", "hidden_size": "--hidden-size"}
+                "num_layers": "--num-layers", "hidden_size": "--hidden-size", "ffn_size": "--ffn-size",
+                "head_dim": "--head-dim", "num_heads": "--num-heads"}
 
 
 def parse_spec(spec: str) -> dict:
