@@ -408,8 +408,9 @@ def _forward_tile_config(batch: int, k: int, head_dim: int, rotary_dim: int, dty
     2026-11-23.log): SPEC §6 case A (k 16, 1024 rows per head) 1.30 -> 1.20 ms; case B (k 64) was slower with 128
     rows (1.19 -> 1.23 ms), so larger k keep the default. Case C (k 16, 256 rows per head) ran its op forward faster
     too (0.57 -> 0.50 ms) but its whole layer slower (4.69 -> 4.99 ms forward + backward,
-    results/forward-tiles-layer-h100-2026-11-23.log), likely because 128-row tiles halve its programs per head. The backward was fastest with the default tiles. The forward's tiles are its own: what it saves for the
-    backward (O [E, B*k, d]) does not depend on them.
+    results/forward-tiles-layer-h100-2026-11-23.log), likely because 128-row tiles halve its programs per head.
+    The backward was fastest with the default tiles. The forward's tiles are its own: what it saves for the backward
+    (O [E, B*k, d]) does not depend on them.
     """
     cfg = _tile_config(batch, k, head_dim, rotary_dim, dtype)
     if dtype != torch.float32 and k <= 16 and batch * k >= 512:
