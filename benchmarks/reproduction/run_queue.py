@@ -12,11 +12,15 @@ mosa64:mosa:64, t2:mosa:32:0:17, dense-lr2e-3:dense:1:lr=2e-3, c64:mosa:64:routi
   tokens         training tokens of this run (default: the queue's --tokens)
   num_layers, hidden_size, ffn_size, head_dim, num_heads   a smaller shape than the preset's (the `mosa train`
                  options of the same names; docs/reproduction.md has the one issue 15 suggests)
-Evaluation: top-k and causal routing. A top-k-trained model is calibrated first (`--calibrate-batches 4`); a
+Evaluation: top-k and causal routing, per book too (`--per-document`, with every window's loss for paired
+comparisons later). A top-k-trained model is calibrated first (`--calibrate-batches 4`, on its training split); a
 causal-trained model keeps the thresholds it trained. Under causal routing each MoSA head keeps at most
 --eval-capacity-factor x T/sparsity tokens per window (`--causal-capacity`; joins beyond it are dropped and
 reported): without a capacity the causal forward runs every head at full width, about 100x slower
-(docs/causal_inference.md, "Evaluation speed").
+(docs/causal_inference.md, "Evaluation speed"). The checkpoints stay on the GPU machine, so whatever else a run is
+measured on happens in the same queue: `--heldout NAME=DIR` evaluates it on other prepared data (all of DIR's
+train split, e.g. author-disjoint books or WikiText-2 tokenized with the run's tokenizer) and `--leak` runs
+`mosa leak` (future replaced by another document and by the same document far away).
 """
 
 from __future__ import annotations
@@ -73,17 +77,22 @@ def commands(run: dict, args) -> tuple[list[str], list[str]]:
         train += ["--num-sparse-heads", str(run["num_sparse_heads"])]
     for key, value in options.items():
         train += [OPTION_FLAGS[key], str(value)]
-    evaluate = ["mosa", "eval", out, "--max-batches", str(args.eval_batches), "--batch-size", "8",
-                "--decode-tokens", "64", "--device", args.device, "--json"]
-    if run["attention"] == "routing":  # Routing attention has no causal rule
-        evaluate += ["--routing", "topk"]
-    else:
-        evaluate += ["--routing", "topk", "causal"]
+    routing = ["--routing", "topk"]  # Routing attention has no causal rule
+    if run["attention"] != "routing":
+        routing += ["causal"]
         if options.get("routing", "topk") == "topk":
-            evaluate += ["--calibrate-batches", "4"]
-        if run["attention"] in ("mosa", "pure_mosa") and args.eval_capacity_factor > 0:
-            capacity = math.ceil(args.eval_capacity_factor * args.seq_len / run["sparsity"])
-            evaluate += ["--causal-capacity", str(capacity)]
+            routing += ["--calibrate-batches", "4"]
+    capacity = []
+    if run["attention"] in ("mosa", "pure_mosa") and args.eval_capacity_factor > 0:
+        capacity = ["--causal-capacity", str(math.ceil(args.eval_capacity_factor * args.seq_len / run["sparsity"]))]
+    common = ["--batch-size", "8", "--device", args.device, "--json", *routing]
+    evaluate = {"val": ["mosa", "eval", out, "--max-batches", str(args.eval_batches), "--decode-tokens", "64",
+                        "--per-document", *common, *capacity]}
+    for name, directory in args.heldout:
+        evaluate[name] = ["mosa", "eval", out, "--data", directory, "--split", "train", "--full", "--per-document",
+                          *common, *capacity]
+    if args.leak:
+        evaluate["leak"] = ["mosa", "leak", out, "--replacement", "other", "far", *common]
     return train, evaluate
 
 
@@ -95,6 +104,10 @@ def run_command(argv: list[str], log) -> str:
     if done.returncode:
         raise RuntimeError(f"exit {done.returncode}: {' '.join(argv)}\n{done.stderr[-2000:]}")
     return done.stdout
+
+
+def _json_lines(stdout: str) -> list:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
 def main() -> None:
@@ -112,6 +125,9 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=64)
     parser.add_argument("--lr", default=None, help="peak learning rate of runs whose spec gives none (default: "
                                                    "mosa train's)")
+    parser.add_argument("--heldout", action="append", default=[], type=lambda text: tuple(text.split("=", 1)),
+                        metavar="NAME=DIR", help="also evaluate every run on DIR's train split (repeatable)")
+    parser.add_argument("--leak", action="store_true", help="also run `mosa leak` on every run")
     parser.add_argument("--eval-capacity-factor", type=float, default=2.0,
                         help="causal evaluation keeps at most this x T/sparsity tokens per MoSA head (0: no cap)")
     args = parser.parse_args()
@@ -125,15 +141,24 @@ def main() -> None:
             start = time.time()
             try:
                 run_command(train, log)
-                evals = [json.loads(line) for line in run_command(evaluate, log).splitlines() if line.startswith("{")]
+                measured = {"val": _json_lines(run_command(evaluate["val"], log))}
             except RuntimeError as error:
                 print(f"FAILED {run['name']}: {error}", file=log, flush=True)
                 continue
+            for name, argv in evaluate.items():  # a failed extra measurement is recorded, the run is kept
+                if name != "val":
+                    try:
+                        measured[name] = _json_lines(run_command(argv, log))
+                    except RuntimeError as error:
+                        print(f"FAILED {run['name']} {name}: {error}", file=log, flush=True)
+                        measured[name] = [{"error": str(error)[-2000:]}]
             run_dir = Path(args.runs) / run["name"]
             summary = json.loads((run_dir / "summary.json").read_text())
-            record = {**run, "train_command": " ".join(train), "eval_command": " ".join(evaluate),
-                      "summary": summary, "eval": evals, "seconds": time.time() - start,
-                      "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}
+            record = {**run, "train_command": " ".join(train), "eval_command": " ".join(evaluate["val"]),
+                      "summary": summary, "eval": measured.pop("val"), "seconds": time.time() - start,
+                      "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                      "other_commands": {name: " ".join(argv) for name, argv in evaluate.items() if name != "val"},
+                      "other": measured}
             with open(results, "a") as f:
                 f.write(json.dumps(record) + "\n")
             finished.append(run_dir)
