@@ -23,12 +23,12 @@ PAPER_TINY = {1: 22.46, 2: 21.76, 4: 20.45, 8: 19.24, 16: 18.00, 32: 16.90, 64: 
 
 def load_runs() -> dict[str, dict]:
     runs = {}
-    for path in sorted(RESULTS.glob("*-results-*.jsonl")):
+    for path in sorted(RESULTS.glob("call*-results-*.jsonl")):  # the first study (issue 7)
         for line in path.read_text().splitlines():
             record = json.loads(line)
             record["eval"] = {e["routing"]: e for e in record["eval"]}
             runs[record["name"]] = record
-    for path in sorted(RESULTS.glob("*-runs-*.tar.gz")):
+    for path in sorted(RESULTS.glob("call*-runs-*.tar.gz")):
         with tarfile.open(path) as tar:
             for member in tar.getmembers():
                 name, file = member.name.split("/")

@@ -1,0 +1,225 @@
+"""Tables and plots of the second study (issue 15) from the committed results of its device calls.
+
+    python benchmarks/reproduction/make_report_v2.py [--results DIR] [--plots DIR]
+
+Reads DIR/issue15-*-results-*.jsonl (one line per run, written by run_queue.py: commands, summary.json, the
+validation evaluations with every window's loss, and the held-out and leak measurements under `other`) and prints
+markdown: the learning-rate sweep of every family, the headline at each family's best rate (causal routing first;
+top-k is marked non-causal), paired per-window differences against the best dense model with bootstrap 95%
+intervals, held-out sets, the leak, and equal GPU time. Writes the sweep plot (one shared axis) to --plots.
+
+A family is everything of a run but its learning rate and seed: attention, sparsity, sparse head count, training
+routing, fixed offsets, shape and tokens. Each family's best rate is the one of lowest validation loss under causal
+routing where the family has it (the rule generation uses), else under top-k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "src"))
+
+from torch_mosa.statistics import paired_difference  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_TOKENS = 40_000_000
+KINDS = {"dense": "dense", "mosa": "MoSA", "pure_mosa": "pure MoSA", "fixed": "fixed", "routing": "Routing"}
+SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_size", "head_dim", "num_heads")
+
+
+def load_runs(results: Path) -> list[dict]:
+    runs = []
+    for path in sorted(results.glob("issue15-*-results-*.jsonl")):
+        for line in path.read_text().splitlines():
+            run = json.loads(line)
+            run["eval"] = {e["routing"]: e for e in run["eval"]}
+            run["lr"] = learning_rate(run["train_command"])
+            run["family"] = family(run)
+            runs.append(run)
+    return runs
+
+
+def learning_rate(train_command: str) -> float | None:
+    argv = shlex.split(train_command)
+    return float(argv[argv.index("--lr") + 1]) if "--lr" in argv else None
+
+
+def family(run: dict) -> str:
+    options = run.get("options", {})
+    name = KINDS[run["attention"]]
+    if run["attention"] != "dense":
+        heads = f"4 + {run['num_sparse_heads']}, " if run.get("num_sparse_heads") else ""
+        name += f" ({heads}sparsity {run['sparsity']})"
+    if options.get("fixed_offsets") == "per_head":
+        name += ", per-head offsets"
+    if options.get("routing") == "causal":
+        name += ", causal-trained"
+    shape = [f"{key}={options[key]}" for key in SHAPE_KEYS if key in options]
+    if shape:
+        name += f", {' '.join(shape)}"
+    tokens = int(float(options.get("tokens", DEFAULT_TOKENS)))
+    if tokens != DEFAULT_TOKENS:
+        name += f", {tokens / 1e6:g}M tokens"
+    return name
+
+
+def headline_routing(run: dict) -> str:
+    return "causal" if "causal" in run["eval"] and run["attention"] != "dense" else "topk"
+
+
+def best_runs(runs: list[dict]) -> dict[str, dict]:
+    """Each family's run at its best learning rate (seed 0)."""
+    best = {}
+    for run in runs:
+        if run["seed"]:
+            continue
+        current = best.get(run["family"])
+        loss = run["eval"][headline_routing(run)]["loss"]
+        if current is None or loss < current["eval"][headline_routing(current)]["loss"]:
+            best[run["family"]] = run
+    return best
+
+
+def sweep_table(runs: list[dict]) -> str:
+    rates = sorted({r["lr"] for r in runs if r["lr"] is not None}) + ([None] if any(r["lr"] is None for r in runs)
+                                                                         else [])
+    best = best_runs(runs)
+    rows = ["| family | " + " | ".join("train's default lr" if lr is None else f"lr {lr:g}" for lr in rates) + " |",
+            "|---" * (len(rates) + 1) + "|"]
+    for name in dict.fromkeys(r["family"] for r in runs):
+        cells = []
+        for lr in rates:
+            found = [r for r in runs if r["family"] == name and r["lr"] == lr and not r["seed"]]
+            if not found:
+                cells.append("")
+                continue
+            run = found[0]
+            text = " / ".join(f"{run['eval'][routing]['ppl']:.1f}" for routing in ("causal", "topk")
+                              if routing in run["eval"] and (routing == "topk" or run["attention"] != "dense"))
+            cells.append(f"**{text}**" if run is best[name] else text)
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + ("\n\nValidation perplexity, causal / top-k (top-k routing sees the future: not causal); "
+                              "dense has one number. Bold: the family's best rate.")
+
+
+def headline_table(runs: list[dict]) -> str:
+    best = best_runs(runs)
+    dense = min((r for r in best.values() if r["attention"] == "dense"),
+                key=lambda r: r["eval"]["topk"]["loss"], default=None)
+    rows = ["| family | best lr | val ppl, causal | val ppl, top-k (non-causal) | causal vs best dense (paired, "
+            "95% interval) | train tokens/s | params | tokens / param |", "|---|---|---|---|---|---|---|---|"]
+    for name, run in best.items():
+        causal = run["eval"].get("causal") if run["attention"] != "dense" else run["eval"]["topk"]
+        causal_ppl = f"{causal['ppl']:.2f}" if causal else "no causal mode"
+        versus = "-"
+        if dense is not None and causal and run is not dense:
+            versus = ratio_cell(causal, dense["eval"]["topk"])
+        summary = run["summary"]
+        rate = "default" if run["lr"] is None else f"{run['lr']:g}"
+        rows.append(f"| {name} | {rate} | {causal_ppl} | {run['eval']['topk']['ppl']:.2f} | {versus} | "
+                    f"{summary['tokens_per_s']:,.0f} | {summary['params'] / 1e6:.1f}M | "
+                    f"{summary['tokens'] / summary['params']:.2f} |")
+    return "\n".join(rows)
+
+
+def ratio_cell(a: dict, b: dict) -> str:
+    """A's perplexity over B's on the same windows, with the bootstrap interval of the paired mean difference."""
+    if "window_losses" not in a or "window_losses" not in b or len(a["window_losses"]) != len(b["window_losses"]):
+        return f"{a['ppl'] / b['ppl'] - 1:+.1%} (unpaired)"
+    paired = paired_difference(a["window_losses"], b["window_losses"])
+    low, high = paired["ppl_ratio_interval"]
+    return f"{paired['ppl_ratio'] - 1:+.1%} [{low - 1:+.1%}, {high - 1:+.1%}]"
+
+
+def heldout_table(runs: list[dict]) -> str:
+    best = best_runs(runs)
+    sets = sorted({name for r in best.values() for name in r.get("other", {}) if name != "leak"})
+    if not sets:
+        return "(no held-out measurements yet)"
+    dense = next((r for r in best.values() if r["attention"] == "dense"), None)
+    rows = ["| family | " + " | ".join(f"{s}: ppl (vs best dense)" for s in sets) + " |",
+            "|---" * (len(sets) + 1) + "|"]
+    for name, run in best.items():
+        cells = []
+        for s in sets:
+            results = {e.get("routing"): e for e in run.get("other", {}).get(s, []) if "routing" in e}
+            mine = results.get(headline_routing(run))
+            if mine is None:
+                cells.append("")
+                continue
+            theirs = None if dense is None else {e.get("routing"): e for e in dense["other"].get(s, [])}.get("topk")
+            cells.append(f"{mine['ppl']:.2f}" + ("" if theirs is None or run is dense else
+                                                 f" ({ratio_cell(mine, theirs)})"))
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def leak_table(runs: list[dict]) -> str:
+    rows = ["| run | routing | replacement | loss change before the cut (nats/token, 95% interval) | windows changed |",
+            "|---|---|---|---|---|"]
+    for run in runs:
+        for measurement in run.get("other", {}).get("leak", []):
+            if "error" in measurement:
+                rows.append(f"| {run['name']} | - | - | failed: {measurement['error'][-80:]} | - |")
+                continue
+            low, high = measurement["interval"]
+            rows.append(f"| {run['name']} | {measurement['routing']} | {measurement['replacement']} | "
+                        f"{measurement['mean_change']:+.5f} [{low:+.5f}, {high:+.5f}] | "
+                        f"{measurement['changed_share']:.0%} |")
+    return "\n".join(rows) if len(rows) > 2 else "(no leak measurements yet)"
+
+
+def equal_time_table(runs: list[dict]) -> str:
+    """Each family's best run against dense given the same training time: the dense tokens that time buys."""
+    best = best_runs(runs)
+    dense = [r for r in runs if r["attention"] == "dense"]
+    if not dense:
+        return "(no dense run yet)"
+    dense_speed = max(r["summary"]["tokens_per_s"] for r in dense)
+    rows = ["| family | training time | dense tokens in that time | dense run at about those tokens |",
+            "|---|---|---|---|"]
+    for name, run in best.items():
+        if run["attention"] == "dense":
+            continue
+        seconds = run["summary"]["tokens"] / run["summary"]["tokens_per_s"]
+        tokens = seconds * dense_speed
+        near = [r for r in dense if abs(r["summary"]["tokens"] / tokens - 1) < 0.1]
+        found = ", ".join(f"{r['name']}: {r['eval']['topk']['ppl']:.2f}" for r in near) or "not run yet"
+        rows.append(f"| {name} | {seconds:.0f} s | {tokens / 1e6:.1f}M | {found} |")
+    return "\n".join(rows)
+
+
+def plot_sweep(runs: list[dict], out: Path) -> Path | None:
+    from torch_mosa.train.plots import plot_loss_vs_lr
+
+    points = [{"family": f"{r['family']} ({headline_routing(r)})", "lr": r["lr"],
+               "val_loss": r["eval"][headline_routing(r)]["loss"]}
+              for r in runs if r["lr"] is not None and not r["seed"]]
+    return plot_loss_vs_lr(points, out / "reproduction_v2_lr_sweep.png") if points else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--plots", type=Path, default=ROOT / "docs")
+    args = parser.parse_args()
+    runs = load_runs(args.results)
+    if not runs:
+        raise SystemExit(f"no issue15-*-results-*.jsonl in {args.results}")
+    sections = [("Learning-rate sweep", sweep_table(runs)), ("Each family at its best rate", headline_table(runs)),
+                ("Held-out text", heldout_table(runs)), ("The leak of top-k routing", leak_table(runs)),
+                ("Equal training time", equal_time_table(runs))]
+    for title, table in sections:
+        print(f"### {title}\n\n{table}\n")
+    plot = plot_sweep(runs, args.plots)
+    if plot is not None:
+        print(f"(plot: {plot.relative_to(ROOT) if plot.is_relative_to(ROOT) else plot})")
+
+
+if __name__ == "__main__":
+    main()
