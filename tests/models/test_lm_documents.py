@@ -130,3 +130,18 @@ def test_routing_baseline_refuses_documents():
     model = make_model("routing", sparsity=4, num_dense_heads=2)
     with pytest.raises(ValueError, match="RoutingAttention does not take packed documents"):
         model(torch.zeros(1, 8, dtype=torch.long), document_ids=torch.zeros(1, 8, dtype=torch.long))
+
+
+@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.TorchDynamoException,
+                   reason="issue 10: packed MoSA selection reads its width K to the host (DocumentLayout."
+                          "selection_sizes: a graph break per layer under torch.compile, a data-dependent shape "
+                          "under fullgraph); the likely cause of the packed training step's 0.43x "
+                          "(benchmarks/mosa_layer.md, session 5)")
+def test_packed_mosa_lm_traces_as_one_graph():
+    """torch.compile(fullgraph=True) of a packed batch through a MoSA LM (the eager backend keeps it cheap).
+    Strict xfail: it fails today, and passes (turning this test red) once the selection width needs no host read."""
+    torch._dynamo.reset()
+    model = make_model("mosa", sparsity=8, num_dense_heads=2).float()
+    ids = torch.randint(0, VOCAB, (2, 96))
+    document_ids = torch.tensor([[0] * 40 + [1] * 56, [0] * 96])
+    torch.compile(model, fullgraph=True, backend="eager")(ids, document_ids=document_ids)
