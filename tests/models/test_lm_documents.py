@@ -132,16 +132,42 @@ def test_routing_baseline_refuses_documents():
         model(torch.zeros(1, 8, dtype=torch.long), document_ids=torch.zeros(1, 8, dtype=torch.long))
 
 
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.TorchDynamoException,
-                   reason="issue 10: packed MoSA selection reads its width K to the host (DocumentLayout."
-                          "selection_sizes: a graph break per layer under torch.compile, a data-dependent shape "
-                          "under fullgraph); the likely cause of the packed training step's 0.43x "
-                          "(benchmarks/mosa_layer.md, session 5)")
-def test_packed_mosa_lm_traces_as_one_graph():
-    """torch.compile(fullgraph=True) of a packed batch through a MoSA LM (the eager backend keeps it cheap).
-    Strict xfail: it fails today, and passes (turning this test red) once the selection width needs no host read."""
+@pytest.mark.parametrize("attention,extra", [
+    pytest.param("mosa", dict(sparsity=8, num_dense_heads=2, capacity=None), id="mosa"),
+    pytest.param("fixed", dict(sparsity=8, num_dense_heads=2), id="fixed")])
+def test_prepared_layout_traces_as_one_graph(attention, extra):
+    """A layout from model.document_layout (its host reads made outside the call) lets torch.compile(fullgraph=True)
+    trace a packed batch (the eager backend keeps it cheap), matching eager, for layouts of different widths."""
+    extra = {key: value for key, value in extra.items() if value is not None}
     torch._dynamo.reset()
-    model = make_model("mosa", sparsity=8, num_dense_heads=2).float()
+    model = make_model(attention, **extra).float()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
     ids = torch.randint(0, VOCAB, (2, 96))
-    document_ids = torch.tensor([[0] * 40 + [1] * 56, [0] * 96])
-    torch.compile(model, fullgraph=True, backend="eager")(ids, document_ids=document_ids)
+    for lengths in ([40, 56], [10, 40, 46], [96]):
+        document_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).expand(2, -1)
+        layout = model.document_layout(ids, document_ids=document_ids)
+        expected, _ = model(ids, document_ids=document_ids)
+        got, _ = compiled(ids, documents=layout)
+        torch.testing.assert_close(got, expected)
+
+
+def test_selection_width_is_padded_to_a_multiple_of_eight():
+    """The packed selection width is rounded up (few distinct widths under torch.compile), never past T, and the
+    padding slots change nothing (the packed-vs-alone tests above run with it)."""
+    from torch_mosa.ops.documents import SELECTION_WIDTH_MULTIPLE
+
+    layout = document_layout(torch.tensor([[0] * 40 + [1] * 56]))
+    assert layout.selection_sizes(8, None)[1] == 16  # k_d = 5 + 7 = 12, rounded up to 16
+    assert SELECTION_WIDTH_MULTIPLE == 8
+    short = document_layout(torch.tensor([[0, 0, 1, 2, 2]]))
+    assert short.selection_sizes(8, None)[1] == 5  # k_d = 2 + 1 + 2 = 5: rounded to 8, capped at T = 5
+
+
+def test_documents_and_document_ids_are_exclusive():
+    model = make_model("mosa", sparsity=8, num_dense_heads=2)
+    ids = torch.randint(0, VOCAB, (1, 12))
+    document_ids = torch.zeros(1, 12, dtype=torch.long)
+    with pytest.raises(ValueError, match="not more than one"):
+        model(ids, document_ids=document_ids, documents=model.document_layout(ids, document_ids=document_ids))
+    with pytest.raises(ValueError, match="documents describes"):
+        model(ids[:, :6], documents=model.document_layout(ids, document_ids=document_ids))

@@ -25,9 +25,9 @@ def test_layout_of_documents_of_odd_lengths():
 def test_selection_sizes_per_document():
     layout = document_layout(torch.tensor([[0] * 1 + [1] * 2 + [2] * 9 + [3] * 20]))
     sizes, width = layout.selection_sizes(4, None)  # k_d = min(len, max(2, len // 4)): 1, 2, 2, 5
-    assert sizes[0, [0, 1, 3, 12]].tolist() == [1, 2, 2, 5] and width == 10
+    assert sizes[0, [0, 1, 3, 12]].tolist() == [1, 2, 2, 5] and width == 16  # 10 slots, widened to a multiple of 8
     sizes, width = layout.selection_sizes(None, 3)  # fixed k, capped at the document's length
-    assert sizes[0, [0, 1, 3, 12]].tolist() == [1, 2, 3, 3] and width == 9
+    assert sizes[0, [0, 1, 3, 12]].tolist() == [1, 2, 3, 3] and width == 16  # 9 slots
 
 
 def test_unpack_to_document_rows():

@@ -165,9 +165,10 @@ def test_pack_documents_routes_each_document_of_a_window_apart(tmp_path, tiny_mo
     calls = []
     forward = MoSALM.forward
 
-    def spy(self, input_ids, *args, document_ids=None, **kwargs):
-        calls.append((input_ids.clone(), None if document_ids is None else document_ids.clone()))
-        return forward(self, input_ids, *args, document_ids=document_ids, **kwargs)
+    def spy(self, input_ids, *args, document_ids=None, documents=None, **kwargs):
+        ids = document_ids if documents is None else documents.ids  # training passes a prepared layout
+        calls.append((input_ids.clone(), None if ids is None else ids.clone()))
+        return forward(self, input_ids, *args, document_ids=document_ids, documents=documents, **kwargs)
 
     monkeypatch.setattr(MoSALM, "forward", spy)
     data = _short_documents(tmp_path / "corpus")

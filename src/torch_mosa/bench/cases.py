@@ -142,8 +142,9 @@ def train_step_tokens_per_second(model_kwargs: dict, batch: int = 64, steps: int
     forward = torch.compile(model) if compile_model else model
     tokens = torch.randint(0, config.vocab_size, (batch, config.max_seq_len + 1), device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    packed = {} if not documents else {
-        "document_ids": packed_document_ids(batch, config.max_seq_len, documents).to(device)}
+    packed = {} if not documents else {  # built outside the compiled model (see MoSALM.document_layout)
+        "documents": model.document_layout(inputs, packed_document_ids(batch, config.max_seq_len, documents)
+                                           .to(device))}
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):

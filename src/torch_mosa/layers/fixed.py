@@ -67,6 +67,10 @@ class FixedSparseAttention(SparseHeads):
         joined = joined.expand(-1, self.num_heads, -1)
         return joined, joined.to(x.dtype)
 
+    def document_selections(self) -> list[tuple[int | None, int | None]]:
+        """The (sparsity, k) keys this layer reads from a DocumentLayout (see DocumentLayout.prepare)."""
+        return [(self.sparsity, None)]
+
     def causal_width(self, seq_len: int) -> int:
         return self.selection_size(seq_len)
 

@@ -265,6 +265,10 @@ class MoSAAttention(SparseHeads):
         self.last_causal_joins = joined.sum()
         return joined, torch.sigmoid(logits).transpose(1, 2) * joined
 
+    def document_selections(self) -> list[tuple[int | None, int | None]]:
+        """The (sparsity, k) keys this layer reads from a DocumentLayout (see DocumentLayout.prepare)."""
+        return [(self.sparsity, self.k)] + ([(None, self.capacity)] if self.capacity is not None else [])
+
     def causal_width(self, seq_len: int, documents=None) -> int:
         """Selection width of the causal forward: the capacity when set (fixed by the configuration, not by the
         tokens, so the forward stays causal bit for bit), else T. Packed documents each keep up to the capacity:

@@ -11,7 +11,7 @@ from torch_mosa.config import MoSAConfig
 from torch_mosa.layers.dense import DenseAttention
 from torch_mosa.layers.hybrid import HybridAttention
 from torch_mosa.layers.mosa import MoSAAttention
-from torch_mosa.ops.documents import check_document_ids, document_ids_from_cu_seqlens, document_layout
+from torch_mosa.ops.documents import DocumentLayout, check_document_ids, document_ids_from_cu_seqlens, document_layout
 
 
 def build_attention(config: MoSAConfig) -> nn.Module:
@@ -67,6 +67,8 @@ class MoSALM(nn.Module):
     Packed documents: `document_ids` [B, T] (contiguous, non-decreasing ids) or, for one flattened row,
     flash-attention's `cu_seqlens` [N + 1]; every document is then computed as if it were alone (attention and
     routing never cross a boundary, RoPE positions restart unless config.restart_positions_per_document is False).
+    Under torch.compile pass `documents=model.document_layout(input_ids, document_ids)` instead, built outside the
+    compiled call: the layout's host reads then happen there, not inside the graph.
     Input and output embeddings are untied and projections bias-free, which gives the paper's parameter counts.
     """
 
@@ -124,10 +126,16 @@ class MoSALM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, attention_mask=None,
                 routing: str = "topk", document_ids: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None):
+                cu_seqlens: torch.Tensor | None = None, documents: DocumentLayout | None = None):
         self.check_input_ids(input_ids)
         check_routing(routing)
-        documents = self.packed_layout(input_ids, document_ids, cu_seqlens)
+        if documents is None:
+            documents = self.packed_layout(input_ids, document_ids, cu_seqlens)
+        elif document_ids is not None or cu_seqlens is not None:
+            raise ValueError("give documents (a DocumentLayout), document_ids or cu_seqlens, not more than one")
+        elif tuple(documents.shape) != tuple(input_ids.shape):
+            raise ValueError(f"documents describes {tuple(documents.shape)} tokens but input_ids is "
+                             f"{tuple(input_ids.shape)}")
         x = self.embed(input_ids)
         for block in self.blocks:
             x = block(x, attention_mask, routing, documents)
@@ -161,6 +169,16 @@ class MoSALM(nn.Module):
             document_ids = document_ids_from_cu_seqlens(cu_seqlens.to(input_ids.device), input_ids.shape[1])
         check_document_ids(document_ids, tuple(input_ids.shape))
         return document_layout(document_ids.to(input_ids.device), self.config.restart_positions_per_document)
+
+    def document_layout(self, input_ids: torch.Tensor, document_ids=None, cu_seqlens=None):
+        """The DocumentLayout of packed input with every host read its layers need already made
+        (DocumentLayout.prepare), for `forward(..., documents=)`: build it outside a torch.compile'd call, so
+        that the compiled graph has no break. None without document_ids or cu_seqlens."""
+        layout = self.packed_layout(input_ids, document_ids, cu_seqlens)
+        if layout is None:
+            return None
+        keys = {key for m in self.modules() if hasattr(m, "document_selections") for key in m.document_selections()}
+        return layout.prepare(keys)
 
     def causal_stats(self, real_tokens) -> dict:
         """What the last causal forward's MoSA layers did, summed over layers, as 0-dim tensors (no host sync):

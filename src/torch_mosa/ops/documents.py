@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+# packed selections are widened to a multiple of this many slots (score-0 padding, at most 7 per row and head): a
+# model compiled by torch.compile then meets few distinct widths, and each distinct width is a recompilation
+SELECTION_WIDTH_MULTIPLE = 8
+
 
 @dataclass(frozen=True, eq=False)
 class DocumentLayout:
@@ -52,9 +56,11 @@ class DocumentLayout:
 
     def selection_sizes(self, sparsity: int | None, k: int | None) -> tuple[torch.Tensor, int]:
         """Per-token k_d [B, T] (the slots per head of the token's document: max(2, len_d // sparsity), or the
-        fixed k, capped at len_d) and the selection width K = the largest sum of k_d over a row's documents.
+        fixed k, capped at len_d) and the selection width K: the largest sum of k_d over a row's documents, rounded
+        up to a multiple of SELECTION_WIDTH_MULTIPLE (at most T).
 
-        K is read to the host once per layout and (sparsity, k): the layers of one forward share it."""
+        K is read to the host once per layout and (sparsity, k): the layers of one forward share it, and `prepare`
+        reads it before a compiled forward."""
         key = (sparsity, k)
         if key not in self._cache:
             if k is not None:
@@ -62,8 +68,18 @@ class DocumentLayout:
             else:
                 sizes = torch.minimum(self.lengths, (self.lengths // sparsity).clamp(min=2))
             per_row = torch.where(self.is_first, sizes, torch.zeros_like(sizes)).sum(-1)
-            self._cache[key] = sizes, int(per_row.max())
+            width = -(-int(per_row.max()) // SELECTION_WIDTH_MULTIPLE) * SELECTION_WIDTH_MULTIPLE
+            self._cache[key] = sizes, min(width, self.shape[1])
         return self._cache[key]
+
+    def prepare(self, selections) -> "DocumentLayout":
+        """Read the selection sizes, width and segments of every (sparsity, k) in `selections` now, and return the
+        layout. A forward compiled by torch.compile then finds them cached: the host reads they need would
+        otherwise break its graph once per layer (and make a fullgraph compile fail)."""
+        for sparsity, k in selections:
+            self.selection_sizes(sparsity, k)
+            self.selection_segments(sparsity, k)
+        return self
 
     def selection_segments(self, sparsity: int | None, k: int | None) -> torch.Tensor:
         """[N, 5] int64 rows (b, start, length, k_d, slot offset), one per document of the batch in row-major order:

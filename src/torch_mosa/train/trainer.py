@@ -288,8 +288,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for micro_step in range(cfg.grad_accum_steps):
             x, y = next(loader)
+            # packed rows: the layout is built here, outside a compiled model, so its host reads break no graph
             packed = {} if self._separator is None else {
-                "document_ids": document_ids_from_separators(x, self._separator)}
+                "documents": model.document_layout(x, document_ids_from_separators(x, self._separator))}
             with gradient_sync(train_model, sync=micro_step == cfg.grad_accum_steps - 1):
                 with autocast:  # the forward only: backward runs in the dtypes autocast chose for each op
                     _, loss = train_model(x, y, routing=cfg.routing, **packed)
