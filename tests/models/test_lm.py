@@ -82,6 +82,25 @@ def test_compiled_lm_has_no_graph_breaks_on_the_fast_path():
     assert torch.isfinite(losses[1][1]).all() and losses[1][1].abs().sum() > 0
 
 
+@pytest.mark.cuda
+def test_compiled_packed_lm_has_no_graph_breaks_on_the_fast_path():
+    """Packed documents through the compiled fast path: with the layout prepared outside the call
+    (MoSALM.document_layout), torch.compile(fullgraph=True) traces per-document selection and the op with document
+    masks in one graph, for layouts of different widths, and matches eager."""
+    torch._dynamo.reset()
+    config = MoSAConfig.from_preset("micro", attention="mosa", sparsity=8, vocab_size=64)
+    model = MoSALM(config).cuda()
+    ids = torch.randint(0, 64, (2, config.max_seq_len), device="cuda")
+    compiled = torch.compile(model, fullgraph=True)
+    for lengths in ([100, config.max_seq_len - 100], [7, 60, config.max_seq_len - 67]):
+        document_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).expand(2, -1).cuda()
+        layout = model.document_layout(ids, document_ids)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, expected = model(ids, targets=ids, document_ids=document_ids)
+            _, loss = compiled(ids, targets=ids, documents=layout)
+        torch.testing.assert_close(loss, expected, rtol=2e-2, atol=2e-2)
+
+
 def test_lm_traces_as_one_graph():
     """torch.compile(fullgraph=True) traces the whole LM, dispatch point included (the fast path's version of this is
     the CUDA test above); the eager backend keeps it cheap on a CPU."""
