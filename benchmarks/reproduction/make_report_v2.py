@@ -33,15 +33,24 @@ SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_size", "head_dim", "num_heads")
 
 
 def load_runs(results: Path) -> list[dict]:
-    runs = []
-    for path in sorted(results.glob("issue15-*-results-*.jsonl")):
+    """Every run, once: a run repeated in a later call (same family, rate and seed, e.g. rerun with the held-out
+    and leak measurements) replaces the earlier one (calls sort by their number)."""
+    runs = {}
+    paths = sorted(results.glob("issue15-*-results-*.jsonl"), key=lambda p: (_call_number(p.name), p.name))
+    for path in paths:
         for line in path.read_text().splitlines():
             run = json.loads(line)
             run["eval"] = {e["routing"]: e for e in run["eval"]}
             run["lr"] = learning_rate(run["train_command"])
             run["family"] = family(run)
-            runs.append(run)
-    return runs
+            runs[(run["family"], run["lr"], run["seed"])] = run
+    return list(runs.values())
+
+
+def _call_number(name: str) -> int:
+    """issue15-call12-results-0.jsonl -> 12 (files without a call number sort first)."""
+    digits = "".join(c for c in name.split("-")[1] if c.isdigit()) if name.count("-") >= 2 else ""
+    return int(digits) if digits else 0
 
 
 def learning_rate(train_command: str) -> float | None:
