@@ -2,8 +2,8 @@
 # The GPU checks the CPU cannot make, one stage per device call (each fits the 10-minute call limit):
 #   tests   every CUDA-marked test (kernels against float64, packed documents, fused decode, CUDA graphs, compile)
 #   layer   the SPEC §6 layer table (cases A-D, dense beside the fast path)
-#   decode  decode throughput (compiled + CUDA graphs, DECODE_BATCH=1 or 32): yardstick, dense and MoSA models,
-#           the fused decode beside the reference composition
+#   decode  decode throughput (compiled + CUDA graphs, DECODE_BATCH="1 32" by default): yardstick, dense and MoSA
+#           models (REFERENCE=1: the fused decode beside the reference composition too)
 #   tiles   the op per tile configuration (rows x warps x hidden chunk) on cases A-C (benchmarks/experiments/)
 #   eval    evaluation forwards of the Tiny IsoFLOP model: top-k beside causal routing, with and without capacity
 #   profile torch.profiler kernel tables of case D and of eager decode steps (benchmarks/experiments/)
@@ -36,11 +36,12 @@ case "$stage" in
     python -m torch_mosa.bench --cases A B C D --paths dense fast --out "$out/mosa_layer.md" \
       ${TRAIN:+--train-step --train-documents 4} 2>&1 | tee "$out/layer.log" | tail -30 ;;
   decode)
-    # compiled + CUDA graphs only (the mode the targets are read in); one batch size per call keeps it
-    # under the call limit: DECODE_BATCH=32 for the second
-    python -m torch_mosa.bench --decode --compile-decode --reference-decode --no-eager \
-      --decode-batches "${DECODE_BATCH:-1}" --out "$out/decode-b${DECODE_BATCH:-1}.md" 2>&1 \
-      | tee "$out/decode.log" | tail -30 ;;
+    # compiled + CUDA graphs only (the mode the targets are read in). DECODE_BATCH: the batch sizes
+    # (default "1 32", about 60 s on an H100); REFERENCE=1 adds the reference decode's rows (about 2x the time)
+    batches="${DECODE_BATCH:-1 32}"
+    # shellcheck disable=SC2086  # batches is a list of sizes
+    python -m torch_mosa.bench --decode --compile-decode --no-eager ${REFERENCE:+--reference-decode} \
+      --decode-batches $batches --out "$out/decode-b${batches// /-}.md" 2>&1 | tee "$out/decode.log" | tail -30 ;;
   tiles)
     python benchmarks/experiments/tile_sweep.py --cases A B C 2>&1 | tee "$out/tile-sweep.log" | tail -25 ;;
   eval)
