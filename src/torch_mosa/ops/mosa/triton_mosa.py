@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from torch_mosa.ops.rope import rope_cos_sin
+from torch_mosa.ops.rope import rope_table
 from torch_mosa.ops.mosa.reference import check_mosa_inputs, mosa_attention_reference
 
 MAX_FUSED_K = 128  # 16-bit inputs; float32 tiles of 128 rows overflow shared memory in the backward (H100)
@@ -428,7 +428,7 @@ _ROPE_TABLES: dict = {}
 
 
 def _rope_tables(seq_len: int, rotary_dim: int, rope_base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, rotary_dim/2] fp32 by position, from the reference's own table code.
+    """cos, sin [T, rotary_dim/2] fp32 by position, from the reference's own table code (ops.rope.rope_table).
 
     Kept per (T, rotary_dim, base, device): building them is ~10 small launches, paid by every layer in forward and
     backward otherwise (the layer is launch-bound at small batches, SPEC §6 case C).
@@ -442,8 +442,7 @@ def _rope_tables(seq_len: int, rotary_dim: int, rope_base: float, device) -> tup
             empty = torch.zeros(1, device=device, dtype=torch.float32)
             _ROPE_TABLES[key] = empty, empty
         else:
-            positions = torch.arange(seq_len, device=device)
-            cos, sin = rope_cos_sin(positions, rotary_dim, rope_base, torch.float32)
+            cos, sin = rope_table(seq_len, rotary_dim, rope_base, torch.float32, device)
             _ROPE_TABLES[key] = cos[:, :half].contiguous(), sin[:, :half].contiguous()
     return _ROPE_TABLES[key]
 
