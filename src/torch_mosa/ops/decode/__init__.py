@@ -27,9 +27,7 @@ def route_heads(logits: torch.Tensor, thresholds: torch.Tensor, token_overflow: 
     order of `largest_margin_heads`), joined [B, J] bool (that head's logit passes its threshold) and scores [B, J]
     (sigmoid of the logit, in the logits' dtype). On CUDA one kernel instead of a sort, gathers and a reduction.
     """
-    if not 0 < heads_per_token <= logits.shape[-1]:
-        raise ValueError(f"heads_per_token must be in 1..{logits.shape[-1]} (the number of heads), "
-                         f"got {heads_per_token}")
+    _check_heads_per_token(heads_per_token, logits.shape[-1])
     if use_fast_path(logits):
         from torch_mosa.ops.decode.triton_decode import route_heads_triton
 
@@ -46,9 +44,7 @@ def route_token_heads(x: torch.Tensor, router_weight: torch.Tensor, thresholds: 
     a larger one (505 heads) keeps cuBLAS's GEMM, which spreads its weights over many programs where the route
     kernel reads them in one warp per row. Not yet timed on a GPU (the GEMV it replaces: 2.5 us at B=1, 5.6 us at
     B=32 per layer on an H100, results/profile-decode-compiled-h100-2026-11-23.txt)."""
-    if not 0 < heads_per_token <= router_weight.shape[0]:
-        raise ValueError(f"heads_per_token must be in 1..{router_weight.shape[0]} (the number of heads), "
-                         f"got {heads_per_token}")
+    _check_heads_per_token(heads_per_token, router_weight.shape[0])
     small = router_weight.numel() <= ROUTER_IN_KERNEL_MAX and router_weight.shape[0] <= ROUTER_IN_KERNEL_MAX_HEADS
     if use_fast_path(x) and small:
         from torch_mosa.ops.decode.triton_decode import route_token_heads_triton
@@ -56,6 +52,11 @@ def route_token_heads(x: torch.Tensor, router_weight: torch.Tensor, thresholds: 
         return route_token_heads_triton(x.contiguous(), router_weight.contiguous(), thresholds.contiguous(),
                                         token_overflow, int(heads_per_token))
     return route_heads(F.linear(x, router_weight), thresholds, token_overflow, heads_per_token)
+
+
+def _check_heads_per_token(heads_per_token: int, num_heads: int) -> None:
+    if not 0 < heads_per_token <= num_heads:
+        raise ValueError(f"heads_per_token must be in 1..{num_heads} (the number of heads), got {heads_per_token}")
 
 
 def sparse_decode(x: torch.Tensor, heads: torch.Tensor | None, joined: torch.Tensor, scores: torch.Tensor,
