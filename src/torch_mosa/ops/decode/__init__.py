@@ -14,7 +14,7 @@ __all__ = ["largest_margin_heads", "route_heads", "route_token_heads", "sparse_d
 
 # routers of at most this many weights (E * h) and heads have their logits computed inside the route kernel
 # (route_token_heads); its one warp per row holds every head's logit: ptxas (sm_90a) gives it 80 registers at 17 or
-# 64 heads x 512, 179 at 256 x 128, and spills at 512 heads
+# 64 heads x 512, 179 at 256 x 128, and spills at 512 heads (benchmarks/results/register-spills-route-sm90-*.log)
 ROUTER_IN_KERNEL_MAX = 32768
 ROUTER_IN_KERNEL_MAX_HEADS = 256
 
