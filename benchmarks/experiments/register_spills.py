@@ -1,13 +1,10 @@
-"""Registers and spills of the fused kernels for sm_90, without a GPU: Triton compiles each configuration to
+"""Registers and spills of the fused row kernels for sm_90, without a GPU: Triton compiles each configuration to
 PTX, `ptxas -v -arch=sm_90a` (CUDA 13.0 here) reports registers per thread and spill bytes.
 
-Run on any machine with Triton and ptxas: `PYTHONPATH=src python benchmarks/experiments/register_spills.py
-[--only rows|route]`. rows: the op's row kernels at SPEC §6 case A's shapes (h 512, d 64, rotary 32, bf16); spills
-are per thread, so configurations with more warps spread the same tile over more registers. route: the decode route
-kernel (one warp), reading logits or computing them itself from a router of E heads x h (route_token_heads).
+Run on any machine with Triton and ptxas: `PYTHONPATH=src python benchmarks/experiments/register_spills.py`.
+The shapes are SPEC §6 case A's (h 512, d 64, rotary 32, bf16). Spills are per thread, so configurations with more
+warps spread the same tile over more registers.
 """
-
-import argparse
 
 import re
 import subprocess
@@ -17,15 +14,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from torch_mosa.ops.decode import triton_decode as td
 from torch_mosa.ops.mosa import triton_mosa as tm
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = dict(x_ptr="*bf16", w_qkv_ptr="*bf16", w_o_ptr="*bf16", idx_ptr="*i64", score_ptr="*fp32",
                 cos_ptr="*fp32", sin_ptr="*fp32", rope_pos_ptr="*i32", doc_ptr="*i32", dest_ptr="*i64",
                 y_ptr="*fp32", o_ptr="*bf16", w_router_ptr="*bf16", dy_ptr="*bf16", dqkv_ptr="*bf16",
-                dx_ptr="*fp32", dscore_ptr="*fp32", sm_scale="fp32", logits_ptr="*bf16", thresholds_ptr="*fp32",
-                heads_ptr="*i64", joined_ptr="*i1", scores_ptr="*bf16", overflow_ptr="*i64")
+                dx_ptr="*fp32", dscore_ptr="*fp32", sm_scale="fp32")
 
 
 def ptxas_usage(kernel, constants: dict, num_warps: int) -> tuple[int, int, int]:
@@ -46,28 +41,6 @@ def ptxas_usage(kernel, constants: dict, num_warps: int) -> tuple[int, int, int]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("rows", "route"), default=None)
-    args = parser.parse_args()
-    if args.only != "route":
-        row_kernels()
-    if args.only != "rows":
-        route_kernel()
-
-
-def route_kernel() -> None:
-    print(f"{'route kernel':26} {'heads':>5} {'h':>4} {'regs':>5} {'spill st':>9} {'spill ld':>9}")
-    for in_kernel, heads, hidden in ((False, 17, 0), (False, 505, 0), (True, 17, 512), (True, 64, 512),
-                                     (True, 256, 128), (True, 512, 64)):
-        block_e = td._block(heads)
-        constants = dict(H=hidden, J=5, BE=block_e, ROUND_MARGIN=False, LOGITS_IN_KERNEL=in_kernel,
-                         BH=max(16, td.ROUTE_TILE // block_e))
-        regs, stores, loads = ptxas_usage(td._route_heads_kernel, constants, 1)
-        label = "logits computed in-kernel" if in_kernel else "logits given"
-        print(f"{label:26} {heads:5} {hidden:4} {regs:5} {stores:9} {loads:9}")
-
-
-def row_kernels() -> None:
     print(f"{'kernel':10} {'rows':>4} {'warps':>5} {'BH':>3} {'docs':>5} {'regs':>5} {'spill st':>9} {'spill ld':>9}")
     for block_m, warps in ((64, 4), (64, 8), (128, 8)):
         for block_h in (64, 32):

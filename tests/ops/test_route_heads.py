@@ -1,6 +1,6 @@
 """A new token's causal routing to at most J heads (`route_heads`): the route kernel against the reference (heads in
 the same order, joined flags, scores, the count of joins beyond J), with ties, heads below their thresholds and
-every head above; the kernel computing the router's logits itself (`route_token_heads`); and the argument checks.
+every head above; and the argument check.
 
 Without CUDA the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 """
@@ -10,11 +10,9 @@ import torch
 
 pytest.importorskip("triton")
 
-import torch.nn.functional as F  # noqa: E402
-
-from torch_mosa.ops.decode import route_heads, route_token_heads  # noqa: E402
+from torch_mosa.ops.decode import route_heads  # noqa: E402
 from torch_mosa.ops.decode.reference import route_heads_reference  # noqa: E402
-from torch_mosa.ops.decode.triton_decode import route_heads_triton, route_token_heads_triton  # noqa: E402
+from torch_mosa.ops.decode.triton_decode import route_heads_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -98,69 +96,6 @@ def test_custom_op_registration():
     overflow = torch.zeros((), dtype=torch.long, device=DEVICE)
     torch.library.opcheck(route_heads_triton, (logits, thresholds, overflow, 3),
                           test_utils=("test_schema", "test_faketensor"))
-
-
-def make_router(batch, num_heads, hidden, seed, dtype=torch.float32):
-    """x and router weights on grids whose products and sums are exact in fp32 and fp16 (so the kernel's summation
-    order cannot change a logit), thresholds on the logits' grid (so margins tie)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(-2, 3, (batch, hidden), generator=g).float()
-    weight = torch.randint(-4, 5, (num_heads, hidden), generator=g).float() / 8
-    thresholds = torch.randint(-2, 3, (num_heads,), generator=g).float()
-    return x.to(DEVICE, dtype), weight.to(DEVICE, dtype), thresholds.to(DEVICE, dtype)
-
-
-@pytest.mark.parametrize("batch,num_heads,hidden,heads_per_token,dtype", [
-    (3, 17, 40, 5, torch.float32), (2, 5, 300, 5, torch.float32), (4, 33, 64, 3, torch.float16),
-    (1, 64, 512, 9, torch.float32)])
-def test_router_logits_inside_the_kernel_match_the_reference(batch, num_heads, hidden, heads_per_token, dtype):
-    """route_token_heads: the kernel's own x @ W^T (hidden chunks of a tile, not a multiple of the hidden size
-    here) gives the routing of route_heads on torch's logits: heads, order, joined flags, scores and overflow."""
-    x, weight, thresholds = make_router(batch, num_heads, hidden, seed=hidden, dtype=dtype)
-    logits = F.linear(x, weight)
-    results = []
-    for op, args in ((route_heads_reference, (logits,)), (route_token_heads_triton, (x, weight))):
-        overflow = torch.zeros((), dtype=torch.long, device=DEVICE)
-        results.append((*op(*args, thresholds, overflow, heads_per_token), overflow))
-    (heads, joined, scores, overflow), (heads_k, joined_k, scores_k, overflow_k) = results
-    assert torch.equal(heads_k, heads) and torch.equal(joined_k, joined)
-    torch.testing.assert_close(scores_k, scores, rtol=1e-3 if dtype == torch.float16 else 1e-6, atol=1e-6)
-    assert int(overflow_k) == int(overflow)
-    assert int(overflow) > 0 or bool((logits > thresholds).sum(-1).le(heads_per_token).all())
-
-
-def test_route_token_heads_dispatch_and_check():
-    """A router larger than ROUTER_IN_KERNEL_MAX routes through torch's logits (same result); J is checked."""
-    from torch_mosa.ops import decode
-
-    x, weight, thresholds = make_router(2, 9, 32, seed=3)
-    overflow = torch.zeros((), dtype=torch.long, device=DEVICE)
-    expected = route_heads_reference(F.linear(x, weight), thresholds, overflow.clone(), 4)
-    for limit in (decode.ROUTER_IN_KERNEL_MAX, 0):
-        original, decode.ROUTER_IN_KERNEL_MAX = decode.ROUTER_IN_KERNEL_MAX, limit
-        try:
-            got = route_token_heads(x, weight, thresholds, overflow, 4)
-        finally:
-            decode.ROUTER_IN_KERNEL_MAX = original
-        assert all(torch.equal(a, b) for a, b in zip(got, expected))
-    with pytest.raises(ValueError, match="heads_per_token must be in 1..9"):
-        route_token_heads(x, weight, thresholds, overflow, 10)
-    torch.library.opcheck(route_token_heads_triton, (x, weight, thresholds, overflow, 3),
-                          test_utils=("test_schema", "test_faketensor"))
-
-
-@pytest.mark.cuda
-def test_router_logits_inside_the_kernel_in_bfloat16_on_the_gpu():
-    """The 4 + 17 Tiny router (17 x 512) at batch 32 in bf16: the routing of torch's bf16 logits, exactly (x and
-    weights on exact grids, so the fp32 sums agree whatever their order)."""
-    x, weight, thresholds = make_router(32, 17, 512, seed=7, dtype=torch.bfloat16)
-    results = []
-    for op, args in ((route_heads_reference, (F.linear(x, weight),)), (route_token_heads_triton, (x, weight))):
-        overflow = torch.zeros((), dtype=torch.long, device=DEVICE)
-        results.append((*op(*args, thresholds, overflow, 5), overflow))
-    (heads, joined, scores, overflow), (heads_k, joined_k, scores_k, overflow_k) = results
-    assert torch.equal(heads_k, heads) and torch.equal(joined_k, joined) and int(overflow_k) == int(overflow)
-    torch.testing.assert_close(scores_k, scores, rtol=1e-2, atol=0)
 
 
 @pytest.mark.cuda

@@ -152,21 +152,17 @@ def test_fused_decode_in_bfloat16_on_the_gpu(batch, num_heads, capacity, width):
 @pytest.mark.parametrize("attention", ["mosa", "fixed-per-head"])
 def test_fused_decode_inside_the_model_equals_the_full_causal_forward(monkeypatch, attention):
     """The kernels wired into SparseHeads.decode_step (forced on, in the interpreter off CUDA): prefill + cached
-    decode equals the full causal forward of the model, with a head limit that bites (MoSA, routed by the kernel
-    that computes the router's logits itself) or per-head strides."""
+    decode equals the full causal forward of the model, with a head limit that bites (MoSA) or per-head strides."""
     import torch_mosa.ops.decode as decode_ops
     from torch_mosa import MoSAConfig, MoSALM
     from torch_mosa.inference import calibrate_causal_thresholds, decode_one_token, new_cache, prefill
 
     import torch_mosa.ops.decode.triton_decode as triton_decode
 
-    calls, routes = [], []
-    route_token_heads_triton = triton_decode.route_token_heads_triton
+    calls = []
     monkeypatch.setattr(decode_ops, "use_fast_path", lambda x: True)
     monkeypatch.setattr(triton_decode, "sparse_decode_triton",
                         lambda *args: calls.append(1) or sparse_decode_triton(*args))
-    monkeypatch.setattr(triton_decode, "route_token_heads_triton",
-                        lambda *args: routes.append(1) or route_token_heads_triton(*args))
     kind, extra = ("fixed", dict(fixed_offsets="per_head")) if attention == "fixed-per-head" else ("mosa", {})
     torch.manual_seed(0)
     model = MoSALM(MoSAConfig.from_preset("micro", attention=kind, sparsity=4, vocab_size=50, num_layers=1,
@@ -183,5 +179,3 @@ def test_fused_decode_inside_the_model_equals_the_full_causal_forward(monkeypatc
             torch.testing.assert_close(decode_one_token(model, ids[:, t:t + 1], t, cache), full[:, t],
                                        rtol=1e-4, atol=1e-4)
     assert len(calls) == 18  # one decode step per new token, the kernels each time
-    # MoSA routes each new token with the route kernel computing the router's logits itself (a small router)
-    assert len(routes) == (18 if attention == "mosa" else 0)

@@ -27,7 +27,7 @@ from torch import nn
 from torch_mosa.checks import check_attention_input, check_positive_int, check_routing, first_real_position, \
     selection_size
 from torch_mosa.layers.sparse import SparseHeads, membership_selection
-from torch_mosa.ops.decode import largest_margin_heads, route_token_heads
+from torch_mosa.ops.decode import largest_margin_heads, route_heads
 from torch_mosa.ops.selection import router_logits, topk_route, topk_route_documents
 
 
@@ -285,14 +285,10 @@ class MoSAAttention(SparseHeads):
     def route_token(self, x: torch.Tensor, position: torch.Tensor, cache):
         """x [B, h] -> heads [B, J] (None: all E heads, when heads_per_token is unset), joined [B, J], scores [B, J].
         Heads dropped by heads_per_token are added to the cache's overflow count."""
+        logits = self.router(x)
         if self.heads_per_token is None or self.heads_per_token >= self.num_heads:
-            logits = self.router(x)
             return None, logits.detach() > self.causal_threshold, torch.sigmoid(logits)
-        weight = self.router.weight
-        if torch.is_autocast_enabled(x.device.type):  # as self.router(x) would compute it
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), weight.to(dtype)
-        return route_token_heads(x, weight, self.causal_threshold, cache.token_overflow, self.heads_per_token)
+        return route_heads(logits, self.causal_threshold, cache.token_overflow, self.heads_per_token)
 
     def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk", documents=None) -> torch.Tensor:
         check_attention_input(x, self.hidden_size, self.w_qkv, attention_mask, documents)

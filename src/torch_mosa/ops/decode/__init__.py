@@ -5,18 +5,11 @@ the fused kernels (see ops/dispatch.py)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from torch_mosa.ops.decode.reference import largest_margin_heads, route_heads_reference, sparse_decode_reference
 from torch_mosa.ops.dispatch import use_fast_path
 
-__all__ = ["largest_margin_heads", "route_heads", "route_token_heads", "sparse_decode"]
-
-# routers of at most this many weights (E * h) and heads have their logits computed inside the route kernel
-# (route_token_heads); its one warp per row holds every head's logit: ptxas (sm_90a) gives it 80 registers at 17 or
-# 64 heads x 512, 179 at 256 x 128, and spills at 512 heads (benchmarks/results/register-spills-route-sm90-*.log)
-ROUTER_IN_KERNEL_MAX = 32768
-ROUTER_IN_KERNEL_MAX_HEADS = 256
+__all__ = ["largest_margin_heads", "route_heads", "sparse_decode"]
 
 
 def route_heads(logits: torch.Tensor, thresholds: torch.Tensor, token_overflow: torch.Tensor, heads_per_token: int):
@@ -27,36 +20,14 @@ def route_heads(logits: torch.Tensor, thresholds: torch.Tensor, token_overflow: 
     order of `largest_margin_heads`), joined [B, J] bool (that head's logit passes its threshold) and scores [B, J]
     (sigmoid of the logit, in the logits' dtype). On CUDA one kernel instead of a sort, gathers and a reduction.
     """
-    _check_heads_per_token(heads_per_token, logits.shape[-1])
+    if not 0 < heads_per_token <= logits.shape[-1]:
+        raise ValueError(f"heads_per_token must be in 1..{logits.shape[-1]} (the number of heads), "
+                         f"got {heads_per_token}")
     if use_fast_path(logits):
         from torch_mosa.ops.decode.triton_decode import route_heads_triton
 
         return route_heads_triton(logits.contiguous(), thresholds.contiguous(), token_overflow, int(heads_per_token))
     return route_heads_reference(logits, thresholds, token_overflow, heads_per_token)
-
-
-def route_token_heads(x: torch.Tensor, router_weight: torch.Tensor, thresholds: torch.Tensor,
-                      token_overflow: torch.Tensor, heads_per_token: int):
-    """`route_heads` of the router logits x @ router_weight^T (x [B, h], router_weight [E, h] in x's dtype).
-
-    On CUDA a router of at most ROUTER_IN_KERNEL_MAX weights and ROUTER_IN_KERNEL_MAX_HEADS heads (the 4 + 17
-    model's 17 x 512) has its logits computed inside the route kernel, one launch instead of a GEMV and the route;
-    a larger one (505 heads) keeps cuBLAS's GEMM, which spreads its weights over many programs where the route
-    kernel reads them in one warp per row. Not yet timed on a GPU (the GEMV it replaces: 2.5 us at B=1, 5.6 us at
-    B=32 per layer on an H100, results/profile-decode-compiled-h100-2026-11-23.txt)."""
-    _check_heads_per_token(heads_per_token, router_weight.shape[0])
-    small = router_weight.numel() <= ROUTER_IN_KERNEL_MAX and router_weight.shape[0] <= ROUTER_IN_KERNEL_MAX_HEADS
-    if use_fast_path(x) and small:
-        from torch_mosa.ops.decode.triton_decode import route_token_heads_triton
-
-        return route_token_heads_triton(x.contiguous(), router_weight.contiguous(), thresholds.contiguous(),
-                                        token_overflow, int(heads_per_token))
-    return route_heads(F.linear(x, router_weight), thresholds, token_overflow, heads_per_token)
-
-
-def _check_heads_per_token(heads_per_token: int, num_heads: int) -> None:
-    if not 0 < heads_per_token <= num_heads:
-        raise ValueError(f"heads_per_token must be in 1..{num_heads} (the number of heads), got {heads_per_token}")
 
 
 def sparse_decode(x: torch.Tensor, heads: torch.Tensor | None, joined: torch.Tensor, scores: torch.Tensor,

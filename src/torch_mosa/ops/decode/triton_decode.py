@@ -7,10 +7,7 @@ chain of dependent loads costs a microsecond per link. So:
   route kernel   one program (one warp) per row: the token's routing to at most J heads (`route_heads`): the heads
                  over their thresholds and, when more than J are, the J of largest margin (the J-th largest
                  found bit by bit, its ties by index); their slots in head order with joined flag and score; the
-                 joins beyond J counted. Replaces a sort, gathers and sums. For a small router
-                 (`route_token_heads`) it computes the logits itself, x @ W_router^T, in place of a cuBLAS GEMV
-                 launch (at E = 17 that GEMV took 2.5 us at B=1 and 5.6 us at B=32 on an H100: an unaligned
-                 width takes cuBLAS's align-1 kernel and a split-K reduction).
+                 joins beyond J counted. Replaces a sort, gathers and sums.
   head kernel    one program per (row, head slot j): skip a head the token did not join; count a join into a full
                  head as capacity overflow; else project x through the head's W_Q|W_K|W_V in place (a GEMV whose
                  hidden chunks load all seven column segments at once, so their loads are in flight together),
@@ -35,36 +32,22 @@ import triton.language as tl
 
 BLOCK_H = 128  # hidden rows of W_QKV per step of the head kernel's GEMV
 BLOCK_SLOTS = 32  # cache slots per step of the online softmax
-ROUTE_TILE = 2048  # router weights per step of the route kernel's own GEMV (64 fp32 registers a thread in one warp)
 OUT_BLOCK_H = 32  # hidden columns per program of the output kernel (B * h / 32 programs: 16 per row at h 512)
 OUT_BLOCK_K = 512  # (head slot, dim) rows of W_O per step of the output kernel's reduction
 
 
 @triton.jit
-def _route_heads_kernel(logits_ptr, x_ptr, w_router_ptr, thresholds_ptr, heads_ptr, joined_ptr, scores_ptr,
-                        overflow_ptr, E, H: tl.constexpr, J: tl.constexpr, BE: tl.constexpr,
-                        ROUND_MARGIN: tl.constexpr, LOGITS_IN_KERNEL: tl.constexpr, BH: tl.constexpr):
+def _route_heads_kernel(logits_ptr, thresholds_ptr, heads_ptr, joined_ptr, scores_ptr, overflow_ptr, E,
+                        J: tl.constexpr, BE: tl.constexpr, ROUND_MARGIN: tl.constexpr):
     """One row, one warp (its reductions stay in shuffles): the heads whose logit passes the threshold, at most J
     of them by largest margin (rounded to the logits' dtype when torch's logits - thresholds would be, as the
     reference computes it; equal margins to the lower index), the slots left over filled by the lowest other heads;
-    written in head order. With LOGITS_IN_KERNEL the row's logits are x[b] @ W_router^T, accumulated in fp32 over
-    hidden chunks of BH and rounded to x's dtype as torch's linear rounds them (logits_ptr is then x_ptr: its
-    dtype is read, not its data)."""
+    written in head order."""
     b = tl.program_id(0).to(tl.int64)
     LT: tl.constexpr = logits_ptr.dtype.element_ty
     e = tl.arange(0, BE)
     valid = e < E
-    if LOGITS_IN_KERNEL:
-        acc = tl.zeros([BE, BH], tl.float32)  # summed over its columns once, after the loop
-        for h0 in range(0, H, BH):
-            hs = h0 + tl.arange(0, BH)
-            hm = hs < H
-            xs = tl.load(x_ptr + b * H + hs, mask=hm, other=0.0).to(tl.float32)
-            w = tl.load(w_router_ptr + e[:, None] * H + hs[None, :], mask=valid[:, None] & hm[None, :], other=0.0)
-            acc += w.to(tl.float32) * xs[None, :]
-        logit = tl.sum(acc, 1).to(LT)
-    else:
-        logit = tl.load(logits_ptr + b * E + e, mask=valid, other=0.0)
+    logit = tl.load(logits_ptr + b * E + e, mask=valid, other=0.0)
     threshold = tl.load(thresholds_ptr + e, mask=valid, other=0.0)
     above = valid & (logit > threshold)
     num_above = tl.sum(above.to(tl.int32), 0)
@@ -286,28 +269,19 @@ def _sparse_decode_fake(x, heads, joined, scores, position, w_qkv, w_o, cache_k,
     return x.new_empty(x.shape)
 
 
-def _route(logits, x, router_weight, thresholds, token_overflow, heads_per_token):
-    """Launch the route kernel on given logits [B, E], or on x [B, h] and router_weight [E, h] (logits=None)."""
-    source = x if logits is None else logits
-    batch, num_heads = source.shape[0], thresholds.shape[0]
-    heads = torch.empty(batch, heads_per_token, device=source.device, dtype=torch.long)
-    joined = torch.empty(batch, heads_per_token, device=source.device, dtype=torch.bool)
-    scores = torch.empty(batch, heads_per_token, device=source.device, dtype=source.dtype)
-    # torch computes logits - thresholds in their promoted dtype: the margins tie as they do there
-    round_margin = source.dtype != torch.float32 and torch.promote_types(source.dtype, thresholds.dtype) == source.dtype
-    block_e = _block(num_heads)
-    _route_heads_kernel[(batch,)](
-        source, source if x is None else x, source if router_weight is None else router_weight, thresholds, heads,
-        joined, scores, token_overflow, num_heads, H=0 if x is None else x.shape[1], J=heads_per_token, BE=block_e,
-        ROUND_MARGIN=round_margin, LOGITS_IN_KERNEL=logits is None, BH=max(16, ROUTE_TILE // block_e), num_warps=1)
-    return heads, joined, scores
-
-
 @torch.library.custom_op("torch_mosa::route_heads", mutates_args=("token_overflow",))
 def route_heads_triton(logits: torch.Tensor, thresholds: torch.Tensor, token_overflow: torch.Tensor,
                        heads_per_token: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The route kernel (module docstring); arguments as `torch_mosa.ops.decode.route_heads`, contiguous."""
-    return _route(logits, None, None, thresholds, token_overflow, heads_per_token)
+    batch, num_heads = logits.shape
+    heads = torch.empty(batch, heads_per_token, device=logits.device, dtype=torch.long)
+    joined = torch.empty(batch, heads_per_token, device=logits.device, dtype=torch.bool)
+    scores = torch.empty(batch, heads_per_token, device=logits.device, dtype=logits.dtype)
+    # torch computes logits - thresholds in their promoted dtype: the margins tie as they do there
+    round_margin = logits.dtype != torch.float32 and torch.promote_types(logits.dtype, thresholds.dtype) == logits.dtype
+    _route_heads_kernel[(batch,)](logits, thresholds, heads, joined, scores, token_overflow, num_heads,
+                                  J=heads_per_token, BE=_block(num_heads), ROUND_MARGIN=round_margin, num_warps=1)
+    return heads, joined, scores
 
 
 @route_heads_triton.register_fake
@@ -315,17 +289,3 @@ def _route_heads_fake(logits, thresholds, token_overflow, heads_per_token):
     shape = (logits.shape[0], heads_per_token)
     return (logits.new_empty(shape, dtype=torch.long), logits.new_empty(shape, dtype=torch.bool),
             logits.new_empty(shape))
-
-
-@torch.library.custom_op("torch_mosa::route_token_heads", mutates_args=("token_overflow",))
-def route_token_heads_triton(x: torch.Tensor, router_weight: torch.Tensor, thresholds: torch.Tensor,
-                             token_overflow: torch.Tensor, heads_per_token: int
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The route kernel computing the router's logits itself; arguments as
-    `torch_mosa.ops.decode.route_token_heads`, contiguous."""
-    return _route(None, x, router_weight, thresholds, token_overflow, heads_per_token)
-
-
-@route_token_heads_triton.register_fake
-def _route_token_heads_fake(x, router_weight, thresholds, token_overflow, heads_per_token):
-    return _route_heads_fake(x, thresholds, token_overflow, heads_per_token)
