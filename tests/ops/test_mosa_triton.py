@@ -29,6 +29,20 @@ def assert_close(name, actual, expected, rtol):
     assert error <= rtol * scale + 1e-12, f"{name}: relative error {error / max(scale, 1e-30):.3e} > {rtol:.1e}"
 
 
+def test_reference_ignores_autocast():
+    """Under bf16 autocast (as `mosa leak` and `mosa eval` run on a GPU) the reference computes as without it: its
+    einsums would otherwise give bf16 head outputs that the float32 sum rejects (a scatter dtype error)."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 13, 12, generator=g)
+    w_qkv, w_o = torch.randn(3, 12, 24, generator=g), torch.randn(3, 8, 12, generator=g)
+    indices, scores = topk_route_reference(torch.randn(2, 3, 13, generator=g), 5, True, None)
+    expected = mosa_attention_reference(x, w_qkv, w_o, indices, scores, rotary_dim=4, rope_base=1e4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = mosa_attention_reference(x, w_qkv, w_o, indices, scores, rotary_dim=4, rope_base=1e4)
+    assert actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
 def make_case(batch, seq_len, hidden, num_heads, head_dim, k, include_first, padded, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, seq_len, hidden, generator=g)

@@ -34,6 +34,16 @@ def mosa_attention_reference(
     Packed documents: positions [B, T] gives the position RoPE rotates each token by (default: its index), and
     document_ids [B, T] keeps documents apart: a slot attends only to earlier slots of its own document.
     """
+    # autocast would run the einsums below in 16 bits and leave the head outputs in a dtype the float32 sum cannot
+    # take; the op computes in its inputs' dtype (float32 for 16-bit inputs) with or without autocast, as the
+    # kernels do
+    with torch.autocast(x.device.type, enabled=False):
+        return _mosa_attention_reference(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, router_weight,
+                                         positions, document_ids)
+
+
+def _mosa_attention_reference(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, router_weight, positions,
+                              document_ids):
     out_dtype = x.dtype
     if x.dtype in (torch.float16, torch.bfloat16):
         x, w_qkv, w_o = x.float(), w_qkv.float(), w_o.float()
