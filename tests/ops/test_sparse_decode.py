@@ -11,7 +11,8 @@ pytest.importorskip("triton")
 
 from torch_mosa.ops.decode import sparse_decode  # noqa: E402
 from torch_mosa.ops.decode.reference import sparse_decode_reference  # noqa: E402
-from torch_mosa.ops.decode.triton_decode import sparse_decode_triton  # noqa: E402
+from torch_mosa.ops.decode import triton_decode  # noqa: E402
+from torch_mosa.ops.decode.triton_decode import grouped_decode, sparse_decode_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -31,8 +32,9 @@ def make_step(batch, hidden, num_heads, head_dim, capacity, width, seed, dtype=t
         heads = None
         joined = torch.rand(batch, num_heads, generator=g) < 0.6
     else:
+        # distinct heads per row, as routing gives them; row 0's first slot the full head 0, joined: an overflow
         heads = torch.stack([torch.randperm(num_heads, generator=g)[:width] for _ in range(batch)])
-        heads[0, 0] = 0  # the full head, joined: an overflow
+        heads[0] = torch.cat([torch.zeros(1, dtype=torch.long), heads[0][heads[0] != 0]])[:width]
         joined = torch.rand(batch, width, generator=g) < 0.7
     joined[0, 0] = True
     scores = torch.rand(joined.shape, generator=g)
@@ -63,8 +65,16 @@ CASES = [
 ]
 
 
+# GROUPED_PAIRS_PER_HEAD forcing each way of running the step: grouped by head (one batched GEMM, one program per
+# (row, head)) or per (row, slot) pair
+GROUPINGS = [pytest.param(0, id="grouped"), pytest.param(10 ** 9, id="per-pair")]
+
+
+@pytest.mark.parametrize("pairs_per_head", GROUPINGS)
 @pytest.mark.parametrize("batch,hidden,num_heads,head_dim,capacity,width,rotary_dim", CASES)
-def test_fused_decode_matches_reference(batch, hidden, num_heads, head_dim, capacity, width, rotary_dim):
+def test_fused_decode_matches_reference(monkeypatch, pairs_per_head, batch, hidden, num_heads, head_dim, capacity,
+                                        width, rotary_dim):
+    monkeypatch.setattr(triton_decode, "GROUPED_PAIRS_PER_HEAD", pairs_per_head)
     tensors, route, cache = make_step(batch, hidden, num_heads, head_dim, capacity, width, seed=capacity)
     expected, expected_cache = run(sparse_decode_reference, tensors, route, cache, rotary_dim)
     actual, actual_cache = run(sparse_decode_triton, tensors, route, cache, rotary_dim)
@@ -76,7 +86,9 @@ def test_fused_decode_matches_reference(batch, hidden, num_heads, head_dim, capa
     assert int(actual_cache[3]) == int(expected_cache[3]) >= 1, "capacity overflow"
 
 
-def test_fused_decode_in_half_precision():
+@pytest.mark.parametrize("pairs_per_head", GROUPINGS)
+def test_fused_decode_in_half_precision(monkeypatch, pairs_per_head):
+    monkeypatch.setattr(triton_decode, "GROUPED_PAIRS_PER_HEAD", pairs_per_head)
     tensors, route, cache = make_step(2, 48, 5, 16, 12, 3, seed=4, dtype=torch.float16)
     expected, _ = run(sparse_decode_reference, [t.float() for t in tensors], route,
                       [t.float() if t.is_floating_point() else t for t in cache], 8)
@@ -85,8 +97,10 @@ def test_fused_decode_in_half_precision():
     torch.testing.assert_close(actual.float(), expected, rtol=2e-2, atol=2e-3)
 
 
-def test_wrong_cache_count_fails():
+@pytest.mark.parametrize("pairs_per_head", GROUPINGS)
+def test_wrong_cache_count_fails(monkeypatch, pairs_per_head):
     """The comparison can fail: a decode that sees one held token fewer differs."""
+    monkeypatch.setattr(triton_decode, "GROUPED_PAIRS_PER_HEAD", pairs_per_head)
     tensors, route, cache = make_step(1, 40, 5, 16, 7, None, seed=1)
     expected, _ = run(sparse_decode_reference, tensors, route, cache, 8)
     cache[2] = (cache[2] - 1).clamp(min=0)
@@ -104,8 +118,10 @@ def test_dispatch_takes_the_reference_off_cuda():
     torch.testing.assert_close(out, expected)
 
 
-def test_custom_op_registration():
+@pytest.mark.parametrize("pairs_per_head", GROUPINGS)
+def test_custom_op_registration(monkeypatch, pairs_per_head):
     """Schema (with the cache mutations declared) and fake implementation, as torch.compile needs them."""
+    monkeypatch.setattr(triton_decode, "GROUPED_PAIRS_PER_HEAD", pairs_per_head)
     for width in (None, 2):
         tensors, route, cache = make_step(2, 24, 4, 8, 6, width, seed=3)
         x, w_qkv, w_o = tensors
@@ -115,10 +131,12 @@ def test_custom_op_registration():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("batch,num_heads,capacity,width", [(1, 17, 64, None), (32, 17, 64, 4), (1, 505, 48, 16),
-                                                            (32, 505, 1024, None)])
+                                                            (32, 505, 1024, None), (32, 17, 40, 5),
+                                                            (32, 505, 48, 5)])
 def test_fused_decode_in_bfloat16_on_the_gpu(batch, num_heads, capacity, width):
     """Tiny-model shapes (h 512, d 64, rotary 32) in bfloat16 against the float64 reference: relative RMS error
-    of the output under 1e-2, appended keys and values under 1e-2, counts and overflow exact."""
+    of the output under 1e-2, appended keys and values under 1e-2, counts and overflow exact. The 4 + 17 model's
+    B=32 step (17 heads, J=5) runs grouped by head, the IsoFLOP model's (505 heads) per pair."""
     g = torch.Generator().manual_seed(batch + num_heads)
     hidden, head_dim = 512, 64
     x = torch.randn(batch, hidden, generator=g)
@@ -149,17 +167,25 @@ def test_fused_decode_in_bfloat16_on_the_gpu(batch, num_heads, capacity, width):
     assert torch.equal(counts_fused, counts64) and int(overflow_fused) == int(overflow64)
 
 
+def test_grouping_rule():
+    """Grouped by head from eight (row, slot) pairs per head: the 4 + 17 model (J=5) from B=28 on, not at B=16 nor
+    the IsoFLOP model's 505 heads at B=32; all 17 heads from B=8."""
+    assert grouped_decode(32, 5, 17) and grouped_decode(28, 5, 17) and not grouped_decode(27, 5, 17)
+    assert not grouped_decode(16, 5, 17) and not grouped_decode(32, 5, 505)
+    assert grouped_decode(8, 17, 17) and not grouped_decode(7, 17, 17)
+
+
+@pytest.mark.parametrize("pairs_per_head", GROUPINGS)
 @pytest.mark.parametrize("attention", ["mosa", "fixed-per-head"])
-def test_fused_decode_inside_the_model_equals_the_full_causal_forward(monkeypatch, attention):
+def test_fused_decode_inside_the_model_equals_the_full_causal_forward(monkeypatch, attention, pairs_per_head):
     """The kernels wired into SparseHeads.decode_step (forced on, in the interpreter off CUDA): prefill + cached
     decode equals the full causal forward of the model, with a head limit that bites (MoSA) or per-head strides."""
     import torch_mosa.ops.decode as decode_ops
     from torch_mosa import MoSAConfig, MoSALM
     from torch_mosa.inference import calibrate_causal_thresholds, decode_one_token, new_cache, prefill
 
-    import torch_mosa.ops.decode.triton_decode as triton_decode
-
     calls = []
+    monkeypatch.setattr(triton_decode, "GROUPED_PAIRS_PER_HEAD", pairs_per_head)
     monkeypatch.setattr(decode_ops, "use_fast_path", lambda x: True)
     monkeypatch.setattr(triton_decode, "sparse_decode_triton",
                         lambda *args: calls.append(1) or sparse_decode_triton(*args))

@@ -18,6 +18,19 @@ chain of dependent loads costs a microsecond per link. So:
                  W_O[head], reducing over (head slot, dim) pairs in blocks of BLOCK_K rows of W_O gathered from
                  several heads at once (a fixed order: deterministic, no atomics).
 
+That reads each joined head's weights once per (row, slot) pair: right when pairs rarely share a head (batch 1, or
+the IsoFLOP model's 505 heads), wasteful when many do. At batch 32 the 4 + 17 model's 160 pairs fall on 17 heads,
+so its head kernel read every head's 196 KB about nine times (14 us per layer on an H100). From
+GROUPED_PAIRS_PER_HEAD pairs per head on (`grouped_decode`), the step is grouped by head instead:
+
+  Q|K|V          one batched GEMM x @ W_QKV[e] for every head (cuBLAS; each head's weights read once)
+  head kernel    one program per (row, head): finds the head among the row's slots (none: writes zeros), rotates,
+                 appends and attends as above, from the given Q|K|V; writes the dense [B, E, d] attended rows
+  output kernel  attended[B, E*d] @ W_O[E*d, h], one program per (block of rows, hidden chunk), the attended rows
+                 rounded to W_O's dtype and accumulated in fp32 (each head's W_O read once; no gather). Not a
+                 cuBLAS GEMM: with E*d = 32,320 (505 heads) cuBLAS splits the reduction and, by torch's default,
+                 sums the pieces in bf16 (2.7% output error on an H100 against 1e-2 allowed)
+
 All are torch.library custom ops, so the step stays capturable as a CUDA graph and traceable by torch.compile.
 """
 
@@ -34,6 +47,12 @@ BLOCK_H = 128  # hidden rows of W_QKV per step of the head kernel's GEMV
 BLOCK_SLOTS = 32  # cache slots per step of the online softmax
 OUT_BLOCK_H = 32  # hidden columns per program of the output kernel (B * h / 32 programs: 16 per row at h 512)
 OUT_BLOCK_K = 512  # (head slot, dim) rows of W_O per step of the output kernel's reduction
+# (row, slot) pairs per head from which a step is grouped by head (module docstring). Measured on an H200 with the
+# 4 + 17 model (benchmarks/experiments/decode_grouping.py, results/decode-grouping-h200-2026-11-23.log): grouped is
+# 5% slower at B=8 (2.4 pairs per head) and 3% at B=16 (4.7), 2% faster at B=32 (9.4) and 4% at B=64 (18.8)
+GROUPED_PAIRS_PER_HEAD = 8
+GROUPED_OUT_BLOCK_H = 32  # hidden columns per program of the grouped output kernel (16 programs per 64 rows at h 512)
+GROUPED_OUT_BLOCK_K = 64  # (head, dim) rows of W_O per step of its reduction
 
 
 @triton.jit
@@ -78,19 +97,37 @@ def _route_heads_kernel(logits_ptr, thresholds_ptr, heads_ptr, joined_ptr, score
 
 
 @triton.jit
-def _sparse_decode_heads_kernel(x_ptr, heads_ptr, joined_ptr, scores_ptr, pos_ptr, w_qkv_ptr, k_ptr, v_ptr,
-                                counts_ptr, overflow_ptr, attended_ptr, written_ptr, E, J, log2_base,
+def _sparse_decode_heads_kernel(x_ptr, qkv_ptr, heads_ptr, joined_ptr, scores_ptr, pos_ptr, w_qkv_ptr, k_ptr,
+                                v_ptr, counts_ptr, overflow_ptr, attended_ptr, written_ptr, B, E, J, log2_base,
                                 H: tl.constexpr, D: tl.constexpr, R2: tl.constexpr, CAP: tl.constexpr,
                                 BR: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                                BS: tl.constexpr, ALL_HEADS: tl.constexpr, SLOTS_BOUND: tl.constexpr):
+                                BS: tl.constexpr, BJ: tl.constexpr, ALL_HEADS: tl.constexpr,
+                                GROUPED: tl.constexpr, SLOTS_BOUND: tl.constexpr):
+    """Per pair (GROUPED off): program pid = (row b, slot j), projects x itself and writes attended[b, j] and
+    written[b, j]. GROUPED: program pid = (row b, head e), reads the head's projections from qkv [E, B, 3D], finds e
+    among the row's J slots and writes attended[b, e] (zeros for a head the row did not write)."""
     pid = tl.program_id(0)
-    b = pid // J
-    j = pid % J
-    if ALL_HEADS:
-        e = j.to(tl.int64)
+    if GROUPED:
+        b = pid // E
+        e = (pid % E).to(tl.int64)
+        if ALL_HEADS:
+            slot = pid
+            found = True
+        else:
+            js = tl.arange(0, BJ)
+            row_heads = tl.load(heads_ptr + b * J + js, mask=js < J, other=-1)
+            match = row_heads == e
+            found = tl.sum(match.to(tl.int32), 0) > 0
+            slot = b * J + tl.sum(tl.where(match, js, 0), 0)
     else:
-        e = tl.load(heads_ptr + pid).to(tl.int64)
-    joined = tl.load(joined_ptr + pid) != 0
+        b = pid // J
+        slot = pid
+        found = True
+        if ALL_HEADS:
+            e = (pid % J).to(tl.int64)
+        else:
+            e = tl.load(heads_ptr + pid).to(tl.int64)
+    joined = found & (tl.load(joined_ptr + slot) != 0)
     head = b.to(tl.int64) * E + e
     count = tl.load(counts_ptr + head)
     written = joined & (count < CAP)
@@ -105,40 +142,11 @@ def _sparse_decode_heads_kernel(x_ptr, heads_ptr, joined_ptr, scores_ptr, pos_pt
     dm = d < D
     out = tl.zeros([BD], tl.float32)
     if written:
-        x_row = x_ptr + b.to(tl.int64) * H
-        w_e = w_qkv_ptr + e * H * 3 * D
-        # Q and K as (rotated half 1, rotated half 2, pass-through) segments, as the training kernels hold them.
-        # One pass over the hidden rows loads all seven segments of a chunk together, and the products gather in
-        # [BH, width] accumulators, summed over the hidden rows once after the loop: a sum across warps inside
-        # the loop would cost a shared-memory round trip per segment and chunk
-        q1 = tl.zeros([BH, BR], tl.float32)
-        q2 = tl.zeros([BH, BR], tl.float32)
-        q3 = tl.zeros([BH, BP], tl.float32)
-        k1 = tl.zeros([BH, BR], tl.float32)
-        k2 = tl.zeros([BH, BR], tl.float32)
-        k3 = tl.zeros([BH, BP], tl.float32)
-        v = tl.zeros([BH, BD], tl.float32)
-        for h0 in range(0, H, BH):
-            hs = h0 + tl.arange(0, BH)
-            hm = hs < H
-            xs = tl.load(x_row + hs, mask=hm, other=0.0).to(tl.float32)[:, None]
-            rows = w_e + hs[:, None] * (3 * D)
-            hr = hm[:, None] & rm[None, :]
-            hp = hm[:, None] & pm[None, :]
-            q1 += xs * tl.load(rows + r[None, :], mask=hr, other=0.0).to(tl.float32)
-            q2 += xs * tl.load(rows + R2 + r[None, :], mask=hr, other=0.0).to(tl.float32)
-            q3 += xs * tl.load(rows + 2 * R2 + p[None, :], mask=hp, other=0.0).to(tl.float32)
-            k1 += xs * tl.load(rows + D + r[None, :], mask=hr, other=0.0).to(tl.float32)
-            k2 += xs * tl.load(rows + D + R2 + r[None, :], mask=hr, other=0.0).to(tl.float32)
-            k3 += xs * tl.load(rows + D + 2 * R2 + p[None, :], mask=hp, other=0.0).to(tl.float32)
-            v += xs * tl.load(rows + 2 * D + d[None, :], mask=hm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-        q1 = tl.sum(q1, 0)
-        q2 = tl.sum(q2, 0)
-        q3 = tl.sum(q3, 0)
-        k1 = tl.sum(k1, 0)
-        k2 = tl.sum(k2, 0)
-        k3 = tl.sum(k3, 0)
-        v = tl.sum(v, 0)
+        if GROUPED:
+            q1, q2, q3, k1, k2, k3, v = _given_qkv(qkv_ptr + (e * B + b) * 3 * D, r, p, d, rm, pm, dm, D, R2)
+        else:
+            q1, q2, q3, k1, k2, k3, v = _project_qkv(x_ptr + b.to(tl.int64) * H, w_qkv_ptr + e * H * 3 * D, r, p,
+                                                     d, rm, pm, dm, H, D, R2, BR, BP, BD, BH)
         if R2 > 0:  # RoPE at `position`: the reference's fp32 angles position * base^(-2i / rotary_dim)
             position = tl.load(pos_ptr).to(tl.float32)
             inv_freq = tl.exp2(-(2.0 * r.to(tl.float32) / (2 * R2)) * log2_base)
@@ -174,10 +182,63 @@ def _sparse_decode_heads_kernel(x_ptr, heads_ptr, joined_ptr, scores_ptr, pos_pt
             for s0 in range(0, held, BS):
                 m_i, l_i, acc = _attend_slots(k_ptr, v_ptr, head_cache, s0, held, q1, q2, q3, r, p, d, rm, pm, dm,
                                               scale, m_i, l_i, acc, D, R2, BS)
-        score = tl.load(scores_ptr + pid).to(tl.float32)
+        score = tl.load(scores_ptr + slot).to(tl.float32)
         out = acc / l_i * score
-    tl.store(attended_ptr + pid.to(tl.int64) * D + d, out, mask=dm)
-    tl.store(written_ptr + pid, written.to(tl.int8))
+    tl.store(attended_ptr + pid.to(tl.int64) * D + d, out.to(attended_ptr.dtype.element_ty), mask=dm)
+    if not GROUPED:
+        tl.store(written_ptr + pid, written.to(tl.int8))
+
+
+@triton.jit
+def _project_qkv(x_row, w_e, r, p, d, rm, pm, dm, H: tl.constexpr, D: tl.constexpr, R2: tl.constexpr,
+                 BR: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr):
+    """x_row [H] @ w_e [H, 3D] in fp32 -> Q, K as (rotated half 1, rotated half 2, pass-through) segments, as the
+    training kernels hold them, and V."""
+    # One pass over the hidden rows loads all seven segments of a chunk together, and the products gather in
+    # [BH, width] accumulators, summed over the hidden rows once after the loop: a sum across warps inside
+    # the loop would cost a shared-memory round trip per segment and chunk
+    q1 = tl.zeros([BH, BR], tl.float32)
+    q2 = tl.zeros([BH, BR], tl.float32)
+    q3 = tl.zeros([BH, BP], tl.float32)
+    k1 = tl.zeros([BH, BR], tl.float32)
+    k2 = tl.zeros([BH, BR], tl.float32)
+    k3 = tl.zeros([BH, BP], tl.float32)
+    v = tl.zeros([BH, BD], tl.float32)
+    for h0 in range(0, H, BH):
+        hs = h0 + tl.arange(0, BH)
+        hm = hs < H
+        xs = tl.load(x_row + hs, mask=hm, other=0.0).to(tl.float32)[:, None]
+        rows = w_e + hs[:, None] * (3 * D)
+        hr = hm[:, None] & rm[None, :]
+        hp = hm[:, None] & pm[None, :]
+        q1 += xs * tl.load(rows + r[None, :], mask=hr, other=0.0).to(tl.float32)
+        q2 += xs * tl.load(rows + R2 + r[None, :], mask=hr, other=0.0).to(tl.float32)
+        q3 += xs * tl.load(rows + 2 * R2 + p[None, :], mask=hp, other=0.0).to(tl.float32)
+        k1 += xs * tl.load(rows + D + r[None, :], mask=hr, other=0.0).to(tl.float32)
+        k2 += xs * tl.load(rows + D + R2 + r[None, :], mask=hr, other=0.0).to(tl.float32)
+        k3 += xs * tl.load(rows + D + 2 * R2 + p[None, :], mask=hp, other=0.0).to(tl.float32)
+        v += xs * tl.load(rows + 2 * D + d[None, :], mask=hm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    q1 = tl.sum(q1, 0)
+    q2 = tl.sum(q2, 0)
+    q3 = tl.sum(q3, 0)
+    k1 = tl.sum(k1, 0)
+    k2 = tl.sum(k2, 0)
+    k3 = tl.sum(k3, 0)
+    v = tl.sum(v, 0)
+    return q1, q2, q3, k1, k2, k3, v
+
+
+@triton.jit
+def _given_qkv(row, r, p, d, rm, pm, dm, D: tl.constexpr, R2: tl.constexpr):
+    """One head's projections of one token, read from row [3D] (Q|K|V), in fp32 as `_project_qkv` returns them."""
+    q1 = tl.load(row + r, mask=rm, other=0.0).to(tl.float32)
+    q2 = tl.load(row + R2 + r, mask=rm, other=0.0).to(tl.float32)
+    q3 = tl.load(row + 2 * R2 + p, mask=pm, other=0.0).to(tl.float32)
+    k1 = tl.load(row + D + r, mask=rm, other=0.0).to(tl.float32)
+    k2 = tl.load(row + D + R2 + r, mask=rm, other=0.0).to(tl.float32)
+    k3 = tl.load(row + D + 2 * R2 + p, mask=pm, other=0.0).to(tl.float32)
+    v = tl.load(row + 2 * D + d, mask=dm, other=0.0).to(tl.float32)
+    return q1, q2, q3, k1, k2, k3, v
 
 
 @triton.jit
@@ -227,6 +288,33 @@ def _sparse_decode_output_kernel(attended_ptr, written_ptr, heads_ptr, w_o_ptr, 
     tl.store(out_ptr + b * H + hs, tl.sum(acc, 0).to(out_ptr.dtype.element_ty), mask=hm)
 
 
+@triton.jit
+def _grouped_output_kernel(attended_ptr, w_o_ptr, out_ptr, B, K: tl.constexpr, H: tl.constexpr, BM: tl.constexpr,
+                           BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """out[rows, chunk] = attended[rows, :K] @ W_O[:K, chunk] with K = E * d, in fp32."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    row_mask = rows < B
+    col_mask = cols < H
+    WT: tl.constexpr = w_o_ptr.dtype.element_ty
+    acc = tl.zeros([BM, BN], tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        km = ks < K
+        a = tl.load(attended_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :], mask=row_mask[:, None] & km[None, :],
+                    other=0.0)
+        w = tl.load(w_o_ptr + ks.to(tl.int64)[:, None] * H + cols[None, :], mask=km[:, None] & col_mask[None, :],
+                    other=0.0)
+        acc = tl.dot(a.to(WT), w, acc, input_precision=PREC)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+def grouped_decode(batch: int, width: int, num_heads: int) -> bool:
+    """Whether a step of `batch` rows over `width` head slots each is grouped by head (module docstring)."""
+    return batch * width >= GROUPED_PAIRS_PER_HEAD * num_heads
+
+
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -247,16 +335,24 @@ def sparse_decode_triton(x: torch.Tensor, heads: torch.Tensor | None, joined: to
     head_dim = three_d // 3
     capacity = cache_k.shape[2] - 1
     width = num_heads if heads is None else heads.shape[1]
-    attended = torch.empty(batch, width, head_dim, device=x.device, dtype=torch.float32)
-    written = torch.empty(batch, width, device=x.device, dtype=torch.int8)
-    block_d = _block(head_dim)
-    _sparse_decode_heads_kernel[(batch * width,)](
-        x, joined if heads is None else heads, joined, scores, position, w_qkv, cache_k, cache_v, counts,
-        capacity_overflow, attended, written, num_heads, width, math.log2(rope_base),
+    grouped = grouped_decode(batch, width, num_heads)
+    # grouped: every head's Q|K|V from one batched GEMM, the attended rows dense over the heads
+    qkv = torch.matmul(x, w_qkv) if grouped else None  # [E, B, 3d]
+    attended = torch.empty(batch, num_heads if grouped else width, head_dim, device=x.device, dtype=torch.float32)
+    written = None if grouped else torch.empty(batch, width, device=x.device, dtype=torch.int8)
+    _sparse_decode_heads_kernel[(batch * (num_heads if grouped else width),)](
+        x, qkv, joined if heads is None else heads, joined, scores, position, w_qkv, cache_k, cache_v, counts,
+        capacity_overflow, attended, written, batch, num_heads, width, math.log2(rope_base),
         H=hidden, D=head_dim, R2=rotary_dim // 2, CAP=capacity, BR=_block(rotary_dim // 2),
-        BP=_block(head_dim - rotary_dim), BD=block_d, BH=BLOCK_H, BS=BLOCK_SLOTS, ALL_HEADS=heads is None,
-        SLOTS_BOUND=capacity + 1 if _interpreting() else 0, num_warps=8)
+        BP=_block(head_dim - rotary_dim), BD=_block(head_dim), BH=BLOCK_H, BS=BLOCK_SLOTS, BJ=_block(width),
+        ALL_HEADS=heads is None, GROUPED=grouped, SLOTS_BOUND=capacity + 1 if _interpreting() else 0, num_warps=8)
     out = torch.empty(batch, hidden, device=x.device, dtype=x.dtype)
+    if grouped:
+        block_m = min(64, _block(batch))
+        _grouped_output_kernel[(triton.cdiv(batch, block_m), triton.cdiv(hidden, GROUPED_OUT_BLOCK_H))](
+            attended, w_o, out, batch, K=num_heads * head_dim, H=hidden, BM=block_m, BN=GROUPED_OUT_BLOCK_H,
+            BK=GROUPED_OUT_BLOCK_K, PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4)
+        return out
     _sparse_decode_output_kernel[(batch * triton.cdiv(hidden, OUT_BLOCK_H),)](
         attended, written, joined if heads is None else heads, w_o, out, J=width, H=hidden, D=head_dim,
         BK=OUT_BLOCK_K, BH=OUT_BLOCK_H, ALL_HEADS=heads is None, num_warps=8)
