@@ -169,16 +169,20 @@ def heldout_table(runs: list[dict]) -> str:
 
 
 def leak_table(runs: list[dict]) -> str:
-    rows = ["| run | routing | replacement | loss change before the cut (nats/token, 95% interval) | windows changed |",
-            "|---|---|---|---|---|"]
+    """`noise` is the mean |change| between two runs of the same windows with nothing replaced: on a GPU the op's
+    fp32 atomics make it nonzero, and a change of that size is not a leak."""
+    rows = ["| run | routing | replacement | loss change before the cut (nats/token, 95% interval) | mean abs change "
+            "| noise (same input twice) | windows changed |", "|---|---|---|---|---|---|---|"]
     for run in runs:
         for measurement in run.get("other", {}).get("leak", []):
             if "error" in measurement:
-                rows.append(f"| {run['name']} | - | - | failed: {measurement['error'][-80:]} | - |")
+                error = " ".join(measurement["error"].split())[-80:]  # one table row
+                rows.append(f"| {run['name']} | - | - | failed: {error} | - | - | - |")
                 continue
             low, high = measurement["interval"]
             rows.append(f"| {run['name']} | {measurement['routing']} | {measurement['replacement']} | "
                         f"{measurement['mean_change']:+.5f} [{low:+.5f}, {high:+.5f}] | "
+                        f"{measurement['mean_abs_change']:.5f} | {measurement['noise']:.5f} | "
                         f"{measurement['changed_share']:.0%} |")
     return "\n".join(rows) if len(rows) > 2 else "(no leak measurements yet)"
 
