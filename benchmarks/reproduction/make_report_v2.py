@@ -37,9 +37,13 @@ def load_runs(results: Path) -> list[dict]:
     and leak measurements) replaces the earlier one (calls sort by their number)."""
     runs = {}
     paths = sorted(results.glob("issue15-*-results-*.jsonl"), key=lambda p: (_call_number(p.name), p.name))
+    devices_file = results / "issue15-devices.json"  # the GPU of calls made before run_queue.py recorded it
+    devices = json.loads(devices_file.read_text()) if devices_file.exists() else {}
     for path in paths:
+        call = path.name.split("-results-")[0]
         for line in path.read_text().splitlines():
             run = json.loads(line)
+            run.setdefault("device", devices.get(call, "unknown GPU"))
             run["eval"] = {e["routing"]: e for e in run["eval"]}
             run["lr"] = learning_rate(run["train_command"])
             run["family"] = family(run)
@@ -193,17 +197,20 @@ def equal_time_table(runs: list[dict]) -> str:
     dense = [r for r in runs if r["attention"] == "dense"]
     if not dense:
         return "(no dense run yet)"
-    dense_speed = max(r["summary"]["tokens_per_s"] for r in dense)
-    rows = ["| family | training time | dense tokens in that time | dense run at about those tokens |",
-            "|---|---|---|---|"]
+    rows = ["| family | GPU | training time | dense tokens in that time | dense run at about those tokens |",
+            "|---|---|---|---|---|"]
     for name, run in best.items():
         if run["attention"] == "dense":
             continue
         seconds = run["summary"]["tokens"] / run["summary"]["tokens_per_s"]
-        tokens = seconds * dense_speed
+        same_gpu = [r["summary"]["tokens_per_s"] for r in dense if r["device"] == run["device"]]
+        if not same_gpu:  # speeds are compared on one kind of GPU only
+            rows.append(f"| {name} | {run['device']} | {seconds:.0f} s | no dense run on this GPU yet | - |")
+            continue
+        tokens = seconds * max(same_gpu)
         near = [r for r in dense if abs(r["summary"]["tokens"] / tokens - 1) < 0.1]
         found = ", ".join(f"{r['name']}: {r['eval']['topk']['ppl']:.2f}" for r in near) or "not run yet"
-        rows.append(f"| {name} | {seconds:.0f} s | {tokens / 1e6:.1f}M | {found} |")
+        rows.append(f"| {name} | {run['device']} | {seconds:.0f} s | {tokens / 1e6:.1f}M | {found} |")
     return "\n".join(rows)
 
 

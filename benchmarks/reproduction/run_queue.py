@@ -156,7 +156,7 @@ def main() -> None:
             summary = json.loads((run_dir / "summary.json").read_text())
             record = {**run, "train_command": " ".join(train), "eval_command": " ".join(evaluate["val"]),
                       "summary": summary, "eval": measured.pop("val"), "seconds": time.time() - start,
-                      "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                      "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "device": _device_name(),
                       "other_commands": {name: " ".join(argv) for name, argv in evaluate.items() if name != "val"},
                       "other": measured}
             with open(results, "a") as f:
@@ -168,6 +168,17 @@ def main() -> None:
                         tar.add(directory / name, arcname=f"{directory.name}/{name}")
             print(f"done {run['name']} in {time.time() - start:.0f} s", file=log, flush=True)
 
+
+
+def _device_name() -> str:
+    """The GPU this queue runs on (speeds are compared only between runs on the same kind)."""
+    try:
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i",
+                                os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]], capture_output=True,
+                               text=True)
+    except OSError:  # no nvidia-smi
+        return "unknown GPU"
+    return query.stdout.strip() or "unknown GPU"
 
 if __name__ == "__main__":
     main()
