@@ -85,8 +85,7 @@ def test_bad_k():
 
 
 triton = pytest.importorskip("triton")
-from torch_mosa.ops.selection import triton_selection  # noqa: E402
-from torch_mosa.ops.selection.triton_selection import topk_route_triton  # noqa: E402
+from torch_mosa.ops.selection.triton_selection import topk_route_triton
 
 KERNEL_CASES = [
     # batch, heads, seq_len, k, include_first, padded, ties
@@ -99,14 +98,8 @@ KERNEL_CASES = [
 ]
 
 
-# the k-th key's search in a row held in registers: a bit, two bits or four bits per counting step
-DIGIT_BITS = [pytest.param(1, id="bits1"), pytest.param(2, id="bits2"), pytest.param(4, id="bits4")]
-
-
-@pytest.mark.parametrize("digit_bits", DIGIT_BITS)
 @pytest.mark.parametrize("batch,heads,seq_len,k,include_first,padded,ties", KERNEL_CASES)
-def test_kernel_matches_reference(monkeypatch, digit_bits, batch, heads, seq_len, k, include_first, padded, ties):
-    monkeypatch.setattr(triton_selection, "SELECT_DIGIT_BITS", digit_bits)
+def test_kernel_matches_reference(batch, heads, seq_len, k, include_first, padded, ties):
     logits = make_logits(batch, heads, seq_len, seed=seq_len + k, ties=ties).to(DEVICE)
     mask = None
     if padded:
@@ -145,11 +138,9 @@ def test_kernel_is_a_custom_op_for_torch_compile():
     pytest.param([[7, 1, 17], [2, 2, 21]], None, 3, id="fixed-k"),
 ])
 @pytest.mark.parametrize("include_first", [False, True])
-@pytest.mark.parametrize("digit_bits", [1, 4])
-def test_segment_kernel_matches_per_document_reference(monkeypatch, digit_bits, lengths, sparsity, k, include_first):
+def test_segment_kernel_matches_per_document_reference(lengths, sparsity, k, include_first):
     """The packed-batch kernel (one program per document and head) equals the per-document reference, ties and
     padding slots included."""
-    monkeypatch.setattr(triton_selection, "SELECT_DIGIT_BITS", digit_bits)
     from torch_mosa.ops.documents import document_layout
     from torch_mosa.ops.selection.reference import topk_route_documents_reference
     from torch_mosa.ops.selection.triton_selection import topk_route_segments_triton

@@ -29,11 +29,6 @@ from torch_mosa.checks import first_real_position
 # Logits per chunk held in registers; longer rows loop over chunks. The chunk count is a compile-time constant
 # (Triton 3.6's interpreter cannot loop to a run-time bound), so rows up to MAX_BLOCK_T share one compilation.
 MAX_BLOCK_T = 4096
-# For rows held in registers: the bits of the k-th key found per counting step (1: 32 steps of one count; 2 or 4:
-# 16 or 8 steps, each counting 4 or 16 candidates at once) and the warps per row (None: 1 per 512 logits).
-# benchmarks/experiments/select_digits.py times the choices against each other on the GPU.
-SELECT_DIGIT_BITS = 1
-SELECT_WARPS = None
 
 
 @triton.jit
@@ -113,7 +108,7 @@ def _take_chunk(idx_ptr, score_ptr, out_row, base, t, key, logit, in_row, real, 
 @triton.jit
 def _topk_route_kernel(logits_ptr, mask_ptr, first_ptr, idx_ptr, score_ptr, E, T, K, stride_lb, stride_le,
                        HAS_MASK: tl.constexpr, INCLUDE_FIRST: tl.constexpr, BLOCK_T: tl.constexpr,
-                       NUM_CHUNKS: tl.constexpr, DIGIT_BITS: tl.constexpr):
+                       NUM_CHUNKS: tl.constexpr):
     row = tl.program_id(0)
     b = row // E
     e = row % E
@@ -123,13 +118,12 @@ def _topk_route_kernel(logits_ptr, mask_ptr, first_ptr, idx_ptr, score_ptr, E, T
     if INCLUDE_FIRST:
         first = tl.load(first_ptr + b).to(tl.int32)
     _select_row(row_ptr, mask_row_ptr, first, T, K, idx_ptr, score_ptr, row.to(tl.int64) * K, 0, HAS_MASK,
-                INCLUDE_FIRST, BLOCK_T, NUM_CHUNKS, DIGIT_BITS)
+                INCLUDE_FIRST, BLOCK_T, NUM_CHUNKS)
 
 
 @triton.jit
 def _topk_segments_kernel(logits_ptr, segments_ptr, idx_ptr, score_ptr, E, WIDTH, stride_lb, stride_le,
-                          INCLUDE_FIRST: tl.constexpr, BLOCK_T: tl.constexpr, NUM_CHUNKS: tl.constexpr,
-                          DIGIT_BITS: tl.constexpr):
+                          INCLUDE_FIRST: tl.constexpr, BLOCK_T: tl.constexpr, NUM_CHUNKS: tl.constexpr):
     """One program per (segment, head): segment s = (row b, start, length, k, slot offset) of a packed row, whose
     k largest logits go to slots offset .. offset + k - 1 of the row's WIDTH slots, positions start + t."""
     pid = tl.program_id(0)
@@ -145,37 +139,26 @@ def _topk_segments_kernel(logits_ptr, segments_ptr, idx_ptr, score_ptr, E, WIDTH
     if INCLUDE_FIRST:
         first = 0
     _select_row(row_ptr, row_ptr, first, length, k, idx_ptr, score_ptr, (b * E + e) * WIDTH + offset, start, False,
-                INCLUDE_FIRST, BLOCK_T, NUM_CHUNKS, DIGIT_BITS)
+                INCLUDE_FIRST, BLOCK_T, NUM_CHUNKS)
 
 
 @triton.jit
 def _select_row(row_ptr, mask_row_ptr, first, T, K, idx_ptr, score_ptr, out_row, base, HAS_MASK: tl.constexpr,
-                INCLUDE_FIRST: tl.constexpr, BLOCK_T: tl.constexpr, NUM_CHUNKS: tl.constexpr,
-                DIGIT_BITS: tl.constexpr):
+                INCLUDE_FIRST: tl.constexpr, BLOCK_T: tl.constexpr, NUM_CHUNKS: tl.constexpr):
     """The K largest keys of a row of T logits at row_ptr, written to slots out_row .. out_row + K - 1 as positions
     base + t, ascending."""
     offs = tl.arange(0, BLOCK_T)
     # a row that fits one chunk stays in registers for the whole search
     key, logit, in_row, real = _row_keys(row_ptr, mask_row_ptr, first, offs, T, HAS_MASK, INCLUDE_FIRST)
     if NUM_CHUNKS == 1:
-        # the k-th largest key, from the top: the largest value with at least K keys at or above it
+        # the k-th largest key, bit by bit from the top: the largest value with at least K keys at or above it
         kth = tl.zeros([], tl.uint32)
-        if DIGIT_BITS == 1:  # a bit at a time: 32 dependent counts
-            one = tl.full([], 1, tl.uint32)
-            for bit in tl.static_range(31, -1, -1):
-                candidate = kth | (one << bit)
-                count = _count_at_least(row_ptr, mask_row_ptr, first, offs, T, candidate, key, in_row, NUM_CHUNKS,
-                                        BLOCK_T, HAS_MASK, INCLUDE_FIRST)
-                kth = tl.where(count >= K, candidate, kth)
-        else:  # DIGIT_BITS at a time: 32 / DIGIT_BITS steps, each counting all 2^DIGIT_BITS candidates at once
-            digits = tl.arange(0, 1 << DIGIT_BITS).to(tl.uint32)
-            for level in tl.static_range(32 // DIGIT_BITS):
-                shift = 32 - DIGIT_BITS * (level + 1)
-                candidates = kth | (digits << shift)
-                at_least = in_row[:, None] & (key[:, None] >= candidates[None, :])
-                counts = tl.sum(at_least.to(tl.int32), 0)
-                # digit 0 (kth itself) always has K keys at or above it, so the max is over a non-empty set
-                kth = kth | (tl.max(tl.where(counts >= K, digits, 0), 0) << shift)
+        one = tl.full([], 1, tl.uint32)
+        for bit in tl.static_range(31, -1, -1):
+            candidate = kth | (one << bit)
+            count = _count_at_least(row_ptr, mask_row_ptr, first, offs, T, candidate, key, in_row, NUM_CHUNKS,
+                                    BLOCK_T, HAS_MASK, INCLUDE_FIRST)
+            kth = tl.where(count >= K, candidate, kth)
         # take every key above the k-th and the lowest-positioned `need` keys equal to it
         need = K - _count_at_least(row_ptr, mask_row_ptr, first, offs, T, kth + 1, key, in_row, NUM_CHUNKS, BLOCK_T,
                                    HAS_MASK, INCLUDE_FIRST)
@@ -227,14 +210,9 @@ def _topk_route_op(logits: torch.Tensor, k: int, include_first: bool, attention_
 
 
 def _row_blocks(seq_len: int) -> dict:
-    """Chunk size, chunk count, digit width and warps for rows of up to seq_len logits (by default 1 warp per 512
-    logits, at most 8; SELECT_WARPS overrides it for rows held in registers)."""
+    """Chunk size, chunk count and warps for rows of up to seq_len logits (1 warp per 512 logits, at most 8)."""
     block_t = min(MAX_BLOCK_T, max(16, triton.next_power_of_2(seq_len)))
-    chunks = triton.cdiv(seq_len, block_t)
-    warps = max(1, min(8, block_t // 512))
-    if chunks == 1 and SELECT_WARPS is not None:
-        warps = SELECT_WARPS
-    return dict(BLOCK_T=block_t, NUM_CHUNKS=chunks, DIGIT_BITS=SELECT_DIGIT_BITS, num_warps=warps)
+    return dict(BLOCK_T=block_t, NUM_CHUNKS=triton.cdiv(seq_len, block_t), num_warps=max(1, min(8, block_t // 512)))
 
 
 def _selection_fake(logits: torch.Tensor, width: int):
