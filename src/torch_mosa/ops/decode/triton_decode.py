@@ -145,8 +145,8 @@ def _sparse_decode_heads_kernel(x_ptr, qkv_ptr, heads_ptr, joined_ptr, scores_pt
         if GROUPED:
             q1, q2, q3, k1, k2, k3, v = _given_qkv(qkv_ptr + (e * B + b) * 3 * D, r, p, d, rm, pm, dm, D, R2)
         else:
-            q1, q2, q3, k1, k2, k3, v = _project_qkv(x_ptr + b.to(tl.int64) * H, w_qkv_ptr + e * H * 3 * D, r, p,
-                                                     d, rm, pm, dm, H, D, R2, BR, BP, BD, BH)
+            q1, q2, q3, k1, k2, k3, v = _project_token_qkv(x_ptr + b.to(tl.int64) * H, w_qkv_ptr + e * H * 3 * D,
+                                                           r, p, d, rm, pm, dm, H, D, R2, BR, BP, BD, BH)
         if R2 > 0:  # RoPE at `position`: the reference's fp32 angles position * base^(-2i / rotary_dim)
             position = tl.load(pos_ptr).to(tl.float32)
             inv_freq = tl.exp2(-(2.0 * r.to(tl.float32) / (2 * R2)) * log2_base)
@@ -190,8 +190,8 @@ def _sparse_decode_heads_kernel(x_ptr, qkv_ptr, heads_ptr, joined_ptr, scores_pt
 
 
 @triton.jit
-def _project_qkv(x_row, w_e, r, p, d, rm, pm, dm, H: tl.constexpr, D: tl.constexpr, R2: tl.constexpr,
-                 BR: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr):
+def _project_token_qkv(x_row, w_e, r, p, d, rm, pm, dm, H: tl.constexpr, D: tl.constexpr, R2: tl.constexpr,
+                       BR: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr):
     """x_row [H] @ w_e [H, 3D] in fp32 -> Q, K as (rotated half 1, rotated half 2, pass-through) segments, as the
     training kernels hold them, and V."""
     # One pass over the hidden rows loads all seven segments of a chunk together, and the products gather in
@@ -230,7 +230,8 @@ def _project_qkv(x_row, w_e, r, p, d, rm, pm, dm, H: tl.constexpr, D: tl.constex
 
 @triton.jit
 def _given_qkv(row, r, p, d, rm, pm, dm, D: tl.constexpr, R2: tl.constexpr):
-    """One head's projections of one token, read from row [3D] (Q|K|V), in fp32 as `_project_qkv` returns them."""
+    """One head's projections of one token, read from row [3D] (Q|K|V), in fp32 as `_project_token_qkv` returns
+    them."""
     q1 = tl.load(row + r, mask=rm, other=0.0).to(tl.float32)
     q2 = tl.load(row + R2 + r, mask=rm, other=0.0).to(tl.float32)
     q3 = tl.load(row + 2 * R2 + p, mask=pm, other=0.0).to(tl.float32)
