@@ -196,10 +196,7 @@ def topk_route_triton(logits: torch.Tensor, k: int, include_first: bool, attenti
 def _topk_route_op(logits: torch.Tensor, k: int, include_first: bool, attention_mask: Optional[torch.Tensor]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, num_heads, seq_len = logits.shape
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    indices = torch.empty(batch, num_heads, k, device=logits.device, dtype=torch.int64)
-    scores = torch.empty(batch, num_heads, k, device=logits.device, dtype=torch.float32)
+    logits, indices, scores = _selection_buffers(logits, k, torch.empty)  # the kernel writes every slot
     has_mask = attention_mask is not None
     mask = attention_mask.to(torch.uint8).contiguous() if has_mask else indices
     first = first_real_position(attention_mask, batch, logits.device) if include_first else indices
@@ -213,6 +210,15 @@ def _row_blocks(seq_len: int) -> dict:
     """Chunk size, chunk count and warps for rows of up to seq_len logits (1 warp per 512 logits, at most 8)."""
     block_t = min(MAX_BLOCK_T, max(16, triton.next_power_of_2(seq_len)))
     return dict(BLOCK_T=block_t, NUM_CHUNKS=triton.cdiv(seq_len, block_t), num_warps=max(1, min(8, block_t // 512)))
+
+
+def _selection_buffers(logits: torch.Tensor, width: int, allocate):
+    """(logits with unit stride along T, indices [B, E, width] int64, scores [B, E, width] float32 from allocate)."""
+    batch, num_heads, _ = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return (logits, allocate(batch, num_heads, width, device=logits.device, dtype=torch.int64),
+            allocate(batch, num_heads, width, device=logits.device, dtype=torch.float32))
 
 
 def _selection_fake(logits: torch.Tensor, width: int):
@@ -234,10 +240,7 @@ def topk_route_segments_triton(logits: torch.Tensor, segments: torch.Tensor, wid
 def _topk_segments_op(logits: torch.Tensor, segments: torch.Tensor, width: int, include_first: bool
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, num_heads, seq_len = logits.shape
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    indices = torch.zeros(batch, num_heads, width, device=logits.device, dtype=torch.int64)
-    scores = torch.zeros(batch, num_heads, width, device=logits.device, dtype=torch.float32)
+    logits, indices, scores = _selection_buffers(logits, width, torch.zeros)  # slots no segment fills stay 0
     _topk_segments_kernel[(segments.shape[0] * num_heads,)](
         logits, segments.contiguous(), indices, scores, num_heads, width, logits.stride(0), logits.stride(1),
         INCLUDE_FIRST=include_first, **_row_blocks(seq_len))
