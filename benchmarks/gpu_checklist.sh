@@ -32,9 +32,13 @@ case "$stage" in
     status=0; for job in $(jobs -p); do wait "$job" || status=1; done
     grep -hE "FAILED|ERROR|passed|failed" "$out"/gpu-tests-*.log | tail -40; exit $status ;;
   layer)
-    # the SPEC §6 cases; TRAIN=1 adds whole Tiny training steps, plain and packed with 4 documents per row
-    python -m torch_mosa.bench --cases A B C D --paths dense fast --out "$out/mosa_layer.md" \
-      ${TRAIN:+--train-step --train-documents 4} 2>&1 | tee "$out/layer.log" | tail -30 ;;
+    # the SPEC §6 cases (CASES, default "A B C D"; CASES="" none); TRAIN=1 adds whole Tiny training steps, plain and
+    # packed with 4 documents per row, of TRAIN_MODELS (default all: "dense s64 s16 4+17", dense always timed;
+    # all four take about 200 s on an H100)
+    # shellcheck disable=SC2086  # CASES and TRAIN_MODELS are lists
+    python -m torch_mosa.bench --cases ${CASES-A B C D} --paths dense fast --out "$out/mosa_layer.md" \
+      ${TRAIN:+--train-step --train-documents 4 --train-models ${TRAIN_MODELS:-dense s64 s16 4+17}} 2>&1 \
+      | tee "$out/layer.log" | tail -30 ;;
   decode)
     # compiled + CUDA graphs only (the mode the targets are read in). DECODE_BATCH: the batch sizes
     # (default "1 32", about 60 s on an H100); REFERENCE=1 adds the reference decode's rows (about 2x the time)

@@ -29,6 +29,22 @@ def test_report_table_has_ratios_and_skips():
     assert "`mosa bench --cases A`" in report and "100,000" in report
 
 
+def test_training_steps_alone():
+    """`--cases` with no case and `--train-models 4+17`: the report has no layer table, and dense is timed first."""
+    import argparse
+
+    from torch_mosa.bench.command import add_arguments, train_model_names
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--cases", "--train-step", "--train-models", "4+17"])
+    assert args.cases == [] and train_model_names(args.train_models) == ["dense", "MoSA 4 + 17, sparsity 32"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--train-models", "s32"])
+    report = markdown_report([], train_rows=[("dense", 64, 2e5, 1.0), ("MoSA 4 + 17, sparsity 32", 64, 1e5, 1.0)])
+    assert "| case |" not in report and "| MoSA 4 + 17, sparsity 32 | 64 | 100,000 | 0.50x | 1 |" in report
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_bench_needs_cuda(capsys):
     from torch_mosa.cli import main

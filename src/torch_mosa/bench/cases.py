@@ -116,6 +116,8 @@ TRAIN_MODELS = {
     "MoSA sparsity 16 (4 + 142)": dict(attention="mosa", sparsity=16),
     "MoSA 4 + 17, sparsity 32": dict(attention="mosa", sparsity=32, num_sparse_heads=17),
 }
+# `mosa bench --train-models` names for TRAIN_MODELS' entries
+TRAIN_MODEL_IDS = dict(zip(("dense", "s64", "s16", "4+17"), TRAIN_MODELS))
 
 
 def packed_document_ids(batch: int, seq_len: int, documents: int, seed: int = 0) -> torch.Tensor:

@@ -12,12 +12,13 @@ import sys
 
 import torch
 
-from torch_mosa.bench.cases import CASES, TRAIN_MODELS, run_cases, train_step_tokens_per_second
+from torch_mosa.bench.cases import CASES, TRAIN_MODEL_IDS, TRAIN_MODELS, run_cases, train_step_tokens_per_second
 from torch_mosa.bench.report import markdown_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cases", nargs="+", default=["A", "B", "C", "D"], help="any of A B C D (default all)")
+    p.add_argument("--cases", nargs="*", default=["A", "B", "C", "D"],
+                   help="any of A B C D (default all; none: only the training steps)")
     p.add_argument("--paths", nargs="+", default=["dense", "reference", "fast"],
                    help="any of dense reference fast (default all)")
     p.add_argument("--reference-max-seq-len", type=int, default=131072,
@@ -25,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-step", action="store_true",
                    help="also time whole Tiny training steps (compiled, bf16 autocast, fused AdamW): dense, MoSA "
                         "sparsity 64 and 16, and the 4 + 17 sparsity-32 model")
+    p.add_argument("--train-models", nargs="+", choices=list(TRAIN_MODEL_IDS), default=list(TRAIN_MODEL_IDS),
+                   help="with --train-step, these models (default all); dense is always timed, as the ratios' base")
     p.add_argument("--train-batch", type=int, default=64)
     p.add_argument("--no-compile", action="store_true", help="time the training steps without torch.compile")
     p.add_argument("--train-documents", type=int, default=0, metavar="N",
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     rows = run_cases(args.cases, tuple(args.paths), args.reference_max_seq_len)
     train_rows = []
     if args.train_step:
-        for name, model_kwargs in TRAIN_MODELS.items():
+        for name in train_model_names(args.train_models):
+            model_kwargs = TRAIN_MODELS[name]
             tokens_per_s, mib = train_step_tokens_per_second(model_kwargs, batch=args.train_batch,
                                                              compile_model=not args.no_compile)
             train_rows.append((name, args.train_batch, tokens_per_s, mib))
@@ -80,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
                 print(f"train step {packed_name}: {tokens_per_s:,.0f} tokens/s, {mib:.0f} MiB", flush=True)
                 torch.cuda.empty_cache()
     return _emit(markdown_report(rows, train_rows, command=_command()), args.out)
+
+
+def train_model_names(ids) -> list[str]:
+    """`--train-models` ids -> TRAIN_MODELS names, dense first (the training table's ratios are to it)."""
+    return [TRAIN_MODEL_IDS[i] for i in dict.fromkeys(["dense", *ids])]
 
 
 def _command() -> str:

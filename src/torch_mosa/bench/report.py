@@ -38,7 +38,8 @@ def markdown_report(rows, train_rows=(), command: str | None = None, notes=()) -
              "- one attention layer, bf16 parameters and input, forward+backward, median of "
              "triton.testing.do_bench after warm-up on random data; peak = torch.cuda.max_memory_allocated over "
              "one forward+backward (parameters, input and gradients included)", ""]
-    lines += ["| case | heads | k | B x T | dense | reference path | fast path |", "|---|---|---|---|---|---|---|"]
+    if rows:
+        lines += ["| case | heads | k | B x T | dense | reference path | fast path |", "|---|---|---|---|---|---|---|"]
     for case, result in rows:
         dense = result.get("dense")
         heads = f"{case.num_dense_heads}+{case.num_mosa_heads} vs {case.dense_heads}"
