@@ -17,9 +17,7 @@ import re
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from torch_mosa.bench.cases import TRAIN_MODELS, packed_document_ids
-from torch_mosa.config import MoSAConfig
-from torch_mosa.models import MoSALM
+from torch_mosa.bench.cases import TRAIN_MODELS, training_step
 
 # (group, pattern on the kernel name), first match wins
 GROUPS = (
@@ -40,25 +38,7 @@ def group_of(name: str) -> str:
 
 
 def profile_model(model_kwargs: dict, batch: int, documents: int, steps: int = 3):
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    config = MoSAConfig.from_preset("tiny", **model_kwargs)
-    model = MoSALM(config).to(device)
-    optimizer = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4, fused=True)
-    forward = torch.compile(model)
-    tokens = torch.randint(0, config.vocab_size, (batch, config.max_seq_len + 1), device=device)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    packed = {} if not documents else {
-        "documents": model.document_layout(inputs, packed_document_ids(batch, config.max_seq_len, documents)
-                                           .to(device))}
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = forward(inputs, targets, **packed)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step, _ = training_step(model_kwargs, batch, documents=documents)  # the step `mosa bench --train-step` times
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -79,7 +59,7 @@ def profile_model(model_kwargs: dict, batch: int, documents: int, steps: int = 3
             entry[0] += 1
             entry[1] += event.device_time  # us
     table = {name: (count / steps, total / steps / 1e3) for name, (count, total) in per_name.items()}  # ms/step
-    del model, optimizer, forward
+    del step
     torch.cuda.empty_cache()
     torch._dynamo.reset()
     return wall_ms, table

@@ -131,11 +131,11 @@ def packed_document_ids(batch: int, seq_len: int, documents: int, seed: int = 0)
     return ids.cumsum(-1)
 
 
-def train_step_tokens_per_second(model_kwargs: dict, batch: int = 64, steps: int = 10, compile_model: bool = True,
-                                 fast: bool = True, preset: str = "tiny", documents: int = 0) -> tuple[float, float]:
-    """Full training steps of a preset model (autocast bf16, fused AdamW, optionally torch.compile):
-    (tokens/s from the median step, peak MiB). documents > 0 packs that many documents of random lengths into each
-    row (document_ids), so the per-document routing and masks are timed too."""
+def training_step(model_kwargs: dict, batch: int = 64, compile_model: bool = True, preset: str = "tiny",
+                  documents: int = 0):
+    """-> (step, config): `step()` runs one full training step of a preset model on random tokens [batch,
+    max_seq_len] on CUDA (autocast bf16, fused AdamW, optionally torch.compile). documents > 0 packs that many
+    documents of random lengths into each row, so the per-document routing and masks run too."""
     device = torch.device("cuda")
     torch.manual_seed(0)
     config = MoSAConfig.from_preset(preset, **model_kwargs)
@@ -155,6 +155,13 @@ def train_step_tokens_per_second(model_kwargs: dict, batch: int = 64, steps: int
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step, config
+
+
+def train_step_tokens_per_second(model_kwargs: dict, batch: int = 64, steps: int = 10, compile_model: bool = True,
+                                 fast: bool = True, preset: str = "tiny", documents: int = 0) -> tuple[float, float]:
+    """Full training steps of a preset model (`training_step`): (tokens/s from the median step, peak MiB)."""
+    step, config = training_step(model_kwargs, batch, compile_model, preset, documents)
     times = []
     with fast_path(fast):
         for _ in range(3):
