@@ -2,27 +2,36 @@
 # One device call of the reproduction (issues 7 and 15): unpack the pre-tokenized Gutenberg shards (made here with
 # `mosa prepare`, then xz-compressed to travel), then run one queue of `run_queue.py` per GPU, queue i on GPU i.
 # Usage: bash benchmarks/reproduction/gpu_sweep.sh DATA_XZ_DIR OUT SECONDS "QUEUE0 SPECS" ["QUEUE1 SPECS" ...]
-# Extra run_queue.py options (e.g. --tokens, --lr, --eval-batches) go in RUN_QUEUE_ARGS.
+# Extra run_queue.py options (e.g. --tokens, --lr, --eval-batches) go in RUN_QUEUE_ARGS. FIRST_GPU (default 0) puts
+# the first queue on that GPU (the next on the one after), so a sweep can share a machine with other work; two
+# sweeps on one machine share the unpacked shards (each is unpacked once, under a temporary name, then renamed).
 # Every queue stops at SECONDS (its unfinished run is lost; finished runs are in OUT already).
 set -u
 data_xz=${1:?DATA_XZ_DIR}; out=${2:?OUT}; seconds=${3:?SECONDS}; shift 3
 [ $# -ge 1 ] || { echo "give at least one queue of run specs" >&2; exit 2; }
 gpus=$(nvidia-smi -L | wc -l)
-[ $# -le "$gpus" ] || { echo "$# queues but $gpus GPU(s): give at most one queue per GPU" >&2; exit 2; }
+first_gpu=${FIRST_GPU:-0}
+[ $((first_gpu + $#)) -le "$gpus" ] || {
+  echo "$# queue(s) from GPU $first_gpu but $gpus GPU(s): give at most one queue per GPU" >&2; exit 2; }
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 data=/tmp/gutenberg
 mkdir -p "$data" "$out"
 cp "$data_xz"/*.json "$data"/
 python3 - "$data_xz" "$data" <<'PY'
-import lzma, shutil, sys, pathlib
+import lzma, os, shutil, sys, pathlib
 src, dst = map(pathlib.Path, sys.argv[1:])
 for f in src.glob("*.xz"):
-    with lzma.open(f) as i, open(dst / f.stem, "wb") as o:
+    target = dst / f.stem
+    if target.exists():  # unpacked by an earlier sweep on this machine (renamed only once complete)
+        continue
+    partial = dst / (f.stem + f".partial-{os.getpid()}")
+    with lzma.open(f) as i, open(partial, "wb") as o:
         shutil.copyfileobj(i, o, 1 << 24)
+    os.replace(partial, target)
 PY
 nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 left=$((seconds - SECONDS))
-gpu=0
+gpu=$first_gpu
 for queue in "$@"; do
   # shellcheck disable=SC2086  # a queue is a list of run specs, split on spaces
   CUDA_VISIBLE_DEVICES=$gpu timeout "$left" python3 benchmarks/reproduction/run_queue.py $queue --data "$data" \
