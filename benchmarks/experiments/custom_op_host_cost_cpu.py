@@ -43,6 +43,9 @@ def main() -> None:
     scores = torch.sigmoid(torch.randn(batch, heads, k))
 
     def custom_ops():
+        tm._mosa_fwd_op(x, w_qkv, w_o, w_router, indices, scores, 8, 1e4, None, None, False)[0].sum().backward()
+
+    def library_eager():
         tm.fused_mosa_attention(x, w_qkv, w_o, indices, scores, 8, 1e4, w_router).sum().backward()
 
     def autograd_function():
@@ -54,7 +57,8 @@ def main() -> None:
                     scores, o, 8, 1e4)
 
     print("| wrapping | host us per forward + backward (Triton launches stubbed) |\n|---|---|")
-    for name, step in (("torch.library custom ops (what the op runs)", custom_ops),
+    for name, step in (("torch.library custom ops (what torch.compile traces)", custom_ops),
+                       ("fused_mosa_attention in eager mode (its autograd.Function, since session 7)", library_eager),
                        ("torch.autograd.Function", autograd_function), ("bare mosa_fwd + mosa_bwd", bare_calls)):
         for _ in range(20):
             step()

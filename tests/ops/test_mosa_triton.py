@@ -261,6 +261,25 @@ def test_custom_op_registration():
                                                                   "test_autograd_registration"))
 
 
+def test_eager_function_equals_the_custom_op(monkeypatch):
+    """Eager calls skip the custom ops' dispatch (an autograd.Function over the same forward and backward);
+    torch.compile traces the custom ops. Both give the same output and gradients, bit for bit."""
+    tensors, _ = make_case(2, 13, 24, 3, 16, 4, False, False, seed=3)
+    x, w_qkv, w_o, logits, _ = tensors
+    indices, scores = topk_route_reference(logits, 4, False)
+    w_router = torch.randn(3, 24, device=DEVICE)
+    results = []
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w_qkv, w_o, w_router)]
+        y = triton_mosa.fused_mosa_attention(leaves[0], leaves[1], leaves[2], indices, scores, 8, 1e4, leaves[3])
+        assert ("mosa_attention_fwd" if compiling else "_EagerMosaFunction") in type(y.grad_fn).__name__
+        y.backward(torch.ones_like(y))
+        results.append([y.detach()] + [leaf.grad for leaf in leaves])
+    for eager, traced in zip(*results):
+        assert torch.equal(eager, traced)
+
+
 def test_dispatch_takes_reference_off_cuda():
     x = torch.randn(1, 6, 8)
     assert not dispatch.use_fast_path(x)
