@@ -7,10 +7,8 @@ backward with the router gradient inside) for each configuration on the SPEC §6
 the default configuration's output first. Each configuration is used by the forward and the backward kernels alike
 (since this sweep, the forward's default differs for k <= 16: `triton_mosa._forward_tile_config`).
 
-`--projections narrow wide` times each configuration with both projections of the row kernels
-(`triton_mosa.WIDE_QKV`: seven dots, one per RoPE column segment, or three N = d dots with RoPE as a
-signed-permutation dot); the reference output is always the default configuration with the narrow projection.
-`--configs 64x4x64 128x8x64` limits the sweep to those configurations.
+`--configs 64x4x64 128x8x64` limits the sweep to those configurations. (Session 7 timed a wide projection with it,
+three N = d dots instead of seven per RoPE segment: slower, reverted; see KERNEL_NOTES.md.)
 
 On the GPU machine: `PYTHONPATH=src python benchmarks/experiments/tile_sweep.py [--cases A B C]`.
 `--dry-run` runs one tiny case per configuration on the CPU in Triton's interpreter (correctness only, no timing).
@@ -29,7 +27,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["A", "B", "C"])
     parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("--projections", nargs="+", choices=["narrow", "wide"], default=["narrow"])
     parser.add_argument("--configs", nargs="+", default=[f"{m}x{w}x{h}" for m, w, h in CONFIGS],
                         help="rows x warps x hidden chunk, e.g. 64x4x64")
     args = parser.parse_args()
@@ -87,11 +84,9 @@ def main() -> int:
             forward().backward(grad_y)
 
         use(default_config, default_forward_config)
-        tm.WIDE_QKV = False
         forward_backward()
         expected = [forward().detach()] + [leaf.grad.clone() for leaf in leaves]
-        for projection, (block_m, warps, block_h) in [(p, c) for p in args.projections for c in configs]:
-            tm.WIDE_QKV = projection == "wide"
+        for block_m, warps, block_h in configs:
             swept = configured(block_m, warps, block_h)
             use(swept, swept)
             forward_backward()
@@ -102,14 +97,14 @@ def main() -> int:
             else:
                 timing = (triton.testing.do_bench(forward, return_mode="median"),
                           triton.testing.do_bench(forward_backward, return_mode="median"))
-            rows.append((name, projection, block_m, warps, block_h, *timing, max(errors)))
-            print(f"{name} {projection} rows={block_m} warps={warps} BH={block_h}: fwd {timing[0]:.3f} ms, fwd+bwd "
+            rows.append((name, block_m, warps, block_h, *timing, max(errors)))
+            print(f"{name} rows={block_m} warps={warps} BH={block_h}: fwd {timing[0]:.3f} ms, fwd+bwd "
                   f"{timing[1]:.3f} ms, max relative difference to the default {max(errors):.1e}", flush=True)
         use(default_config, default_forward_config)
-    print("\n| case | projection | rows | warps | BH | fwd ms | fwd+bwd ms | max rel. diff. to default |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, projection, block_m, warps, block_h, fwd, both, error in rows:
-        print(f"| {name} | {projection} | {block_m} | {warps} | {block_h} | {fwd:.3f} | {both:.3f} | {error:.1e} |")
+    print("\n| case | rows | warps | BH | fwd ms | fwd+bwd ms | max rel. diff. to default |")
+    print("|---|---|---|---|---|---|---|")
+    for name, block_m, warps, block_h, fwd, both, error in rows:
+        print(f"| {name} | {block_m} | {warps} | {block_h} | {fwd:.3f} | {both:.3f} | {error:.1e} |")
     bad = [row for row in rows if not row[-1] < (1e-5 if args.dry_run else 2e-2)]
     return 1 if bad else 0
 

@@ -38,9 +38,6 @@ MAX_FUSED_K = 128  # 16-bit inputs; float32 tiles of 128 rows overflow shared me
 MAX_FUSED_K_FP32 = 64
 BLOCK_H = 64
 BLOCK_ROWS_WEIGHTS = 64
-# the row kernels' projection: three N = d dots with RoPE as a signed-permutation dot (True), or seven dots, one
-# per RoPE column segment (False); both kept while they are timed against each other on a GPU
-WIDE_QKV = True
 
 
 @triton.jit
@@ -88,64 +85,6 @@ def _project_qkv(x_rows, row_ok, w_e, H: tl.constexpr, D: tl.constexpr, R2: tl.c
 
 
 @triton.jit
-def _project_qkv_wide(x_rows, row_ok, w_e, H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
-    """Gathered rows x_rows [BLOCK_M] (row pointers) @ w_e [H, 3D] -> Q, K, V [BLOCK_M, BD], fp32, unrotated:
-    three N = d dots per hidden chunk (instead of seven narrow ones, one per RoPE column segment)."""
-    d = tl.arange(0, BD)
-    q = tl.zeros([BLOCK_M, BD], tl.float32)
-    k = tl.zeros([BLOCK_M, BD], tl.float32)
-    v = tl.zeros([BLOCK_M, BD], tl.float32)
-    for h0 in range(0, H, BH):
-        hs = h0 + tl.arange(0, BH)
-        hm = hs < H
-        xt = tl.load(x_rows[:, None] + hs[None, :], mask=row_ok[:, None] & hm[None, :], other=0.0)
-        w_rows = w_e + hs[:, None] * (3 * D)
-        wm = hm[:, None] & (d < D)[None, :]
-        q = _dot_weight(xt, w_rows + d[None, :], wm, q, PREC)
-        k = _dot_weight(xt, w_rows + (D + d)[None, :], wm, k, PREC)
-        v = _dot_weight(xt, w_rows + (2 * D + d)[None, :], wm, v, PREC)
-    return q, k, v
-
-
-@triton.jit
-def _rope_columns(cos_ptr, sin_ptr, rope_pos, row_ok, R2: tl.constexpr, BD: tl.constexpr):
-    """Full-width RoPE factors [BLOCK_M, BD]: column j < 2*R2 takes cos / sin of frequency j mod R2, the
-    pass-through columns take 1 / 0, so rotate(t) = t * C + rotate_half(t) * S over whole head rows."""
-    j = tl.arange(0, BD)
-    rotary = j < 2 * R2
-    freq = tl.where(rotary, j - tl.where(j < R2, 0, R2), 0)
-    m = row_ok[:, None] & rotary[None, :]
-    at = rope_pos[:, None] * R2 + freq[None, :]
-    c = tl.load(cos_ptr + at, mask=m, other=1.0)
-    s = tl.load(sin_ptr + at, mask=m, other=0.0)
-    return tl.where(rotary[None, :], c, 1.0), s
-
-
-@triton.jit
-def _half_turn(R2: tl.constexpr, BD: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """The rotate-half map as a signed permutation [BD, BD] (t @ it = rotate_half(t): column j < R2 gets
-    -t[j + R2], column R2 <= j < 2*R2 gets t[j - R2], the rest 0), or its transpose."""
-    i = tl.arange(0, BD)[:, None]
-    j = tl.arange(0, BD)[None, :]
-    if TRANSPOSED:
-        i, j = j, i
-    m = tl.where((j < R2) & (i == j + R2), -1.0, 0.0)
-    return tl.where((j >= R2) & (j < 2 * R2) & (i == j - R2), 1.0, m)
-
-
-@triton.jit
-def _turned(t, turn, DT: tl.constexpr, PREC: tl.constexpr):
-    """t [M, BD] fp32 @ a signed permutation, exact: 16-bit operands take t as a high and a low part."""
-    if DT == tl.float32:
-        return tl.dot(t, turn, input_precision=PREC)
-    high = t.to(DT)
-    low = (t - high.to(tl.float32)).to(DT)
-    turn = turn.to(DT)
-    return tl.dot(high, turn, tl.dot(low, turn, input_precision=PREC), input_precision=PREC)
-
-
-@triton.jit
 def _tile_rows(tile, B, E, K, e, GROUPS, BLOCK_M: tl.constexpr):
     """Rows of a tile: group in tile, slot, batch index, validity, and the flat [B, E, k] selection index."""
     rows = tl.arange(0, BLOCK_M)
@@ -183,25 +122,6 @@ def _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, doc, sm_scale,
 
 
 @triton.jit
-def _attention_probs_wide(q, k, c, s_rope, grp, slot, doc, sm_scale, DT: tl.constexpr, R2: tl.constexpr,
-                          BD: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr, DOCS: tl.constexpr):
-    """_attention_probs on whole head rows: RoPE as t * C + rotate_half(t) * S -> (rotated q, k, P [M, M])."""
-    if R2 > 0:
-        turn = _half_turn(R2, BD, False)
-        q = q * c + _turned(q, turn, DT, PREC) * s_rope
-        k = k * c + _turned(k, turn, DT, PREC) * s_rope
-    s = tl.dot(q.to(DT), tl.trans(k.to(DT)), input_precision=PREC)
-    allowed = (grp[:, None] == grp[None, :]) & (slot[None, :] <= slot[:, None])
-    if DOCS:
-        allowed = allowed & (doc[:, None] == doc[None, :])
-    logits = tl.where(allowed, s * sm_scale, float("-inf"))
-    m = tl.max(logits, 1)
-    p = tl.exp(logits - m[:, None])
-    p = p / tl.sum(p, 1)[:, None]
-    return q, k, p
-
-
-@triton.jit
 def _row_positions(pos, tok, row_ok, rope_pos_ptr, doc_ptr, DOCS: tl.constexpr):
     """The rows' RoPE positions and document ids: their positions and one shared document without DOCS, else
     loaded per token from the [B, T] tables (packed documents)."""
@@ -219,7 +139,7 @@ def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin
                      dest_ptr, y_ptr, o_ptr, B, T, E, K, GROUPS, sm_scale, H: tl.constexpr,
                      D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
                      BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                     DOCS: tl.constexpr, SLOTS: tl.constexpr, WIDE: tl.constexpr):
+                     DOCS: tl.constexpr, SLOTS: tl.constexpr):
     e = tl.program_id(0)
     tile = tl.program_id(1)
     DT: tl.constexpr = x_ptr.dtype.element_ty
@@ -230,19 +150,14 @@ def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin
     tok = b.to(tl.int64) * T + pos
     x_rows = x_ptr + tok * H
     w_e = w_qkv_ptr + e.to(tl.int64) * H * 3 * D
+    q1, q2, q3, k1, k2, k3, v = _project_qkv(x_rows, row_ok, w_e, H, D, R2, BLOCK_M, BR, BP, BD, BH, PREC)
     rope_pos, doc = _row_positions(pos, tok, row_ok, rope_pos_ptr, doc_ptr, DOCS)
-    if WIDE:
-        q, k, v = _project_qkv_wide(x_rows, row_ok, w_e, H, D, BLOCK_M, BD, BH, PREC)
-        c, s_rope = _rope_columns(cos_ptr, sin_ptr, rope_pos, row_ok, R2, BD)
-        q, k, p = _attention_probs_wide(q, k, c, s_rope, grp, slot, doc, sm_scale, DT, R2, BD, BLOCK_M, PREC, DOCS)
-    else:
-        q1, q2, q3, k1, k2, k3, v = _project_qkv(x_rows, row_ok, w_e, H, D, R2, BLOCK_M, BR, BP, BD, BH, PREC)
-        r = tl.arange(0, BR)
-        rope_mask = row_ok[:, None] & (r < R2)[None, :]
-        cos = tl.load(cos_ptr + rope_pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
-        sin = tl.load(sin_ptr + rope_pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
-        q1, q2, k1, k2, p = _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, doc, sm_scale, DT, R2,
-                                             P, BLOCK_M, PREC, DOCS)
+    r = tl.arange(0, BR)
+    rope_mask = row_ok[:, None] & (r < R2)[None, :]
+    cos = tl.load(cos_ptr + rope_pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
+    sin = tl.load(sin_ptr + rope_pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
+    q1, q2, k1, k2, p = _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, doc, sm_scale, DT, R2, P,
+                                         BLOCK_M, PREC, DOCS)
     o = tl.dot(p.to(DT), v.to(DT), input_precision=PREC).to(DT)
     d = tl.arange(0, BD)
     head_row = e.to(tl.int64) * B * K + b * K + slot
@@ -276,7 +191,7 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
                           B, T, E, K, GROUPS, sm_scale, H: tl.constexpr,
                           D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
                           BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                          ROUTER: tl.constexpr, DOCS: tl.constexpr, SLOTS: tl.constexpr, WIDE: tl.constexpr):
+                          ROUTER: tl.constexpr, DOCS: tl.constexpr, SLOTS: tl.constexpr):
     # tiles fastest: all tiles of a head run before the next head, so the head's weights are read from L2
     tile = tl.program_id(0)
     e = tl.program_id(1)
@@ -288,21 +203,16 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
     tok = b.to(tl.int64) * T + pos
     x_rows = x_ptr + tok * H
     w_e = w_qkv_ptr + e.to(tl.int64) * H * 3 * D
+    q1, q2, q3, k1, k2, k3, v = _project_qkv(x_rows, row_ok, w_e, H, D, R2, BLOCK_M, BR, BP, BD, BH, PREC)
     rope_pos, doc = _row_positions(pos, tok, row_ok, rope_pos_ptr, doc_ptr, DOCS)
     r = tl.arange(0, BR)
     pp = tl.arange(0, BP)
     d = tl.arange(0, BD)
-    if WIDE:
-        q, k, v = _project_qkv_wide(x_rows, row_ok, w_e, H, D, BLOCK_M, BD, BH, PREC)
-        c, s_rope = _rope_columns(cos_ptr, sin_ptr, rope_pos, row_ok, R2, BD)
-        q, k, p = _attention_probs_wide(q, k, c, s_rope, grp, slot, doc, sm_scale, DT, R2, BD, BLOCK_M, PREC, DOCS)
-    else:
-        q1, q2, q3, k1, k2, k3, v = _project_qkv(x_rows, row_ok, w_e, H, D, R2, BLOCK_M, BR, BP, BD, BH, PREC)
-        rope_mask = row_ok[:, None] & (r < R2)[None, :]
-        cos = tl.load(cos_ptr + rope_pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
-        sin = tl.load(sin_ptr + rope_pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
-        q1, q2, k1, k2, p = _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, doc, sm_scale, DT, R2,
-                                             P, BLOCK_M, PREC, DOCS)
+    rope_mask = row_ok[:, None] & (r < R2)[None, :]
+    cos = tl.load(cos_ptr + rope_pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
+    sin = tl.load(sin_ptr + rope_pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
+    q1, q2, k1, k2, p = _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, doc, sm_scale, DT, R2, P,
+                                         BLOCK_M, PREC, DOCS)
     head_row = e.to(tl.int64) * B * K + b * K + slot
     d_mask = row_ok[:, None] & (d < D)[None, :]
     o = tl.load(o_ptr + head_row[:, None] * D + d[None, :], mask=d_mask, other=0.0).to(tl.float32)
@@ -330,45 +240,30 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
     dp = tl.dot(do, tl.trans(v.to(DT)), input_precision=PREC)
     ds = p * (dp - tl.sum(p * dp, 1)[:, None]) * sm_scale
     ds_dt = ds.to(DT)
-    dv = dv.to(DT)
-    dqkv_rows = dqkv_ptr + head_row[:, None] * (3 * D)
-    if WIDE:
-        dq = tl.dot(ds_dt, k.to(DT), input_precision=PREC)
-        dk = tl.dot(tl.trans(ds_dt), q.to(DT), input_precision=PREC)
-        if R2 > 0:  # un-rotate: rotate(t) = t C + (t @ turn) S  =>  dt = g C + (g S) @ turn^T
-            # the factors are loaded again (from L1/L2) rather than held in registers since the projection
-            c, s_rope = _rope_columns(cos_ptr, sin_ptr, rope_pos, row_ok, R2, BD)
-            turn_t = _half_turn(R2, BD, True)
-            dq = dq * c + _turned(dq * s_rope, turn_t, DT, PREC)
-            dk = dk * c + _turned(dk * s_rope, turn_t, DT, PREC)
-        dq, dk = dq.to(DT), dk.to(DT)
-        tl.store(dqkv_rows + d[None, :], dq, mask=d_mask)
-        tl.store(dqkv_rows + (D + d)[None, :], dk, mask=d_mask)
-        tl.store(dqkv_rows + (2 * D + d)[None, :], dv, mask=d_mask)
-    else:
-        ds_t = tl.trans(ds_dt)
-        dq1 = tl.dot(ds_dt, k1.to(DT), input_precision=PREC)
-        dq2 = tl.dot(ds_dt, k2.to(DT), input_precision=PREC)
-        dq3 = tl.dot(ds_dt, k3.to(DT), input_precision=PREC)
-        dk1 = tl.dot(ds_t, q1.to(DT), input_precision=PREC)
-        dk2 = tl.dot(ds_t, q2.to(DT), input_precision=PREC)
-        dk3 = tl.dot(ds_t, q3.to(DT), input_precision=PREC)
-        # un-rotate: a' = a cos - b sin, b' = b cos + a sin  =>  da = da' cos + db' sin, db = db' cos - da' sin
-        dq1, dq2 = dq1 * cos + dq2 * sin, dq2 * cos - dq1 * sin
-        dk1, dk2 = dk1 * cos + dk2 * sin, dk2 * cos - dk1 * sin
-        dq1, dq2, dq3 = dq1.to(DT), dq2.to(DT), dq3.to(DT)
-        dk1, dk2, dk3 = dk1.to(DT), dk2.to(DT), dk3.to(DT)
+    ds_t = tl.trans(ds_dt)
+    dq1 = tl.dot(ds_dt, k1.to(DT), input_precision=PREC)
+    dq2 = tl.dot(ds_dt, k2.to(DT), input_precision=PREC)
+    dq3 = tl.dot(ds_dt, k3.to(DT), input_precision=PREC)
+    dk1 = tl.dot(ds_t, q1.to(DT), input_precision=PREC)
+    dk2 = tl.dot(ds_t, q2.to(DT), input_precision=PREC)
+    dk3 = tl.dot(ds_t, q3.to(DT), input_precision=PREC)
+    # un-rotate: a' = a cos - b sin, b' = b cos + a sin  =>  da = da' cos + db' sin, db = db' cos - da' sin
+    dq1, dq2 = dq1 * cos + dq2 * sin, dq2 * cos - dq1 * sin
+    dk1, dk2 = dk1 * cos + dk2 * sin, dk2 * cos - dk1 * sin
+    dq1, dq2, dq3 = dq1.to(DT), dq2.to(DT), dq3.to(DT)
+    dk1, dk2, dk3, dv = dk1.to(DT), dk2.to(DT), dk3.to(DT), dv.to(DT)
 
-        pass_mask = row_ok[:, None] & (pp < P)[None, :]
-        if R2 > 0:
-            tl.store(dqkv_rows + r[None, :], dq1, mask=rope_mask)
-            tl.store(dqkv_rows + (R2 + r)[None, :], dq2, mask=rope_mask)
-            tl.store(dqkv_rows + (D + r)[None, :], dk1, mask=rope_mask)
-            tl.store(dqkv_rows + (D + R2 + r)[None, :], dk2, mask=rope_mask)
-        if P > 0:
-            tl.store(dqkv_rows + (2 * R2 + pp)[None, :], dq3, mask=pass_mask)
-            tl.store(dqkv_rows + (D + 2 * R2 + pp)[None, :], dk3, mask=pass_mask)
-        tl.store(dqkv_rows + (2 * D + d)[None, :], dv, mask=d_mask)
+    dqkv_rows = dqkv_ptr + head_row[:, None] * (3 * D)
+    pass_mask = row_ok[:, None] & (pp < P)[None, :]
+    if R2 > 0:
+        tl.store(dqkv_rows + r[None, :], dq1, mask=rope_mask)
+        tl.store(dqkv_rows + (R2 + r)[None, :], dq2, mask=rope_mask)
+        tl.store(dqkv_rows + (D + r)[None, :], dk1, mask=rope_mask)
+        tl.store(dqkv_rows + (D + R2 + r)[None, :], dk2, mask=rope_mask)
+    if P > 0:
+        tl.store(dqkv_rows + (2 * R2 + pp)[None, :], dq3, mask=pass_mask)
+        tl.store(dqkv_rows + (D + 2 * R2 + pp)[None, :], dk3, mask=pass_mask)
+    tl.store(dqkv_rows + (2 * D + d)[None, :], dv, mask=d_mask)
 
     # dX rows = dQKV @ W_QKV^T, scatter-added back to the selected positions
     dest = tl.load(dest_ptr + sel, mask=row_ok, other=0)
@@ -377,22 +272,17 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
         hm = hs < H
         w_rows = w_e + hs[:, None] * (3 * D)
         dx = tl.zeros([BLOCK_M, BH], tl.float32)
-        wm = hm[:, None] & (d < D)[None, :]
-        if WIDE:
-            dx = _dot_weight_t(dq, w_rows + d[None, :], wm, dx, PREC)
-            dx = _dot_weight_t(dk, w_rows + (D + d)[None, :], wm, dx, PREC)
-        else:
-            if R2 > 0:
-                rm = hm[:, None] & (r < R2)[None, :]
-                dx = _dot_weight_t(dq1, w_rows + r[None, :], rm, dx, PREC)
-                dx = _dot_weight_t(dq2, w_rows + (R2 + r)[None, :], rm, dx, PREC)
-                dx = _dot_weight_t(dk1, w_rows + (D + r)[None, :], rm, dx, PREC)
-                dx = _dot_weight_t(dk2, w_rows + (D + R2 + r)[None, :], rm, dx, PREC)
-            if P > 0:
-                pm = hm[:, None] & (pp < P)[None, :]
-                dx = _dot_weight_t(dq3, w_rows + (2 * R2 + pp)[None, :], pm, dx, PREC)
-                dx = _dot_weight_t(dk3, w_rows + (D + 2 * R2 + pp)[None, :], pm, dx, PREC)
-        dx = _dot_weight_t(dv, w_rows + (2 * D + d)[None, :], wm, dx, PREC)
+        if R2 > 0:
+            rm = hm[:, None] & (r < R2)[None, :]
+            dx = _dot_weight_t(dq1, w_rows + r[None, :], rm, dx, PREC)
+            dx = _dot_weight_t(dq2, w_rows + (R2 + r)[None, :], rm, dx, PREC)
+            dx = _dot_weight_t(dk1, w_rows + (D + r)[None, :], rm, dx, PREC)
+            dx = _dot_weight_t(dk2, w_rows + (D + R2 + r)[None, :], rm, dx, PREC)
+        if P > 0:
+            pm = hm[:, None] & (pp < P)[None, :]
+            dx = _dot_weight_t(dq3, w_rows + (2 * R2 + pp)[None, :], pm, dx, PREC)
+            dx = _dot_weight_t(dk3, w_rows + (D + 2 * R2 + pp)[None, :], pm, dx, PREC)
+        dx = _dot_weight_t(dv, w_rows + (2 * D + d)[None, :], hm[:, None] & (d < D)[None, :], dx, PREC)
         if ROUTER:
             w_router = tl.load(w_router_ptr + e.to(tl.int64) * H + hs, mask=hm, other=0.0).to(tl.float32)
             dx += dscore[:, None] * w_router[None, :]
@@ -648,8 +538,7 @@ def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, 
         x, w_qkv, w_o, indices, scores, cos, sin, positions if docs else indices, document_ids if docs else indices,
         dest, y, o, batch, seq_len, num_heads, k, cfg["groups"], head_dim ** -0.5, H=hidden,
         D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
-        BH=cfg["BH"], PREC=_dot_precision(x.dtype), DOCS=docs, SLOTS=deterministic, WIDE=WIDE_QKV,
-        num_warps=cfg["num_warps"],
+        BH=cfg["BH"], PREC=_dot_precision(x.dtype), DOCS=docs, SLOTS=deterministic, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     if deterministic:
         return _combine_slots(y, indices, x.shape, x.dtype), o
@@ -684,8 +573,7 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim: int, r
         document_ids if docs else indices, dest, o, dy, dqkv, dx, dscores,
         batch, seq_len, num_heads, k, cfg["groups"], head_dim ** -0.5, H=hidden,
         D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
-        BH=cfg["BH"], PREC=precision, ROUTER=router, DOCS=docs, SLOTS=deterministic, WIDE=WIDE_QKV,
-        num_warps=cfg["num_warps"],
+        BH=cfg["BH"], PREC=precision, ROUTER=router, DOCS=docs, SLOTS=deterministic, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     dw_qkv = torch.empty_like(w_qkv)
     dw_o = torch.empty_like(w_o)
