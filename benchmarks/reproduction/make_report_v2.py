@@ -98,6 +98,12 @@ def best_runs(runs: list[dict]) -> dict[str, dict]:
     return best
 
 
+def reference_dense(best: dict[str, dict]) -> dict | None:
+    """The dense baseline every family is compared with: dense at the default shape and token budget, at its best
+    rate (a dense run given more tokens, e.g. for equal time, is a family of its own and never the reference)."""
+    return best.get(KINDS["dense"])
+
+
 def sweep_table(runs: list[dict]) -> str:
     rates = sorted({r["lr"] for r in runs if r["lr"] is not None}) + ([None] if any(r["lr"] is None for r in runs)
                                                                          else [])
@@ -122,10 +128,9 @@ def sweep_table(runs: list[dict]) -> str:
 
 def headline_table(runs: list[dict]) -> str:
     best = best_runs(runs)
-    dense = min((r for r in best.values() if r["attention"] == "dense"),
-                key=lambda r: r["eval"]["topk"]["loss"], default=None)
+    dense = reference_dense(best)
     rows = ["| family | best lr | val ppl, causal | val ppl, top-k (non-causal) | causal vs best dense (paired, "
-            "95% interval) | train tokens/s | params | tokens / param |", "|---|---|---|---|---|---|---|---|"]
+            "95% interval) | train tokens/s (GPU) | params | tokens / param |", "|---|---|---|---|---|---|---|---|"]
     for name, run in best.items():
         causal = run["eval"].get("causal") if run["attention"] != "dense" else run["eval"]["topk"]
         causal_ppl = f"{causal['ppl']:.2f}" if causal else "no causal mode"
@@ -135,7 +140,8 @@ def headline_table(runs: list[dict]) -> str:
         summary = run["summary"]
         rate = "default" if run["lr"] is None else f"{run['lr']:g}"
         rows.append(f"| {name} | {rate} | {causal_ppl} | {run['eval']['topk']['ppl']:.2f} | {versus} | "
-                    f"{summary['tokens_per_s']:,.0f} | {summary['params'] / 1e6:.1f}M | "
+                    f"{summary['tokens_per_s']:,.0f} ({run['device'].replace('NVIDIA ', '')}) | "
+                    f"{summary['params'] / 1e6:.1f}M | "
                     f"{summary['tokens'] / summary['params']:.2f} |")
     return "\n".join(rows)
 
@@ -154,7 +160,7 @@ def heldout_table(runs: list[dict]) -> str:
     sets = sorted({name for r in best.values() for name in r.get("other", {}) if name != "leak"})
     if not sets:
         return "(no held-out measurements yet)"
-    dense = next((r for r in best.values() if r["attention"] == "dense"), None)
+    dense = reference_dense(best)
     rows = ["| family | " + " | ".join(f"{s}: ppl (vs best dense)" for s in sets) + " |",
             "|---" * (len(sets) + 1) + "|"]
     for name, run in best.items():
@@ -170,6 +176,25 @@ def heldout_table(runs: list[dict]) -> str:
                                                  f" ({ratio_cell(mine, theirs)})"))
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def seeds_table(runs: list[dict]) -> str:
+    """Families trained at one rate with several seeds: each seed's headline perplexity and, seed by seed, the
+    paired difference to the reference dense model of the same seed (the spread between training runs, which the
+    window bootstrap of one pair does not see)."""
+    reference = reference_dense(best_runs(runs))
+    dense_by_seed = {} if reference is None else {
+        r["seed"]: r for r in runs if r["family"] == reference["family"] and r["lr"] == reference["lr"]}
+    rows = ["| family | lr | seed | val ppl (headline routing) | vs dense of the same seed and its best rate "
+            "(paired, 95% interval) |", "|---|---|---|---|---|"]
+    for name, lr in dict.fromkeys((r["family"], r["lr"]) for r in runs if r["seed"]):
+        seeded = sorted((r for r in runs if r["family"] == name and r["lr"] == lr), key=lambda r: r["seed"])
+        for run in seeded:
+            mine = run["eval"][headline_routing(run)]
+            dense = dense_by_seed.get(run["seed"])
+            versus = "-" if dense is None or run["attention"] == "dense" else ratio_cell(mine, dense["eval"]["topk"])
+            rows.append(f"| {name} | {lr:g} | {run['seed']} | {mine['ppl']:.2f} | {versus} |")
+    return "\n".join(rows) if len(rows) > 2 else "(no second seed yet)"
 
 
 def leak_table(runs: list[dict]) -> str:
@@ -232,7 +257,8 @@ def main() -> None:
     if not runs:
         raise SystemExit(f"no issue15-*-results-*.jsonl in {args.results}")
     sections = [("Learning-rate sweep", sweep_table(runs)), ("Each family at its best rate", headline_table(runs)),
-                ("Held-out text", heldout_table(runs)), ("The leak of top-k routing", leak_table(runs)),
+                ("Seeds", seeds_table(runs)), ("Held-out text", heldout_table(runs)),
+                ("The leak of top-k routing", leak_table(runs)),
                 ("Equal training time", equal_time_table(runs))]
     for title, table in sections:
         print(f"### {title}\n\n{table}\n")
