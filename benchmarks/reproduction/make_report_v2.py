@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from torch_mosa.statistics import paired_difference  # noqa: E402
+from torch_mosa.statistics import bootstrap_interval, paired_difference  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_TOKENS = 40_000_000
@@ -178,6 +179,37 @@ def heldout_table(runs: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def per_book_table(runs: list[dict]) -> str:
+    """Each validation book the evaluated windows cover: every family at its best rate (headline routing), its
+    perplexity on that book's windows and the change against the best dense on the same windows."""
+    best = best_runs(runs)
+    dense = reference_dense(best)
+    if dense is None or "window_documents" not in dense["eval"]["topk"]:
+        return "(no per-window results yet)"
+    reference = dense["eval"]["topk"]
+    families = [name for name, run in best.items() if "window_documents" in run["eval"][headline_routing(run)]]
+    rows = ["| book | windows | " + " | ".join(families) + " |", "|---" * (len(families) + 2) + "|"]
+    for document, label in enumerate(reference["document_labels"]):
+        picked = [i for i, d in enumerate(reference["window_documents"]) if d == document]
+        if not picked:
+            continue
+        base = [reference["window_losses"][i] for i in picked]
+        cells = []
+        for name in families:
+            mine = best[name]["eval"][headline_routing(best[name])]
+            if mine["window_documents"] != reference["window_documents"]:
+                cells.append("other windows")
+                continue
+            losses = [mine["window_losses"][i] for i in picked]
+            ppl = math.exp(sum(losses) / len(losses))
+            cells.append(f"{ppl:.1f}" if best[name] is dense else
+                         f"{ppl:.1f} ({math.exp((sum(losses) - sum(base)) / len(losses)) - 1:+.0%})")
+        rows.append(f"| {label.strip()[:40]} | {len(picked)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + ("\n\nPerplexity per book over the windows of the validation evaluation (the first "
+                              "512 windows of the split, so only the books they reach), headline routing (causal "
+                              "for MoSA); in brackets the change against the best dense model on the same windows.")
+
+
 def seeds_table(runs: list[dict]) -> str:
     """Families trained at one rate with several seeds: each seed's headline perplexity and, seed by seed, the
     paired difference to the reference dense model of the same seed (the spread between training runs, which the
@@ -242,8 +274,11 @@ def equal_time_table(runs: list[dict]) -> str:
 def plot_sweep(runs: list[dict], out: Path) -> Path | None:
     from torch_mosa.train.plots import plot_loss_vs_lr
 
-    points = [{"family": f"{r['family']} ({headline_routing(r)})", "lr": r["lr"],
-               "val_loss": r["eval"][headline_routing(r)]["loss"]}
+    points = [{"family": r["family"] if r["attention"] == "dense" else f"{r['family']} ({headline_routing(r)})",
+               "lr": r["lr"],
+               "val_loss": r["eval"][headline_routing(r)]["loss"],
+               "val_loss_interval": bootstrap_interval(r["eval"][headline_routing(r)]["window_losses"])
+               if "window_losses" in r["eval"][headline_routing(r)] else None}
               for r in runs if r["lr"] is not None and not r["seed"]]
     return plot_loss_vs_lr(points, out / "reproduction_v2_lr_sweep.png") if points else None
 
@@ -257,7 +292,8 @@ def main() -> None:
     if not runs:
         raise SystemExit(f"no issue15-*-results-*.jsonl in {args.results}")
     sections = [("Learning-rate sweep", sweep_table(runs)), ("Each family at its best rate", headline_table(runs)),
-                ("Seeds", seeds_table(runs)), ("Held-out text", heldout_table(runs)),
+                ("Seeds", seeds_table(runs)), ("Per validation book", per_book_table(runs)),
+                ("Held-out text", heldout_table(runs)),
                 ("The leak of top-k routing", leak_table(runs)),
                 ("Equal training time", equal_time_table(runs))]
     for title, table in sections:

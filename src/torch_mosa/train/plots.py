@@ -68,13 +68,19 @@ def plot_ppl_vs_sparsity(results: list[dict], out_path: str | Path) -> Path:
 
 def plot_loss_vs_lr(runs: list[dict], out_path: str | Path) -> Path:
     """Validation loss against learning rate (log axis), one line per family of a comparison's sweep, each
-    family's best rate marked."""
+    family's best rate marked. A run with "val_loss_interval" (low, high) gets it as an error bar."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6, 4.5))
     for family in dict.fromkeys(r["family"] for r in runs):
-        points = sorted((r["lr"], r["val_loss"]) for r in runs if r["family"] == family)
-        (line,) = axes.plot(*zip(*points), "o-", label=family)
-        axes.plot(*min(points, key=lambda p: p[1]), "*", markersize=14, color=line.get_color())
+        points = sorted((r["lr"], r["val_loss"], r.get("val_loss_interval")) for r in runs if r["family"] == family)
+        lrs, losses = [p[0] for p in points], [p[1] for p in points]
+        if all(p[2] is not None for p in points):
+            below = [loss - p[2][0] for loss, p in zip(losses, points)]
+            above = [p[2][1] - loss for loss, p in zip(losses, points)]
+            line = axes.errorbar(lrs, losses, yerr=[below, above], fmt="o-", capsize=3, label=family).lines[0]
+        else:
+            (line,) = axes.plot(lrs, losses, "o-", label=family)
+        axes.plot(*min(zip(lrs, losses), key=lambda p: p[1]), "*", markersize=14, color=line.get_color())
     axes.set_xscale("log")
     axes.set_xlabel("peak learning rate")
     axes.set_ylabel("validation loss (nats/token)")
