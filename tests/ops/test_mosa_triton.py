@@ -244,6 +244,41 @@ def test_argument_checks():
         mosa_attention_triton(x, w_qkv.double(), w_o, indices, scores, rotary_dim=4, rope_base=1e4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("router", [False, True], ids=["scores-grad", "router-grad-in-op"])
+def test_wide_selections_take_the_composition_in_the_inputs_dtype(monkeypatch, dtype, router):
+    """k above MAX_FUSED_K runs the reference's composition in the inputs' dtype (16-bit GEMMs and SDPA, heads
+    summed in fp32): output and every gradient within 1e-2 of the float64 reference on the same rounded inputs
+    (float32: equal to the float32 reference), left padding included."""
+    from torch_mosa.ops.mosa import reference
+
+    calls = []
+    composed = reference.mosa_attention_composed
+    monkeypatch.setattr(triton_mosa, "mosa_attention_composed", lambda *a, **kw: calls.append(1) or composed(*a, **kw))
+    k = triton_mosa.MAX_FUSED_K + 9
+    tensors, mask = make_case(2, k + 40, 24, 3, 16, k, True, True, seed=11)
+    rounded = [t.to(dtype) for t in tensors]
+    router_weight = torch.randn(3, 24, generator=torch.Generator().manual_seed(2), device=DEVICE).to(dtype)
+
+    def op(*args, **kwargs):
+        return triton_mosa.fused_mosa_attention(*args[:7], kwargs.get("router_weight"))
+
+    def reference_op(*args, **kwargs):
+        return mosa_attention_reference(*args, **kwargs)
+
+    if router:
+        actual = run_router_op(op, rounded, router_weight, mask, k, True, 8)
+        expected = run_router_op(reference_op, [t.double() for t in rounded], router_weight.double(), mask, k,
+                                 True, 8)
+    else:
+        actual = run_op(op, rounded, mask, k, True, 8)
+        expected = run_op(reference_op, [t.double() for t in rounded], mask, k, True, 8)
+    assert calls == [1]
+    for name, a, e in zip(("y", "dx", "dw_qkv", "dw_o", "dlast"), actual, expected):
+        assert a.dtype == (torch.float32 if name == "dlast" and not router else dtype), name
+        assert_close(name, a, e, FP32_RTOL if dtype == torch.float32 else 1e-2)
+
+
 def test_custom_op_registration():
     """Schema, fake (meta) implementation and autograd registration as torch.compile needs them."""
     tensors, _ = make_case(2, 11, 16, 2, 16, 3, False, False, seed=5)

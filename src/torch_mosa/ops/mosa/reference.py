@@ -38,14 +38,28 @@ def mosa_attention_reference(
     # take; the op computes in its inputs' dtype (float32 for 16-bit inputs) with or without autocast, as the
     # kernels do
     with torch.autocast(x.device.type, enabled=False):
-        return _mosa_attention_reference(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, router_weight,
-                                         positions, document_ids)
+        return _mosa_attention_composition(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, router_weight,
+                                           positions, document_ids, upcast=True)
 
 
-def _mosa_attention_reference(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, router_weight, positions,
-                              document_ids):
+def mosa_attention_composed(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, router_weight=None,
+                            positions=None, document_ids=None) -> torch.Tensor:
+    """The reference's composition computed in the inputs' dtype: for 16-bit inputs the projections are 16-bit
+    GEMMs (fp32 accumulation) and the attention is 16-bit SDPA (a flash kernel on a GPU), and only the sum over
+    heads is kept in fp32, where the reference computes everything in float32. The fast path's route for
+    selections wider than the fused kernels take (k > MAX_FUSED_K). Same contract as mosa_attention_reference;
+    equal to it for float32 and float64 inputs."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _mosa_attention_composition(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, router_weight,
+                                           positions, document_ids, upcast=False)
+
+
+def _mosa_attention_composition(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, router_weight, positions,
+                                document_ids, upcast: bool):
+    """upcast: 16-bit inputs are computed in float32 (the oracle); else in their own dtype."""
     out_dtype = x.dtype
-    if x.dtype in (torch.float16, torch.bfloat16):
+    sum_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    if upcast and x.dtype in (torch.float16, torch.bfloat16):
         x, w_qkv, w_o = x.float(), w_qkv.float(), w_o.float()
         router_weight = router_weight.float() if router_weight is not None else None
     batch, seq_len, hidden = x.shape
@@ -70,8 +84,8 @@ def _mosa_attention_reference(x, w_qkv, w_o, indices, scores, rotary_dim, rope_b
             & (slot_document[..., :, None] == slot_document[..., None, :])
         attended = F.scaled_dot_product_attention(q, key, v, attn_mask=allowed)
     head_out = torch.einsum("bekd,edh->bekh", attended * scores.unsqueeze(-1), w_o)
-    y = x.new_zeros(batch, seq_len, hidden)
-    return y.scatter_add_(1, flat_index, head_out.reshape(batch, num_heads * k, hidden)).to(out_dtype)
+    y = x.new_zeros(batch, seq_len, hidden, dtype=sum_dtype)
+    return y.scatter_add_(1, flat_index, head_out.reshape(batch, num_heads * k, hidden).to(sum_dtype)).to(out_dtype)
 
 
 def _per_slot(per_token: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,8 @@ Per-row memory kept between forward and backward: the attention output O [E, B*k
 layer); the backward keeps dQKV [E, B*k, 3d] for the weight kernel. No [B, E, k, h] tensor is ever stored.
 RoPE uses the GPT-NeoX rotate-half layout on the first rotary_dim dims, so each of Q and K is held as three column
 segments: the two rotated halves (rotary_dim/2 each) and the pass-through rest. cos/sin come from the same fp32 table
-code as the reference (ops/rope.py). Selections with k > MAX_FUSED_K (64 for float32) take the reference
-composition instead.
+code as the reference (ops/rope.py). Selections with k > MAX_FUSED_K (64 for float32) take the reference's
+composition in the inputs' dtype instead (`mosa_attention_composed`: 16-bit GEMMs and SDPA, heads summed in fp32).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from torch_mosa.ops.rope import rope_table
-from torch_mosa.ops.mosa.reference import check_mosa_inputs, mosa_attention_reference
+from torch_mosa.ops.mosa.reference import check_mosa_inputs, mosa_attention_composed
 
 MAX_FUSED_K = 128  # 16-bit inputs; float32 tiles of 128 rows overflow shared memory in the backward (H100)
 MAX_FUSED_K_FP32 = 64
@@ -680,7 +680,7 @@ def mosa_attention_triton(x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tenso
     y [B, T, h] in x.dtype, accumulated in fp32. Differentiable in x, w_qkv, w_o and either scores or, when
     router_weight is given, router_weight (scores are then sigmoid(x[position] . router_weight[e]) and get no
     gradient); positions, document_ids [B, T] or None describe packed documents. k > MAX_FUSED_K runs the
-    reference composition.
+    reference's composition in the inputs' dtype (`mosa_attention_composed`).
     """
     check_mosa_inputs(x, w_qkv, w_o, indices, scores, rotary_dim, router_weight, positions, document_ids)
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -695,8 +695,8 @@ def fused_mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_b
     heads are summed into tokens by a fixed-order reduction instead of fp32 atomics (bitwise reproducible under
     torch.use_deterministic_algorithms(True); more memory: one output row per selected slot)."""
     if indices.shape[-1] > (MAX_FUSED_K_FP32 if x.dtype == torch.float32 else MAX_FUSED_K):
-        return mosa_attention_reference(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base,
-                                        router_weight=router_weight, positions=positions, document_ids=document_ids)
+        return mosa_attention_composed(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base,
+                                       router_weight=router_weight, positions=positions, document_ids=document_ids)
     if router_weight is not None:
         router_weight = router_weight.contiguous()
     if positions is not None or document_ids is not None:  # the kernels read both as [B, T] int32 tables
