@@ -179,35 +179,44 @@ def heldout_table(runs: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def per_book_table(runs: list[dict]) -> str:
-    """Each validation book the evaluated windows cover: every family at its best rate (headline routing), its
-    perplexity on that book's windows and the change against the best dense on the same windows."""
+def per_book_table(runs: list[dict], whole_split: bool = False) -> str:
+    """Every family at its best rate, book by book: its perplexity on each book's windows (headline routing) and
+    the change against the best dense on the same windows. whole_split: from the runs' `val_books` evaluation
+    (`run_queue.py --val-books`, every book of the split), else from the validation windows (the books the first
+    windows reach)."""
     best = best_runs(runs)
     dense = reference_dense(best)
-    if dense is None or "window_documents" not in dense["eval"]["topk"]:
-        return "(no per-window results yet)"
-    reference = dense["eval"]["topk"]
-    families = [name for name, run in best.items() if "window_documents" in run["eval"][headline_routing(run)]]
+
+    def evaluation(run):
+        if not whole_split:
+            return run["eval"][headline_routing(run)]
+        found = [e for e in run.get("other", {}).get("val_books", []) if e.get("routing") == headline_routing(run)]
+        return found[0] if found else None
+
+    reference = None if dense is None else evaluation(dense)
+    if reference is None or "window_documents" not in reference:
+        return "(no dense run with per-window results yet)"
+    families = {name: evaluation(run) for name, run in best.items()}
+    families = {name: e for name, e in families.items()
+                if e is not None and e.get("window_documents") == reference["window_documents"]}
     rows = ["| book | windows | " + " | ".join(families) + " |", "|---" * (len(families) + 2) + "|"]
     for document, label in enumerate(reference["document_labels"]):
         picked = [i for i, d in enumerate(reference["window_documents"]) if d == document]
         if not picked:
             continue
-        base = [reference["window_losses"][i] for i in picked]
+        base = sum(reference["window_losses"][i] for i in picked)
         cells = []
-        for name in families:
-            mine = best[name]["eval"][headline_routing(best[name])]
-            if mine["window_documents"] != reference["window_documents"]:
-                cells.append("other windows")
-                continue
-            losses = [mine["window_losses"][i] for i in picked]
-            ppl = math.exp(sum(losses) / len(losses))
+        for name, mine in families.items():
+            losses = sum(mine["window_losses"][i] for i in picked)
+            ppl = math.exp(losses / len(picked))
             cells.append(f"{ppl:.1f}" if best[name] is dense else
-                         f"{ppl:.1f} ({math.exp((sum(losses) - sum(base)) / len(losses)) - 1:+.0%})")
+                         f"{ppl:.1f} ({math.exp((losses - base) / len(picked)) - 1:+.0%})")
         rows.append(f"| {label.strip()[:40]} | {len(picked)} | " + " | ".join(cells) + " |")
-    return "\n".join(rows) + ("\n\nPerplexity per book over the windows of the validation evaluation (the first "
-                              "512 windows of the split, so only the books they reach), headline routing (causal "
-                              "for MoSA); in brackets the change against the best dense model on the same windows.")
+    where = ("the whole validation split" if whole_split else
+             "the validation windows (the first 512 of the split, so only the books they reach)")
+    return "\n".join(rows) + (f"\n\nPerplexity per book over {where}, headline routing (causal for MoSA); in "
+                              "brackets the change against the best dense model on the same windows. Families "
+                              "without that evaluation are left out.")
 
 
 def seeds_table(runs: list[dict]) -> str:
@@ -293,6 +302,7 @@ def main() -> None:
         raise SystemExit(f"no issue15-*-results-*.jsonl in {args.results}")
     sections = [("Learning-rate sweep", sweep_table(runs)), ("Each family at its best rate", headline_table(runs)),
                 ("Seeds", seeds_table(runs)), ("Per validation book", per_book_table(runs)),
+                ("Per validation book, whole split", per_book_table(runs, whole_split=True)),
                 ("Held-out text", heldout_table(runs)),
                 ("The leak of top-k routing", leak_table(runs)),
                 ("Equal training time", equal_time_table(runs))]

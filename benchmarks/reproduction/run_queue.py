@@ -20,7 +20,8 @@ reported): without a capacity the causal forward runs every head at full width, 
 (docs/causal_inference.md, "Evaluation speed"). The checkpoints stay on the GPU machine, so whatever else a run is
 measured on happens in the same queue: `--heldout NAME=DIR` evaluates it on other prepared data (all of DIR's
 train split, e.g. author-disjoint books or WikiText-2 tokenized with the run's tokenizer) and `--leak` runs
-`mosa leak` (future replaced by another document and by the same document far away).
+`mosa leak` (future replaced by another document and by the same document far away); `--val-books` evaluates the
+whole validation split (every book, 2.2M tokens on Gutenberg) under the headline routing.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def commands(run: dict, args) -> tuple[list[str], list[str]]:
     for name, directory in args.heldout:
         evaluate[name] = ["mosa", "eval", out, "--data", directory, "--split", "train", "--full", "--per-document",
                           *common, *headline, *capacity]
+    if args.val_books:  # every book of the validation split, not only those the first windows reach
+        evaluate["val_books"] = ["mosa", "eval", out, "--split", "val", "--full", "--per-document", *common,
+                                 *headline, *capacity]
     if args.leak:
         evaluate["leak"] = ["mosa", "leak", out, "--replacement", "other", "far", *common, *routing]
     return train, evaluate
@@ -131,6 +135,8 @@ def main() -> None:
     parser.add_argument("--heldout", action="append", default=[], type=lambda text: tuple(text.split("=", 1)),
                         metavar="NAME=DIR", help="also evaluate every run on DIR's train split (repeatable)")
     parser.add_argument("--leak", action="store_true", help="also run `mosa leak` on every run")
+    parser.add_argument("--val-books", action="store_true",
+                        help="also evaluate the whole validation split, per book, under the headline routing")
     parser.add_argument("--eval-capacity-factor", type=float, default=2.0,
                         help="causal evaluation keeps at most this x T/sparsity tokens per MoSA head (0: no cap)")
     args = parser.parse_args()

@@ -1,0 +1,84 @@
+"""The study's queue and report scripts (benchmarks/reproduction/): the commands a run spec becomes, and the
+report's choice of baseline, seeds and per-book tables, on synthetic results."""
+
+import importlib.util
+import json
+import math
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduction"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def queue_args(**overrides):
+    args = dict(tokens=40_000_000, lr=None, batch_size=64, seq_len=1024, runs="/tmp/runs", preset="tiny",
+                data="/tmp/data", eval_batches=64, device="cuda", heldout=[], leak=False, val_books=False,
+                eval_capacity_factor=2.0)
+    return Namespace(**{**args, **overrides})
+
+
+@pytest.mark.parametrize("spec,routing", [("d:dense:1:lr=1e-3", ["topk"]),
+                                          ("m:mosa:64:lr=1e-3", ["causal", "--calibrate-batches", "4"]),
+                                          ("c:mosa:64:routing=causal", ["causal"])])
+def test_val_books_evaluates_the_whole_split_under_the_headline_routing(spec, routing):
+    run_queue = load("run_queue")
+    _, evaluate = run_queue.commands(run_queue.parse_spec(spec), queue_args(val_books=True))
+    argv = evaluate["val_books"]
+    assert argv[argv.index("--split") + 1] == "val" and "--full" in argv and "--per-document" in argv
+    assert argv[argv.index("--routing") + 1:argv.index("--routing") + 1 + len(routing)] == routing
+    assert "val_books" not in run_queue.commands(run_queue.parse_spec(spec), queue_args())[1]
+
+
+def fake_run(name, attention, lr, seed, losses, documents, tokens=None, val_books=None, sparsity=1):
+    """One results line as run_queue.py writes it, with per-window losses."""
+    evaluation = {"loss": sum(losses) / len(losses), "ppl": math.exp(sum(losses) / len(losses)),
+                  "window_losses": losses, "window_documents": documents, "document_labels": ["BOOK A", "BOOK B"]}
+    routings = ["topk"] if attention == "dense" else ["topk", "causal"]
+    options = {"lr": str(lr)} | ({"tokens": str(tokens)} if tokens else {})
+    other = {}
+    if val_books is not None:
+        other["val_books"] = [{**evaluation, "routing": routings[-1], "window_losses": val_books,
+                               "window_documents": [0, 1, 1]}]
+    return {"name": name, "attention": attention, "sparsity": sparsity, "seed": seed, "num_sparse_heads": None,
+            "options": options, "train_command": f"mosa train --lr {lr}", "device": "GPU",
+            "summary": {"tokens": tokens or 40_000_000, "tokens_per_s": 1e6, "params": 1e6},
+            "eval": [{**evaluation, "routing": r} for r in routings], "other": other}
+
+
+def write_results(tmp_path, runs):
+    path = tmp_path / "issue15-call1-results-0.jsonl"
+    path.write_text("".join(json.dumps(run) + "\n" for run in runs))
+    return path.parent
+
+
+def test_report_compares_with_the_40m_token_dense_and_pairs_seeds(tmp_path):
+    report = load("make_report_v2")
+    runs = report.load_runs(write_results(tmp_path, [
+        fake_run("d1", "dense", 1e-3, 0, [4.0, 4.2, 4.4], [0, 0, 1], val_books=[4.0, 4.2, 4.4]),
+        fake_run("d2", "dense", 2e-3, 0, [4.1, 4.3, 4.5], [0, 0, 1]),
+        fake_run("d1s1", "dense", 1e-3, 1, [4.2, 4.4, 4.6], [0, 0, 1]),
+        fake_run("long", "dense", 1e-3, 0, [3.0, 3.0, 3.0], [0, 0, 1], tokens=80e6),  # more tokens: never the baseline
+        fake_run("m", "mosa", 1e-3, 0, [3.8, 4.0, 4.2], [0, 0, 1], val_books=[3.9, 4.1, 4.3], sparsity=64),
+        fake_run("ms1", "mosa", 1e-3, 1, [3.8, 4.0, 4.2], [0, 0, 1], sparsity=64),
+    ]))
+    best = report.best_runs(runs)
+    assert report.reference_dense(best)["name"] == "d1"
+    headline = report.headline_table(runs)
+    assert "| dense | 0.001 |" in headline and "| dense, 80M tokens | 0.001 |" in headline
+    seeds = report.seeds_table(runs)  # seed 1 of MoSA is paired with seed 1 of dense at dense's best rate
+    assert f"| 1 | {math.exp(4.0):.2f} | {math.exp(-0.4) - 1:+.1%}" in seeds
+    per_book = {line.split(" | ")[0]: line for line in report.per_book_table(runs).splitlines()}
+    assert per_book["| BOOK A"].startswith(f"| BOOK A | 2 | {math.exp(4.1):.1f} | ")
+    assert per_book["| BOOK A"].endswith(f" | {math.exp(3.9):.1f} ({math.exp(-0.2) - 1:+.0%}) |")
+    whole = report.per_book_table(runs, whole_split=True)
+    assert f"| BOOK B | 2 | {math.exp(4.3):.1f} | {math.exp(4.2):.1f} ({math.exp(-0.1) - 1:+.0%})" in whole
+    assert "80M" not in whole  # families without a whole-split evaluation are left out
