@@ -72,7 +72,8 @@ def plot_loss_vs_lr(runs: list[dict], out_path: str | Path) -> Path:
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6, 4.5))
     for family in dict.fromkeys(r["family"] for r in runs):
-        points = sorted((r["lr"], r["val_loss"], r.get("val_loss_interval")) for r in runs if r["family"] == family)
+        points = sorted(((r["lr"], r["val_loss"], r.get("val_loss_interval")) for r in runs if r["family"] == family),
+                        key=lambda p: p[:2])
         lrs, losses = [p[0] for p in points], [p[1] for p in points]
         if all(p[2] is not None for p in points):
             below = [loss - p[2][0] for loss, p in zip(losses, points)]
