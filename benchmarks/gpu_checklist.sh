@@ -34,9 +34,11 @@ case "$stage" in
   layer)
     # the SPEC §6 cases (CASES, default "A B C D"; CASES="" none); TRAIN=1 adds whole Tiny training steps, plain and
     # packed with 4 documents per row, of TRAIN_MODELS (default all: "dense s64 s16 4+17", dense always timed;
-    # with cases A-D, all four models plain and packed ran past 220 s on an H100 on 2026-11-23)
+    # with cases A-D, all four models plain and packed ran past 220 s on an H100 on 2026-11-23); COMPILE=1 times the
+    # layers through torch.compile (case C is bound by the host in eager mode: mosa_layer.md, session 7)
     # shellcheck disable=SC2086  # CASES and TRAIN_MODELS are lists
     python -m torch_mosa.bench --cases ${CASES-A B C D} --paths dense fast --out "$out/mosa_layer.md" \
+      ${COMPILE:+--compile-layers} \
       ${TRAIN:+--train-step --train-documents 4 --train-models ${TRAIN_MODELS:-dense s64 s16 4+17}} 2>&1 \
       | tee "$out/layer.log" | tail -30 ;;
   decode)

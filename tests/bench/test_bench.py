@@ -45,6 +45,30 @@ def test_training_steps_alone():
     assert "| case |" not in report and "| MoSA 4 + 17, sparsity 32 | 64 | 100,000 | 0.50x | 1 |" in report
 
 
+@pytest.mark.parametrize("compile_layers", [False, True])
+def test_layer_paths_and_compilation(monkeypatch, compile_layers):
+    """Each path times the right layer with the fast path switched as named; with compile_layers every path's layer
+    is compiled afresh (dynamo reset first: the switch is read once while tracing)."""
+    from torch_mosa.bench import cases
+    from torch_mosa.layers.dense import DenseAttention
+    from torch_mosa.layers.hybrid import HybridAttention
+    from torch_mosa.ops.dispatch import fast_path_enabled
+
+    timed, resets = [], []
+    monkeypatch.setattr(cases, "time_layer",
+                        lambda layer, x, grad_y: timed.append((layer, fast_path_enabled())) or (1.0, 2.0))
+    monkeypatch.setattr(torch, "compile", lambda module: ("compiled", module))
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    case = cases.Case("tiny", 32, 3, 1, 4, 16, 2, True, 2)
+    result = cases.run_case(case, ("dense", "reference", "fast"), compile_layers=compile_layers, device="cpu")
+    assert result == {"dense": (1.0, 2.0), "reference": (1.0, 2.0), "fast": (1.0, 2.0)}
+    layers = [layer[1] if compile_layers else layer for layer, _ in timed]
+    assert [type(m) for m in layers] == [DenseAttention, HybridAttention, HybridAttention]
+    assert [fast for _, fast in timed] == [False, False, True]
+    assert [isinstance(layer, tuple) and layer[0] == "compiled" for layer, _ in timed] == [compile_layers] * 3
+    assert len(resets) == (3 if compile_layers else 0)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_bench_needs_cuda(capsys):
     from torch_mosa.cli import main

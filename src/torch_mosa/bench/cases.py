@@ -72,9 +72,13 @@ def time_layer(layer, x, grad_y, warmup_ms=50, rep_ms=200) -> tuple[float, float
     return ms, peak
 
 
-def run_case(case: Case, paths=("dense", "reference", "fast"), reference_max_seq_len=131072) -> dict:
-    """{path: (ms, MiB) or None when skipped} for one case."""
-    device = torch.device("cuda")
+def run_case(case: Case, paths=("dense", "reference", "fast"), reference_max_seq_len=131072,
+             compile_layers: bool = False, device="cuda") -> dict:
+    """{path: (ms, MiB) or None when skipped} for one case. compile_layers: every path's layer is timed through
+    torch.compile (compiled afresh per path, since the fast-path switch is read once while tracing), which takes
+    the host's Python and launch overhead out of the eager step: SPEC §6 case C is bound by the host in eager
+    mode (benchmarks/mosa_layer.md, session 7)."""
+    device = torch.device(device)
     torch.manual_seed(0)
     mosa, dense = _layers(case, device)
     x = torch.randn(case.batch, case.seq_len, case.hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -86,16 +90,21 @@ def run_case(case: Case, paths=("dense", "reference", "fast"), reference_max_seq
             continue
         layer = dense if path == "dense" else mosa
         with fast_path(path == "fast"):
+            if compile_layers:
+                torch._dynamo.reset()
+                layer = torch.compile(layer)
             results[path] = time_layer(layer, x, grad_y)
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return results
 
 
-def run_cases(names, paths=("dense", "reference", "fast"), reference_max_seq_len=131072, log=print) -> list:
+def run_cases(names, paths=("dense", "reference", "fast"), reference_max_seq_len=131072, log=print,
+              compile_layers: bool = False) -> list:
     rows = []
     for name in names:
         for case in CASES[name]:
-            result = run_case(case, paths, reference_max_seq_len)
+            result = run_case(case, paths, reference_max_seq_len, compile_layers)
             rows.append((case, result))
             log(format_row(case, result))
     return rows

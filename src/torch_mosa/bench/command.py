@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="any of dense reference fast (default all)")
     p.add_argument("--reference-max-seq-len", type=int, default=131072,
                    help="skip the reference path above this T (case D); the table says 'not run'")
+    p.add_argument("--compile-layers", action="store_true",
+                   help="time the layer cases through torch.compile (dense and MoSA alike), without the eager "
+                        "step's Python and launch overhead")
     p.add_argument("--train-step", action="store_true",
                    help="also time whole Tiny training steps (compiled, bf16 autocast, fused AdamW): dense, MoSA "
                         "sparsity 64 and 16, and the 4 + 17 sparsity-32 model")
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
         raise ValueError(f"--cases must be among {sorted(CASES)}, got {unknown}")
-    rows = run_cases(args.cases, tuple(args.paths), args.reference_max_seq_len)
+    rows = run_cases(args.cases, tuple(args.paths), args.reference_max_seq_len, compile_layers=args.compile_layers)
     train_rows = []
     if args.train_step:
         for name in train_model_names(args.train_models):
@@ -83,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
                 train_rows.append((packed_name, args.train_batch, tokens_per_s, mib))
                 print(f"train step {packed_name}: {tokens_per_s:,.0f} tokens/s, {mib:.0f} MiB", flush=True)
                 torch.cuda.empty_cache()
-    return _emit(markdown_report(rows, train_rows, command=_command()), args.out)
+    notes = ["layers compiled with torch.compile (each path afresh), timed after compilation"] \
+        if args.compile_layers and rows else []
+    return _emit(markdown_report(rows, train_rows, command=_command(), notes=notes), args.out)
 
 
 def train_model_names(ids) -> list[str]:
