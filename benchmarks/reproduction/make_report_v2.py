@@ -29,6 +29,7 @@ from torch_mosa.statistics import bootstrap_interval, paired_difference  # noqa:
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_TOKENS = 40_000_000
+CORPUS_TOKENS = None  # --corpus-tokens: the training split's size for runs that did not record it
 KINDS = {"dense": "dense", "mosa": "MoSA", "pure_mosa": "pure MoSA", "fixed": "fixed", "routing": "Routing"}
 SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_size", "head_dim", "num_heads")
 
@@ -131,7 +132,8 @@ def headline_table(runs: list[dict]) -> str:
     best = best_runs(runs)
     dense = reference_dense(best)
     rows = ["| family | best lr | val ppl, causal | val ppl, top-k (non-causal) | causal vs best dense (paired, "
-            "95% interval) | train tokens/s (GPU) | params | tokens / param |", "|---|---|---|---|---|---|---|---|"]
+            "95% interval) | train tokens/s (GPU) | params | tokens / param | passes over the corpus |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, run in best.items():
         causal = run["eval"].get("causal") if run["attention"] != "dense" else run["eval"]["topk"]
         causal_ppl = f"{causal['ppl']:.2f}" if causal else "no causal mode"
@@ -143,8 +145,14 @@ def headline_table(runs: list[dict]) -> str:
         rows.append(f"| {name} | {rate} | {causal_ppl} | {run['eval']['topk']['ppl']:.2f} | {versus} | "
                     f"{summary['tokens_per_s']:,.0f} ({run['device'].replace('NVIDIA ', '')}) | "
                     f"{summary['params'] / 1e6:.1f}M | "
-                    f"{summary['tokens'] / summary['params']:.2f} |")
+                    f"{summary['tokens'] / summary['params']:.2f} | {passes(run)} |")
     return "\n".join(rows)
+
+
+def passes(run: dict) -> str:
+    """Training tokens over the corpus's (recorded by run_queue.py since session 7, else --corpus-tokens)."""
+    corpus = run.get("corpus_tokens") or CORPUS_TOKENS
+    return f"{run['summary']['tokens'] / corpus:.2f}" if corpus else "-"
 
 
 def ratio_cell(a: dict, b: dict) -> str:
@@ -296,7 +304,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--plots", type=Path, default=ROOT / "docs")
+    parser.add_argument("--corpus-tokens", type=int, default=54_716_632,
+                        help="training tokens of the corpus, for runs that did not record it (default: the Gutenberg "
+                             "preparation every run so far used, meta.json num_tokens.train)")
     args = parser.parse_args()
+    global CORPUS_TOKENS
+    CORPUS_TOKENS = args.corpus_tokens
     runs = load_runs(args.results)
     if not runs:
         raise SystemExit(f"no issue15-*-results-*.jsonl in {args.results}")

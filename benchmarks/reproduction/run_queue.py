@@ -164,6 +164,7 @@ def main() -> None:
             run_dir = Path(args.runs) / run["name"]
             summary = json.loads((run_dir / "summary.json").read_text())
             record = {**run, "train_command": " ".join(train), "eval_command": " ".join(evaluate["val"]),
+                      "corpus_tokens": _corpus_tokens(args.data),
                       "summary": summary, "eval": measured.pop("val"), "seconds": time.time() - start,
                       "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "device": _device_name(),
                       "other_commands": {name: " ".join(argv) for name, argv in evaluate.items() if name != "val"},
@@ -177,6 +178,14 @@ def main() -> None:
                         tar.add(directory / name, arcname=f"{directory.name}/{name}")
             print(f"done {run['name']} in {time.time() - start:.0f} s", file=log, flush=True)
 
+
+
+def _corpus_tokens(data: str) -> int | None:
+    """Training tokens of the prepared data (its meta.json), so that a report can say how many passes a run made."""
+    try:
+        return int(json.loads((Path(data) / "meta.json").read_text())["num_tokens"]["train"])
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _device_name() -> str:
