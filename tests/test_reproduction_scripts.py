@@ -21,7 +21,8 @@ def load(name: str):
 
 def queue_args(**overrides):
     args = dict(tokens=40_000_000, lr=None, batch_size=64, seq_len=1024, runs="/tmp/runs", preset="tiny",
-                data="/tmp/data", eval_batches=64, device="cuda", heldout=[], leak=False, val_books=False,
+                data="/tmp/data", eval_windows=512, eval_batch_size=8, device="cuda", heldout=[], leak=False,
+                val_books=False,
                 eval_capacity_factor=2.0)
     return Namespace(**{**args, **overrides})
 
@@ -36,6 +37,16 @@ def test_val_books_evaluates_the_whole_split_under_the_headline_routing(spec, ro
     assert argv[argv.index("--split") + 1] == "val" and "--full" in argv and "--per-document" in argv
     assert argv[argv.index("--routing") + 1:argv.index("--routing") + 1 + len(routing)] == routing
     assert "val_books" not in run_queue.commands(run_queue.parse_spec(spec), queue_args())[1]
+
+
+@pytest.mark.parametrize("batch_size", [8, 32])
+def test_the_validation_windows_do_not_depend_on_the_batch_size(batch_size):
+    run_queue = load("run_queue")
+    _, evaluate = run_queue.commands(run_queue.parse_spec("d:dense:1"), queue_args(eval_batch_size=batch_size))
+    argv = evaluate["val"]
+    assert int(argv[argv.index("--max-batches") + 1]) * int(argv[argv.index("--batch-size") + 1]) == 512
+    with pytest.raises(SystemExit, match="multiple"):
+        run_queue.commands(run_queue.parse_spec("d:dense:1"), queue_args(eval_batch_size=7))
 
 
 def fake_run(name, attention, lr, seed, losses, documents, tokens=None, val_books=None, sparsity=1):

@@ -2,7 +2,7 @@
 # One device call of the reproduction (issues 7 and 15): unpack the pre-tokenized Gutenberg shards (made here with
 # `mosa prepare`, then xz-compressed to travel), then run one queue of `run_queue.py` per GPU, queue i on GPU i.
 # Usage: bash benchmarks/reproduction/gpu_sweep.sh DATA_XZ_DIR OUT SECONDS "QUEUE0 SPECS" ["QUEUE1 SPECS" ...]
-# Extra run_queue.py options (e.g. --tokens, --lr, --eval-batches) go in RUN_QUEUE_ARGS. FIRST_GPU (default 0) puts
+# Extra run_queue.py options (e.g. --tokens, --lr, --eval-batch-size) go in RUN_QUEUE_ARGS. FIRST_GPU (default 0) puts
 # the first queue on that GPU (the next on the one after), so a sweep can share a machine with other work; two
 # sweeps on one machine share the unpacked shards (each is unpacked once, under a temporary name, then renamed).
 # Every queue stops at SECONDS (its unfinished run is lost; finished runs are in OUT already).

@@ -89,8 +89,12 @@ def commands(run: dict, args) -> tuple[list[str], list[str]]:
     capacity = []
     if run["attention"] in ("mosa", "pure_mosa") and args.eval_capacity_factor > 0:
         capacity = ["--causal-capacity", str(math.ceil(args.eval_capacity_factor * args.seq_len / run["sparsity"]))]
-    common = ["--batch-size", "8", "--device", args.device, "--json"]
-    evaluate = {"val": ["mosa", "eval", out, "--max-batches", str(args.eval_batches), "--decode-tokens", "64",
+    common = ["--batch-size", str(args.eval_batch_size), "--device", args.device, "--json"]
+    if args.eval_windows % args.eval_batch_size:
+        raise SystemExit(f"--eval-windows ({args.eval_windows}) must be a multiple of --eval-batch-size "
+                         f"({args.eval_batch_size})")
+    batches = args.eval_windows // args.eval_batch_size
+    evaluate = {"val": ["mosa", "eval", out, "--max-batches", str(batches), "--decode-tokens", "64",
                         "--per-document", *common, *routing, *capacity]}
     for name, directory in args.heldout:
         evaluate[name] = ["mosa", "eval", out, "--data", directory, "--split", "train", "--full", "--per-document",
@@ -129,7 +133,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="device of the evaluation (training picks CUDA itself)")
     parser.add_argument("--tokens", type=int, default=40_000_000)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--eval-batches", type=int, default=64)
+    parser.add_argument("--eval-windows", type=int, default=512,
+                        help="validation windows of the headline evaluation (the study's runs share the first 512)")
+    parser.add_argument("--eval-batch-size", type=int, default=8,
+                        help="windows per batch of every evaluation (a larger batch may evaluate faster: unmeasured)")
     parser.add_argument("--lr", default=None, help="peak learning rate of runs whose spec gives none (default: "
                                                    "mosa train's)")
     parser.add_argument("--heldout", action="append", default=[], type=lambda text: tuple(text.split("=", 1)),
