@@ -26,7 +26,8 @@ class _KVCache:
 
 class DenseCache(_KVCache):
     """k, v [B, H, max_len, d] by position; `key_real` [B, max_len] marks the real tokens written so far; `rope`
-    the layer's ops.rope.rope_table for every position it can decode at (or None), read by its decode step.
+    the layer's ops.rope.rope_table for every position it can decode at, or None (dense layers decode through
+    ops.decode.layer_decode, which rotates in its kernel; the local layers' ring step reads the table).
 
     The real-token marks are the same for every dense layer of a model, so ModelCache lets its dense layers share
     one `key_real` and only the first marks each new token (`marks_real`): one small kernel per decode step instead

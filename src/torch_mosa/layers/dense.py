@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_mosa.checks import check_attention_input, check_head_sizes, check_routing
-from torch_mosa.ops.rope import apply_rope, rope_table, rotary_dim_for
+from torch_mosa.ops.decode import DenseDecodeInputs, layer_decode
+from torch_mosa.ops.rope import apply_rope, rotary_dim_for
 
 
 def padding_causal_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -71,8 +72,7 @@ class DenseAttention(nn.Module):
     def new_cache(self, batch: int, max_len: int, dtype, device):
         from torch_mosa.inference.cache import DenseCache
 
-        return DenseCache(batch, self.num_heads, self.head_dim, max_len, dtype, device,
-                          rope=rope_table(max_len, self.rotary_dim, self.rope_base, dtype, device))
+        return DenseCache(batch, self.num_heads, self.head_dim, max_len, dtype, device)
 
     def prefill(self, x: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
         """Causal forward of the prompt x [B, T, h] (left padding by attention_mask), storing keys and values."""
@@ -80,10 +80,14 @@ class DenseAttention(nn.Module):
         cache.fill(k, v, attention_mask.bool())
         return self.merge_heads(self.attend(q, k, v, attention_mask))
 
+    def decode_inputs(self, x: torch.Tensor, cache) -> DenseDecodeInputs:
+        """The new token x [B, 1, h] projected through W_QKV, with W_O and the cache, for ops.decode.layer_decode."""
+        return DenseDecodeInputs(self.w_qkv(x)[:, 0], self.w_o.weight, cache.k, cache.v, cache.key_real,
+                                 cache.marks_real)
+
     def decode_step(self, x: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
-        """x [B, 1, h] at `position` ([1] long tensor) -> [B, 1, h]: one attention call over the whole cache buffer
-        (fixed shapes: no host sync, CUDA-graph safe)."""
-        q, k, v = self.project_qkv(x, position, cache.rope)
-        cache.update(position, k, v)
-        keys, values, mask = cache.keys_values_mask()
-        return self.merge_heads(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
+        """x [B, 1, h] at `position` ([1] long tensor) -> [B, 1, h]: W_QKV, then ops.decode.layer_decode (on CUDA
+        one kernel rotates, appends and attends over the real positions up to `position`, one more applies W_O),
+        with fixed shapes: no host sync, CUDA-graph safe."""
+        return layer_decode(x[:, 0], position, self.decode_inputs(x, cache), None, rotary_dim=self.rotary_dim,
+                            rope_base=self.rope_base).unsqueeze(1)

@@ -12,6 +12,8 @@ from torch_mosa.layers.fixed import FixedSparseAttention
 from torch_mosa.layers.local import LocalAttention
 from torch_mosa.layers.mosa import MoSAAttention
 from torch_mosa.layers.routing import RoutingAttention
+from torch_mosa.ops.decode import layer_decode, layer_decode_suits
+from torch_mosa.ops.dispatch import use_fast_path
 
 SPARSE_KINDS = ("mosa", "fixed", "routing")
 
@@ -100,6 +102,15 @@ class HybridAttention(nn.Module):
         return _summed(part.prefill(x, attention_mask, part_cache) for part, part_cache in zip(self.parts(), cache.parts()))
 
     def decode_step(self, x: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
+        """x [B, 1, h] at `position` -> [B, 1, h]. Dense + MoSA layers on the GPU take one fused step for both parts
+        (ops.decode.layer_decode: two kernel launches after the dense W_QKV GEMM) where it suits the batch
+        (`layer_decode_suits`); otherwise, and on the CPU, each part steps on its own and the outputs are summed."""
+        if self.local is None and isinstance(self.sparse, MoSAAttention) and use_fast_path(x) and \
+                layer_decode_suits(x.shape[0], self.sparse.num_heads, self.sparse.heads_per_token):
+            hx, mosa = self.sparse.decode_inputs(x, cache.sparse)
+            dense = None if self.dense is None else self.dense.decode_inputs(x, cache.dense)
+            return layer_decode(hx, position, dense, mosa, rotary_dim=self.sparse.rotary_dim,
+                                rope_base=self.sparse.rope_base).unsqueeze(1)
         return _summed(part.decode_step(x, position, part_cache) for part, part_cache in zip(self.parts(), cache.parts()))
 
 

@@ -61,3 +61,12 @@ class LocalAttention(DenseAttention):
 
         return LocalCache(batch, self.num_heads, self.head_dim, self.window, dtype, device,
                           rope=rope_table(max_len, self.rotary_dim, self.rope_base, dtype, device))
+
+    def decode_step(self, x: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
+        """x [B, 1, h] at `position` ([1] long tensor) -> [B, 1, h]: one attention call over the whole ring (the
+        token at position p lives in slot p % window, so slots are not positions as layer_decode's dense heads
+        need); fixed shapes: no host sync, CUDA-graph safe."""
+        q, k, v = self.project_qkv(x, position, cache.rope)
+        cache.update(position, k, v)
+        keys, values, mask = cache.keys_values_mask()
+        return self.merge_heads(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))

@@ -27,7 +27,7 @@ from torch import nn
 from torch_mosa.checks import check_attention_input, check_positive_int, check_routing, first_real_position, \
     selection_size
 from torch_mosa.layers.sparse import SparseHeads, membership_selection
-from torch_mosa.ops.decode import largest_margin_heads, route_heads
+from torch_mosa.ops.decode import MoSADecodeInputs, largest_margin_heads, route_heads
 from torch_mosa.ops.selection import router_logits, topk_route, topk_route_documents
 
 
@@ -289,6 +289,14 @@ class MoSAAttention(SparseHeads):
         if self.heads_per_token is None or self.heads_per_token >= self.num_heads:
             return None, logits.detach() > self.causal_threshold, torch.sigmoid(logits)
         return route_heads(logits, self.causal_threshold, cache.token_overflow, self.heads_per_token)
+
+    def decode_inputs(self, x: torch.Tensor, cache):
+        """The new token x [B, 1, h] -> (x [B, h] in the weights' compute dtype, MoSADecodeInputs): the router,
+        thresholds, limit, weights and cache for ops.decode.layer_decode, which routes as route_token does."""
+        hx, w_qkv, w_o = self._weights(x[:, 0])
+        return hx, MoSADecodeInputs(self.router.weight.to(hx.dtype), self.causal_threshold, self.heads_per_token,
+                                    w_qkv, w_o, cache.k, cache.v, cache.counts, cache.capacity_overflow,
+                                    cache.token_overflow)
 
     def forward(self, x: torch.Tensor, attention_mask=None, routing: str = "topk", documents=None) -> torch.Tensor:
         check_attention_input(x, self.hidden_size, self.w_qkv, attention_mask, documents)

@@ -1,15 +1,56 @@
-"""One decode step of sparse heads (MoSA and fixed) over a per-head KV cache: `route_heads` (a new token's causal
-routing to at most J heads) and `sparse_decode` (the step over the joined heads) each dispatch to the reference or
-the fused kernels (see ops/dispatch.py)."""
+"""One decode step over KV caches: `route_heads` (a new token's causal routing to at most J sparse heads),
+`sparse_decode` (the step of sparse heads, MoSA or fixed, over the heads a token joined) and `layer_decode` (a whole
+layer's dense and MoSA heads in one step) each dispatch to the reference or the fused kernels (see
+ops/dispatch.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from torch_mosa.ops.decode.reference import largest_margin_heads, route_heads_reference, sparse_decode_reference
+from typing import NamedTuple
+
+from torch_mosa.ops.decode.reference import (largest_margin_heads, layer_decode_reference, route_heads_reference,
+                                             sparse_decode_reference)
 from torch_mosa.ops.dispatch import use_fast_path
 
-__all__ = ["largest_margin_heads", "route_heads", "sparse_decode"]
+__all__ = ["DenseDecodeInputs", "MoSADecodeInputs", "layer_decode", "largest_margin_heads", "route_heads",
+           "sparse_decode", "LAYER_DECODE_MAX_MOSA_HEADS", "layer_decode_arguments",
+           "layer_decode_suits"]
+
+# The fused layer step routes each row inside its MoSA programs, every program computing all E router logits: cheap
+# for a few dozen heads (the 4 + 17 model), not for the IsoFLOP model's hundreds, which keep route_heads +
+# sparse_decode
+LAYER_DECODE_MAX_MOSA_HEADS = 64
+
+
+class DenseDecodeInputs(NamedTuple):
+    """A layer's dense heads for `layer_decode`: qkv [B, H*3d] (the new token's W_QKV projection, per head Q|K|V),
+    w_o [h, H*d] (nn.Linear's weight), the cache's k, v [B, H, max_len, d] by position and key_real [B, max_len]
+    (real tokens), mark_real: this layer marks the new position real (layers sharing key_real: the first)."""
+
+    qkv: torch.Tensor
+    w_o: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    key_real: torch.Tensor
+    mark_real: bool
+
+
+class MoSADecodeInputs(NamedTuple):
+    """A layer's MoSA heads for `layer_decode`: router_weight [E, h], thresholds [E] (causal routing, SPEC §5),
+    heads_per_token (None: no limit), w_qkv [E, h, 3d], w_o [E, d, h] in x's dtype, and the SparseCache's k, v
+    [B, E, capacity + 1, d], counts [B, E], capacity_overflow and token_overflow (0-dim long counters)."""
+
+    router_weight: torch.Tensor
+    thresholds: torch.Tensor
+    heads_per_token: int | None
+    w_qkv: torch.Tensor
+    w_o: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    counts: torch.Tensor
+    capacity_overflow: torch.Tensor
+    token_overflow: torch.Tensor
 
 
 def route_heads(logits: torch.Tensor, thresholds: torch.Tensor, token_overflow: torch.Tensor, heads_per_token: int):
@@ -53,3 +94,48 @@ def sparse_decode(x: torch.Tensor, heads: torch.Tensor | None, joined: torch.Ten
                                     float(rope_base))
     return sparse_decode_reference(x, heads, joined, scores, position, w_qkv, w_o, cache_k, cache_v, counts,
                                    capacity_overflow, rotary_dim, rope_base)
+
+
+def layer_decode(x: torch.Tensor, position: torch.Tensor, dense: DenseDecodeInputs | None,
+                 mosa: MoSADecodeInputs | None, *, rotary_dim: int, rope_base: float) -> torch.Tensor:
+    """One new token per row through a layer's dense heads and MoSA heads -> out [B, h], their summed output (in the
+    dense Q|K|V's dtype when there are dense heads, else x's).
+
+    x [B, h] the token's input (in the MoSA weights' dtype), position [1] long. Either part may be None; both use
+    head_dim d and RoPE on the first `rotary_dim` dims. The caches are updated in place as DenseAttention's and
+    MoSAAttention's decode steps update them, and the MoSA heads route the token as MoSAAttention.route_token does.
+    On CUDA one kernel runs every head (dense heads: rotate, append, attend over the real positions; MoSA heads:
+    route, then project, append and attend for the heads joined) and one more sums them through W_O: two launches
+    per layer after the dense W_QKV GEMM, where the separate steps take about ten.
+    """
+    args = layer_decode_arguments(x, position, dense, mosa, rotary_dim, rope_base)
+    if use_fast_path(x):
+        from torch_mosa.ops.decode.triton_decode import layer_decode_triton
+
+        return layer_decode_triton(*(t.contiguous() if isinstance(t, torch.Tensor) else t for t in args))
+    return layer_decode_reference(*args)
+
+
+def layer_decode_suits(batch: int, num_heads: int, heads_per_token: int | None) -> bool:
+    """Whether a layer of `num_heads` MoSA heads decodes `batch` rows through layer_decode's fused step on the GPU:
+    few enough heads to route inside the kernel, and few (row, head) pairs per head (where many rows share a head,
+    sparse_decode's grouped step reads each head's weights once instead of once per row). Needs Triton."""
+    from torch_mosa.ops.decode.triton_decode import grouped_decode
+
+    width = num_heads if heads_per_token is None else min(heads_per_token, num_heads)
+    return num_heads <= LAYER_DECODE_MAX_MOSA_HEADS and not grouped_decode(batch, width, num_heads)
+
+
+def layer_decode_arguments(x, position, dense: DenseDecodeInputs | None, mosa: MoSADecodeInputs | None,
+                           rotary_dim: int, rope_base: float) -> tuple:
+    """The flat, checked arguments of layer_decode's implementations (an absent part's tensors None, the head limit
+    an int: E when there is none)."""
+    if dense is None and mosa is None:
+        raise ValueError("layer_decode needs dense heads, MoSA heads or both; got neither")
+    num_heads = 0 if mosa is None else mosa.router_weight.shape[0]
+    limit = num_heads if mosa is None or mosa.heads_per_token is None else mosa.heads_per_token
+    if mosa is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise ValueError(f"heads_per_token must be a positive integer or None, got {mosa.heads_per_token!r}")
+    dense_args = (None,) * 5 + (False,) if dense is None else tuple(dense)
+    mosa_args = (None,) * 9 if mosa is None else (mosa.router_weight, mosa.thresholds) + tuple(mosa)[3:]
+    return (x, position, *dense_args, *mosa_args, min(limit, num_heads), int(rotary_dim), float(rope_base))

@@ -1,5 +1,6 @@
-"""Plain PyTorch for one decode step of sparse heads: the routing of a new token to at most J heads, and the step over
-their per-head KV cache. The CPU path and the kernels' oracle."""
+"""Plain PyTorch for one decode step: the routing of a new token to at most J sparse heads, the step of sparse heads
+over their per-head KV cache, and a whole layer's step of dense and MoSA heads. The CPU path and the kernels'
+oracle."""
 
 from __future__ import annotations
 
@@ -74,3 +75,43 @@ def sparse_decode_reference(x, heads, joined, scores, position, w_qkv, w_o, cach
     if all_heads:
         return torch.einsum("bed,edh->bh", attended, w_o)
     return torch.matmul(attended.unsqueeze(2), w_o[heads]).sum(dim=1).squeeze(1)  # [B, J, 1, h] -> [B, h]
+
+
+def layer_decode_reference(x, position, dense_qkv, dense_w_o, dense_k, dense_v, key_real, mark_real: bool,
+                           router_weight, thresholds, w_qkv, w_o, cache_k, cache_v, counts, capacity_overflow,
+                           token_overflow, heads_per_token: int, rotary_dim: int, rope_base: float) -> torch.Tensor:
+    """One new token per row through a layer's dense heads and MoSA heads; see `torch_mosa.ops.decode.layer_decode`
+    (arguments as it unpacks them; an absent part's tensors are None).
+
+    Dense heads: rotate the given Q|K|V at `position`, write K, V at `position` of the cache, mark the position
+    real (mark_real), attend over the real positions up to it, and project through W_O (nn.Linear's layout).
+    MoSA heads: router logits in x's dtype (as the router's nn.Linear returns them), routed as MoSAAttention's
+    route_token routes (every head above its threshold, or at most heads_per_token of them by route_heads), then
+    sparse_decode_reference."""
+    out = None
+    if dense_qkv is not None:
+        batch, num_heads, max_len, head_dim = dense_k.shape
+        q, k, v = dense_qkv.view(batch, num_heads, 1, 3 * head_dim).split(head_dim, dim=-1)
+        q = apply_rope(q, position, rotary_dim, rope_base)
+        k = apply_rope(k, position, rotary_dim, rope_base)
+        dense_k.index_copy_(2, position, k.to(dense_k.dtype))
+        dense_v.index_copy_(2, position, v.to(dense_v.dtype))
+        if mark_real:
+            key_real.index_fill_(1, position, True)
+        slots = torch.arange(max_len, device=x.device)
+        allowed = (key_real | (slots == position)) & (slots <= position)  # [B, max_len]
+        attended = F.scaled_dot_product_attention(q.to(dense_k.dtype), dense_k, dense_v,
+                                                  attn_mask=allowed[:, None, None, :])
+        out = F.linear(attended.reshape(batch, num_heads * head_dim), dense_w_o.to(attended.dtype))
+    if router_weight is not None:
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        logits = torch.matmul(x.to(compute), router_weight.to(compute).t()).to(x.dtype)
+        num_heads = router_weight.shape[0]
+        if heads_per_token >= num_heads:
+            heads, joined, scores = None, logits > thresholds, torch.sigmoid(logits)
+        else:
+            heads, joined, scores = route_heads_reference(logits, thresholds, token_overflow, heads_per_token)
+        sparse = sparse_decode_reference(x, heads, joined, scores, position, w_qkv, w_o, cache_k, cache_v, counts,
+                                         capacity_overflow, rotary_dim, rope_base)
+        out = sparse if out is None else out + sparse.to(out.dtype)
+    return out

@@ -58,23 +58,14 @@ GROUPED_OUT_BLOCK_K = 64  # (head, dim) rows of W_O per step of its reduction
 
 
 @triton.jit
-def _route_heads_kernel(logits_ptr, thresholds_ptr, heads_ptr, joined_ptr, scores_ptr, overflow_ptr, E,
-                        J: tl.constexpr, BE: tl.constexpr, ROUND_MARGIN: tl.constexpr):
-    """One row, one warp (its reductions stay in shuffles): the heads whose logit passes the threshold, at most J
-    of them by largest margin (rounded to the logits' dtype when torch's logits - thresholds would be, as the
-    reference computes it; equal margins to the lower index), the slots left over filled by the lowest other heads;
-    written in head order."""
-    b = tl.program_id(0).to(tl.int64)
-    LT: tl.constexpr = logits_ptr.dtype.element_ty
-    e = tl.arange(0, BE)
-    valid = e < E
-    logit = tl.load(logits_ptr + b * E + e, mask=valid, other=0.0)
-    threshold = tl.load(thresholds_ptr + e, mask=valid, other=0.0)
+def _choose_heads(logit, threshold, valid, J, ROUND_MARGIN: tl.constexpr, LT: tl.constexpr):
+    """The heads of one row whose logit passes the threshold, at most J of them by largest margin (rounded to the
+    logits' dtype LT when torch's logits - thresholds would be, as the reference computes it; equal margins to the
+    lower index). Returns (chosen [BE] bool, number of heads above the threshold)."""
     above = valid & (logit > threshold)
     num_above = tl.sum(above.to(tl.int32), 0)
     chosen = above
     if num_above > J:  # keep the J largest margins: find the J-th largest key bit by bit, then break its ties
-        tl.atomic_add(overflow_ptr, (num_above - J).to(tl.int64))
         margin = logit.to(tl.float32) - threshold.to(tl.float32)
         if ROUND_MARGIN:
             margin = margin.to(LT).to(tl.float32)
@@ -87,6 +78,23 @@ def _route_heads_kernel(logits_ptr, thresholds_ptr, heads_ptr, joined_ptr, score
         equal = above & (key == kth)
         need = J - tl.sum((key > kth).to(tl.int32), 0)
         chosen = (key > kth) | (equal & (tl.cumsum(equal.to(tl.int32), 0) <= need))
+    return chosen, num_above
+
+
+@triton.jit
+def _route_heads_kernel(logits_ptr, thresholds_ptr, heads_ptr, joined_ptr, scores_ptr, overflow_ptr, E,
+                        J: tl.constexpr, BE: tl.constexpr, ROUND_MARGIN: tl.constexpr):
+    """One row, one warp (its reductions stay in shuffles): `_choose_heads`, the slots left over filled by the
+    lowest other heads; written in head order, the joins beyond J counted."""
+    b = tl.program_id(0).to(tl.int64)
+    LT: tl.constexpr = logits_ptr.dtype.element_ty
+    e = tl.arange(0, BE)
+    valid = e < E
+    logit = tl.load(logits_ptr + b * E + e, mask=valid, other=0.0)
+    threshold = tl.load(thresholds_ptr + e, mask=valid, other=0.0)
+    chosen, num_above = _choose_heads(logit, threshold, valid, J, ROUND_MARGIN, LT)
+    if num_above > J:
+        tl.atomic_add(overflow_ptr, (num_above - J).to(tl.int64))
     # fewer than J passed: the remaining slots take the lowest-index other heads, not joined
     others = valid & ~chosen
     filler = others & (tl.cumsum(others.to(tl.int32), 0) <= J - tl.sum(chosen.to(tl.int32), 0))
@@ -149,43 +157,13 @@ def _sparse_decode_heads_kernel(x_ptr, qkv_ptr, heads_ptr, joined_ptr, scores_pt
         else:
             q1, q2, q3, k1, k2, k3, v = _project_token_qkv(x_ptr + b.to(tl.int64) * H, w_qkv_ptr + e * H * 3 * D,
                                                            r, p, d, rm, pm, dm, H, D, R2, BR, BP, BD, BH)
-        if R2 > 0:  # RoPE at `position`: the reference's fp32 angles position * base^(-2i / rotary_dim)
-            position = tl.load(pos_ptr).to(tl.float32)
-            inv_freq = tl.exp2(-(2.0 * r.to(tl.float32) / (2 * R2)) * log2_base)
-            angle = position * inv_freq
-            cos = tl.cos(angle)
-            sin = tl.sin(angle)
-            q1, q2 = q1 * cos - q2 * sin, q2 * cos + q1 * sin
-            k1, k2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
-        # append K, V at the head's next slot
-        cache_row = (head * (CAP + 1) + count) * D
-        KT: tl.constexpr = k_ptr.dtype.element_ty
-        tl.store(k_ptr + cache_row + r, k1.to(KT), mask=rm)
-        tl.store(k_ptr + cache_row + R2 + r, k2.to(KT), mask=rm)
-        tl.store(k_ptr + cache_row + 2 * R2 + p, k3.to(KT), mask=pm)
-        tl.store(v_ptr + cache_row + d, v.to(KT), mask=dm)
+        q1, q2, k1, k2 = _rotate(q1, q2, k1, k2, pos_ptr, log2_base, r, R2)
+        # append K, V at the head's next slot, then attend over slots 0..count (the new token included)
+        _append(k_ptr, v_ptr, (head * (CAP + 1) + count) * D, k1, k2, k3, v, r, p, d, rm, pm, dm, R2)
         tl.store(counts_ptr + head, count + 1)
-        # attention over slots 0..count (the new token included), online softmax in fp32; q and k are rounded to
-        # the cache's dtype as the reference's attention sees them
-        held = count + 1
-        q1 = q1.to(KT).to(tl.float32)
-        q2 = q2.to(KT).to(tl.float32)
-        q3 = q3.to(KT).to(tl.float32)
-        scale = 1.0 / tl.sqrt(D * 1.0)
-        m_i = tl.full((), -float("inf"), tl.float32)
-        l_i = tl.full((), 0.0, tl.float32)
-        acc = tl.zeros([BD], tl.float32)
-        head_cache = head * (CAP + 1) * D
-        if SLOTS_BOUND > 0:  # the interpreter cannot loop to a run-time bound
-            for s0 in range(0, SLOTS_BOUND, BS):
-                m_i, l_i, acc = _attend_slots(k_ptr, v_ptr, head_cache, s0, held, q1, q2, q3, r, p, d, rm, pm, dm,
-                                              scale, m_i, l_i, acc, D, R2, BS)
-        else:
-            for s0 in range(0, held, BS):
-                m_i, l_i, acc = _attend_slots(k_ptr, v_ptr, head_cache, s0, held, q1, q2, q3, r, p, d, rm, pm, dm,
-                                              scale, m_i, l_i, acc, D, R2, BS)
-        score = tl.load(scores_ptr + slot).to(tl.float32)
-        out = acc / l_i * score
+        out = _attend_cache(k_ptr, v_ptr, head * (CAP + 1) * D, count + 1, q1, q2, q3, r, p, d, rm, pm, dm, k_ptr,
+                            D, R2, BD, BS, SLOTS_BOUND, False)
+        out = out * tl.load(scores_ptr + slot).to(tl.float32)
     tl.store(attended_ptr + pid.to(tl.int64) * D + d, out.to(attended_ptr.dtype.element_ty), mask=dm)
     if not GROUPED:
         tl.store(written_ptr + pid, written.to(tl.int8))
@@ -245,11 +223,63 @@ def _given_qkv(row, r, p, d, rm, pm, dm, D: tl.constexpr, R2: tl.constexpr):
 
 
 @triton.jit
+def _rotate(q1, q2, k1, k2, pos_ptr, log2_base, r, R2: tl.constexpr):
+    """RoPE at `position` on the rotated halves of q and k: the reference's fp32 angles position * base^(-2i /
+    rotary_dim)."""
+    if R2 > 0:
+        position = tl.load(pos_ptr).to(tl.float32)
+        angle = position * tl.exp2(-(2.0 * r.to(tl.float32) / (2 * R2)) * log2_base)
+        cos = tl.cos(angle)
+        sin = tl.sin(angle)
+        q1, q2 = q1 * cos - q2 * sin, q2 * cos + q1 * sin
+        k1, k2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
+    return q1, q2, k1, k2
+
+
+@triton.jit
+def _append(k_ptr, v_ptr, cache_row, k1, k2, k3, v, r, p, d, rm, pm, dm, R2: tl.constexpr):
+    """Store one token's K (as its three segments) and V at element offset cache_row of the caches."""
+    KT: tl.constexpr = k_ptr.dtype.element_ty
+    tl.store(k_ptr + cache_row + r, k1.to(KT), mask=rm)
+    tl.store(k_ptr + cache_row + R2 + r, k2.to(KT), mask=rm)
+    tl.store(k_ptr + cache_row + 2 * R2 + p, k3.to(KT), mask=pm)
+    tl.store(v_ptr + cache_row + d, v.to(KT), mask=dm)
+
+
+@triton.jit
+def _attend_cache(k_ptr, v_ptr, head_cache, held, q1, q2, q3, r, p, d, rm, pm, dm, real_row, D: tl.constexpr,
+                  R2: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, SLOTS_BOUND: tl.constexpr,
+                  HAS_REAL: tl.constexpr):
+    """softmax(q . K / sqrt(d)) V over slots 0..held-1 of one head's cache (from element offset head_cache), an
+    online softmax in fp32 over blocks of BS slots; q is rounded to the cache's dtype first, as the reference's
+    attention sees it. HAS_REAL: only slots marked in real_row [slots] (and the last, the new token) count."""
+    KT: tl.constexpr = k_ptr.dtype.element_ty
+    q1 = q1.to(KT).to(tl.float32)
+    q2 = q2.to(KT).to(tl.float32)
+    q3 = q3.to(KT).to(tl.float32)
+    scale = 1.0 / tl.sqrt(D * 1.0)
+    m_i = tl.full((), -float("inf"), tl.float32)
+    l_i = tl.full((), 0.0, tl.float32)
+    acc = tl.zeros([BD], tl.float32)
+    if SLOTS_BOUND > 0:  # the interpreter cannot loop to a run-time bound
+        for s0 in range(0, SLOTS_BOUND, BS):
+            m_i, l_i, acc = _attend_slots(k_ptr, v_ptr, head_cache, s0, held, q1, q2, q3, r, p, d, rm, pm, dm,
+                                          scale, m_i, l_i, acc, real_row, D, R2, BS, HAS_REAL)
+    else:
+        for s0 in range(0, held, BS):
+            m_i, l_i, acc = _attend_slots(k_ptr, v_ptr, head_cache, s0, held, q1, q2, q3, r, p, d, rm, pm, dm,
+                                          scale, m_i, l_i, acc, real_row, D, R2, BS, HAS_REAL)
+    return acc / l_i
+
+
+@triton.jit
 def _attend_slots(k_ptr, v_ptr, head_cache, s0, held, q1, q2, q3, r, p, d, rm, pm, dm, scale, m_i, l_i, acc,
-                  D: tl.constexpr, R2: tl.constexpr, BS: tl.constexpr):
+                  real_row, D: tl.constexpr, R2: tl.constexpr, BS: tl.constexpr, HAS_REAL: tl.constexpr):
     """One block of BS cache slots into the online softmax (m_i, l_i, acc)."""
     slots = s0 + tl.arange(0, BS)
     sm = slots < held
+    if HAS_REAL:
+        sm = sm & ((tl.load(real_row + slots, mask=sm, other=0) != 0) | (slots == held - 1))
     rows = head_cache + slots.to(tl.int64)[:, None] * D
     k1 = tl.load(k_ptr + rows + r[None, :], mask=sm[:, None] & rm[None, :], other=0.0).to(tl.float32)
     k2 = tl.load(k_ptr + rows + R2 + r[None, :], mask=sm[:, None] & rm[None, :], other=0.0).to(tl.float32)
@@ -266,16 +296,24 @@ def _attend_slots(k_ptr, v_ptr, head_cache, s0, held, q1, q2, q3, r, p, d, rm, p
 
 
 @triton.jit
-def _sparse_decode_output_kernel(attended_ptr, written_ptr, heads_ptr, w_o_ptr, out_ptr, J: tl.constexpr,
-                                 H: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
-                                 ALL_HEADS: tl.constexpr):
-    """out[b, chunk] = sum over (head slot j, dim i) of attended[b, j, i] * W_O[head j][i, chunk]: the J*D pairs
-    in blocks of BK, each block gathering the W_O rows of several heads (skipped for heads without a write)."""
+def _decode_output_kernel(attended_ptr, written_ptr, heads_ptr, w_o_ptr, dense_w_o_ptr, out_ptr, J: tl.constexpr,
+                          H: tl.constexpr, D: tl.constexpr, KD: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
+                          ALL_HEADS: tl.constexpr):
+    """out[b, chunk] = attended[b, :KD] @ dense W_O (the dense heads' KD = heads x d rows, none when KD = 0) + the
+    sum over (head slot j, dim i) of attended[b, KD + j*D + i] * W_O[head j][i, chunk]: the J*D pairs in blocks of
+    BK, each block gathering the W_O rows of several heads (skipped for heads without a write)."""
     num_chunks = tl.cdiv(H, BH)
     b = (tl.program_id(0) // num_chunks).to(tl.int64)
     hs = (tl.program_id(0) % num_chunks) * BH + tl.arange(0, BH)
     hm = hs < H
+    row = attended_ptr + b * (KD + J * D)
     acc = tl.zeros([BK, BH], tl.float32)  # summed over its rows once, after the loop
+    for k0 in range(0, KD, BK):  # dense heads, W_O as nn.Linear holds it: [H, KD]
+        k = k0 + tl.arange(0, BK)
+        live = k < KD
+        a = tl.load(row + k, mask=live, other=0.0)
+        w = tl.load(dense_w_o_ptr + hs[None, :] * KD + k[:, None], mask=live[:, None] & hm[None, :], other=0.0)
+        acc += a[:, None] * w.to(tl.float32)
     for k0 in range(0, J * D, BK):
         k = k0 + tl.arange(0, BK)
         slot = b * J + k // D
@@ -285,10 +323,91 @@ def _sparse_decode_output_kernel(attended_ptr, written_ptr, heads_ptr, w_o_ptr, 
             e = (k // D).to(tl.int64)
         else:
             e = tl.load(heads_ptr + slot, mask=live, other=0).to(tl.int64)
-        a = tl.load(attended_ptr + b * J * D + k, mask=live, other=0.0)
+        a = tl.load(row + KD + k, mask=live, other=0.0)
         w = tl.load(w_o_ptr + (e * D + i)[:, None] * H + hs[None, :], mask=live[:, None] & hm[None, :], other=0.0)
         acc += a[:, None] * w.to(tl.float32)
     tl.store(out_ptr + b * H + hs, tl.sum(acc, 0).to(out_ptr.dtype.element_ty), mask=hm)
+
+
+@triton.jit
+def _layer_decode_heads_kernel(x_ptr, dense_qkv_ptr, dense_k_ptr, dense_v_ptr, real_ptr, router_ptr, thresholds_ptr,
+                               w_qkv_ptr, k_ptr, v_ptr, counts_ptr, capacity_overflow_ptr, token_overflow_ptr,
+                               pos_ptr, attended_ptr, written_ptr, B, E, J, log2_base, HD: tl.constexpr,
+                               L: tl.constexpr, H: tl.constexpr, D: tl.constexpr, R2: tl.constexpr,
+                               CAP: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+                               BH: tl.constexpr, BS: tl.constexpr, BE: tl.constexpr, MARK_REAL: tl.constexpr,
+                               ROUND_MARGIN: tl.constexpr, INTERPRET: tl.constexpr):
+    """A layer's dense and MoSA heads in one launch (module docstring, "layer step"). Programs 0..B*HD-1: dense
+    head (b, hd) from its given Q|K|V. The others: MoSA head (b, e), which routes the row itself (all E router
+    logits, `_choose_heads`) and, if the token joined e and e has room, projects, appends and attends. Each writes
+    its row of attended [B, HD + E, D] (MoSA rows times the score, zeros without a write; MoSA writes flagged in
+    written [B, E])."""
+    pid = tl.program_id(0)
+    P: tl.constexpr = D - 2 * R2
+    r = tl.arange(0, BR)
+    p = tl.arange(0, BP)
+    d = tl.arange(0, BD)
+    rm = r < R2
+    pm = p < P
+    dm = d < D
+    row_stride = (HD + E) * D
+    if pid < B * HD:
+        b = (pid // HD).to(tl.int64)
+        hd = pid % HD
+        head = b * HD + hd
+        q1, q2, q3, k1, k2, k3, v = _given_qkv(dense_qkv_ptr + head * 3 * D, r, p, d, rm, pm, dm, D, R2)
+        q1, q2, k1, k2 = _rotate(q1, q2, k1, k2, pos_ptr, log2_base, r, R2)
+        position = tl.load(pos_ptr)
+        _append(dense_k_ptr, dense_v_ptr, (head * L + position) * D, k1, k2, k3, v, r, p, d, rm, pm, dm, R2)
+        if MARK_REAL:
+            if hd == 0:
+                tl.store(real_ptr + b * L + position, 1)
+        # positions 0..position, the real ones (left padding is not) and the new token, which is real but whose
+        # mark other programs of this launch may not see yet
+        out = _attend_cache(dense_k_ptr, dense_v_ptr, head * L * D, position + 1, q1, q2, q3, r, p, d, rm, pm, dm,
+                            real_ptr + b * L, D, R2, BD, BS, L if INTERPRET else 0, True)
+        tl.store(attended_ptr + b * row_stride + hd * D + d, out.to(attended_ptr.dtype.element_ty), mask=dm)
+    else:
+        pair = pid - B * HD
+        b = (pair // E).to(tl.int64)
+        e = pair % E
+        x_row = x_ptr + b * H
+        # the row's router logits, in the inputs' dtype as the router's Linear returns them
+        LT: tl.constexpr = x_ptr.dtype.element_ty
+        es = tl.arange(0, BE)
+        em = es < E
+        products = tl.zeros([BE, BH], tl.float32)
+        for h0 in range(0, H, BH):
+            hs = h0 + tl.arange(0, BH)
+            hm = hs < H
+            xs = tl.load(x_row + hs, mask=hm, other=0.0).to(tl.float32)
+            w = tl.load(router_ptr + es[:, None] * H + hs[None, :], mask=em[:, None] & hm[None, :], other=0.0)
+            products += w.to(tl.float32) * xs[None, :]
+        logit = tl.sum(products, 1).to(LT)
+        threshold = tl.load(thresholds_ptr + es, mask=em, other=0.0)
+        chosen, num_above = _choose_heads(logit, threshold, em, J, ROUND_MARGIN, LT)
+        if e == 0 and num_above > J:
+            tl.atomic_add(token_overflow_ptr, (num_above - J).to(tl.int64))
+        mine = es == e
+        joined = tl.sum((chosen & mine).to(tl.int32), 0) > 0
+        head = b * E + e
+        count = tl.load(counts_ptr + head)
+        written = joined & (count < CAP)
+        if joined & (count >= CAP):
+            tl.atomic_add(capacity_overflow_ptr, 1)
+        out = tl.zeros([BD], tl.float32)
+        if written:
+            q1, q2, q3, k1, k2, k3, v = _project_token_qkv(x_row, w_qkv_ptr + e.to(tl.int64) * H * 3 * D, r, p, d,
+                                                           rm, pm, dm, H, D, R2, BR, BP, BD, BH)
+            q1, q2, k1, k2 = _rotate(q1, q2, k1, k2, pos_ptr, log2_base, r, R2)
+            _append(k_ptr, v_ptr, (head * (CAP + 1) + count) * D, k1, k2, k3, v, r, p, d, rm, pm, dm, R2)
+            tl.store(counts_ptr + head, count + 1)
+            out = _attend_cache(k_ptr, v_ptr, head * (CAP + 1) * D, count + 1, q1, q2, q3, r, p, d, rm, pm, dm, k_ptr,
+                                D, R2, BD, BS, CAP + 1 if INTERPRET else 0, False)
+            logit_e = tl.sum(tl.where(mine, logit.to(tl.float32), 0.0), 0)
+            out = out * (1.0 / (1.0 + tl.exp(-logit_e))).to(LT).to(tl.float32)
+        tl.store(attended_ptr + b * row_stride + (HD + e) * D + d, out.to(attended_ptr.dtype.element_ty), mask=dm)
+        tl.store(written_ptr + head, written.to(tl.int8))
 
 
 @triton.jit
@@ -365,8 +484,8 @@ def sparse_decode_triton(x: torch.Tensor, heads: torch.Tensor | None, joined: to
             attended, w_o, out, batch, K=num_heads * head_dim, H=hidden, BM=block_m, BN=GROUPED_OUT_BLOCK_H,
             BK=GROUPED_OUT_BLOCK_K, PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4)
         return out
-    _sparse_decode_output_kernel[(batch * triton.cdiv(hidden, OUT_BLOCK_H),)](
-        attended, written, joined if heads is None else heads, w_o, out, J=width, H=hidden, D=head_dim,
+    _decode_output_kernel[(batch * triton.cdiv(hidden, OUT_BLOCK_H),)](
+        attended, written, joined if heads is None else heads, w_o, w_o, out, J=width, H=hidden, D=head_dim, KD=0,
         BK=OUT_BLOCK_K, BH=OUT_BLOCK_H, ALL_HEADS=heads is None, num_warps=8)
     return out
 
@@ -375,6 +494,52 @@ def sparse_decode_triton(x: torch.Tensor, heads: torch.Tensor | None, joined: to
 def _sparse_decode_fake(x, heads, joined, scores, position, w_qkv, w_o, cache_k, cache_v, counts, capacity_overflow,
                         rotary_dim, rope_base):
     return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("torch_mosa::layer_decode", mutates_args=(
+    "dense_k", "dense_v", "key_real", "cache_k", "cache_v", "counts", "capacity_overflow", "token_overflow"))
+def layer_decode_triton(x: torch.Tensor, position: torch.Tensor, dense_qkv: torch.Tensor | None,
+                        dense_w_o: torch.Tensor | None, dense_k: torch.Tensor | None, dense_v: torch.Tensor | None,
+                        key_real: torch.Tensor | None, mark_real: bool, router_weight: torch.Tensor | None,
+                        thresholds: torch.Tensor | None, w_qkv: torch.Tensor | None, w_o: torch.Tensor | None,
+                        cache_k: torch.Tensor | None, cache_v: torch.Tensor | None, counts: torch.Tensor | None,
+                        capacity_overflow: torch.Tensor | None, token_overflow: torch.Tensor | None,
+                        heads_per_token: int, rotary_dim: int, rope_base: float) -> torch.Tensor:
+    """The layer step (module docstring); arguments as `torch_mosa.ops.decode.layer_decode` unpacks them,
+    contiguous. A part that is absent has all its tensors None."""
+    batch, hidden = x.shape
+    dense = dense_qkv is not None
+    mosa = router_weight is not None
+    dense_heads, max_len, head_dim = (dense_k.shape[1], dense_k.shape[2], dense_k.shape[3]) if dense else (0, 1, 0)
+    num_heads, capacity = (cache_k.shape[1], cache_k.shape[2] - 1) if mosa else (0, 0)
+    if mosa:
+        head_dim = cache_k.shape[3]
+    out_dtype = dense_qkv.dtype if dense else x.dtype
+    attended = torch.empty(batch, dense_heads + num_heads, head_dim, device=x.device, dtype=torch.float32)
+    written = torch.empty(batch, num_heads, device=x.device, dtype=torch.int8)
+    round_margin = mosa and x.dtype != torch.float32 and \
+        torch.promote_types(x.dtype, thresholds.dtype) == x.dtype  # as route_heads_triton
+    placeholder = attended  # pointer for an absent part's tensors (never read: that part has no programs)
+    _layer_decode_heads_kernel[(batch * (dense_heads + num_heads),)](
+        x, *(t if t is not None else placeholder for t in (dense_qkv, dense_k, dense_v, key_real, router_weight,
+                                                             thresholds, w_qkv, cache_k, cache_v, counts,
+                                                             capacity_overflow, token_overflow)),
+        position, attended, written, batch, num_heads, heads_per_token, math.log2(rope_base),
+        HD=dense_heads, L=max_len, H=hidden, D=head_dim, R2=rotary_dim // 2, CAP=capacity,
+        BR=_block(rotary_dim // 2), BP=_block(head_dim - rotary_dim), BD=_block(head_dim), BH=BLOCK_H,
+        BS=BLOCK_SLOTS, BE=_block(num_heads), MARK_REAL=dense and mark_real, ROUND_MARGIN=round_margin,
+        INTERPRET=_interpreting(), num_warps=8)
+    out = torch.empty(batch, hidden, device=x.device, dtype=out_dtype)
+    _decode_output_kernel[(batch * triton.cdiv(hidden, OUT_BLOCK_H),)](
+        attended, written, written, w_o if mosa else placeholder, dense_w_o if dense else placeholder, out,
+        J=num_heads, H=hidden, D=head_dim, KD=dense_heads * head_dim, BK=OUT_BLOCK_K, BH=OUT_BLOCK_H,
+        ALL_HEADS=True, num_warps=8)
+    return out
+
+
+@layer_decode_triton.register_fake
+def _layer_decode_fake(x, position, dense_qkv, *args):
+    return x.new_empty(x.shape, dtype=x.dtype if dense_qkv is None else dense_qkv.dtype)
 
 
 @torch.library.custom_op("torch_mosa::route_heads", mutates_args=("token_overflow",))
