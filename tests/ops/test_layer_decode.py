@@ -75,7 +75,7 @@ def run(op, x, position, dense, mosa, rotary_dim):
 
 
 def assert_step_matches(expected, actual, position, atol, rtol):
-    (out64, x64, dense64, mosa64), (out, _, dense, mosa) = expected, actual
+    (out64, _, dense64, mosa64), (out, _, dense, mosa) = expected, actual
     torch.testing.assert_close(out.double(), out64, atol=atol, rtol=rtol)
     if dense64 is not None:
         p = int(position)
