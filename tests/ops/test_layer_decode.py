@@ -17,13 +17,27 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def thresholds_between_logits(logits: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Per head a threshold halfway between two of its rows' logits (or beyond all of them), so no logit lies within
-    rounding distance of its threshold: the kernel's fp32 router dot and the reference's matmul then route alike."""
+    """Per head a threshold in the widest gap between its rows' logits (or 0.25 beyond all of them), so no logit lies
+    within rounding distance of its threshold: the kernel's router dot and the reference's matmul then route alike."""
     values = logits.double().sort(dim=0).values  # [B, E]
-    edges = torch.cat([values[:1] - 1.0, values, values[-1:] + 1.0])
-    pick = torch.randint(0, edges.shape[0] - 1, (logits.shape[1],), generator=g)
+    edges = torch.cat([values[:1] - 0.25, values, values[-1:] + 0.25])
+    gaps = edges[1:] - edges[:-1] + 1e-3 * torch.rand(edges.shape[0] - 1, logits.shape[1], generator=g,
+                                                       dtype=torch.float64)  # ties (B=1) broken at random
+    pick = gaps.argmax(dim=0)
     cols = torch.arange(logits.shape[1])
     return ((edges[pick, cols] + edges[pick + 1, cols]) / 2).float()
+
+
+def thresholds_with_separated_margins(logits: torch.Tensor, heads_per_token: int, g: torch.Generator):
+    """One row's logits [1, E] -> thresholds that put heads_per_token + 3 heads above (head 0 first), their margins
+    0.2 apart: which J heads have the largest margins then does not depend on rounding."""
+    num_heads = logits.shape[1]
+    order = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(num_heads - 1, generator=g)])
+    margins = torch.empty(num_heads, dtype=torch.float64)
+    above = min(heads_per_token + 3, num_heads)
+    margins[order[:above]] = 0.2 * torch.arange(above, 0, -1, dtype=torch.float64)
+    margins[order[above:]] = -0.2 * torch.arange(1, num_heads - above + 1, dtype=torch.float64)
+    return (logits[0].double() - margins).float()
 
 
 def make_layer(batch, hidden, dense_heads, mosa_heads, head_dim, max_len, capacity, heads_per_token, seed,
@@ -74,9 +88,12 @@ def run(op, x, position, dense, mosa, rotary_dim):
     return (decode_reference.layer_decode_reference if op == "reference" else layer_decode_triton)(*args)
 
 
-def assert_step_matches(expected, actual, position, atol, rtol):
+def assert_step_matches(expected, actual, position, atol, rtol, elementwise_output=True):
+    """Output (elementwise within atol, rtol; elementwise_output=False: the caller bounds its RMS error instead), the
+    caches' new entries, marks, counts and overflow counters."""
     (out64, _, dense64, mosa64), (out, _, dense, mosa) = expected, actual
-    torch.testing.assert_close(out.double(), out64, atol=atol, rtol=rtol)
+    if elementwise_output:
+        torch.testing.assert_close(out.double(), out64, atol=atol, rtol=rtol)
     if dense64 is not None:
         p = int(position)
         for a, e in ((dense.k, dense64.k), (dense.v, dense64.v)):
@@ -155,17 +172,27 @@ def test_bad_arguments():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("batch,dense_heads,mosa_heads,limit", [(1, 4, 17, 5), (5, 4, 17, None), (3, 9, 0, None),
-                                                                (2, 0, 33, 4)])
+                                                                (1, 0, 33, 4), (2, 4, 33, None)])
 def test_layer_step_in_bfloat16_on_the_gpu(batch, dense_heads, mosa_heads, limit):
-    """Tiny-model shapes (h 512, d 64, rotary 32, 392 positions, capacity 28) in bfloat16 against float64: output and
-    appended keys and values within 1e-2 relative, counts, marks and overflows exact."""
-    inputs = make_layer(batch, 512, dense_heads, mosa_heads, 64, 392, 28, limit, seed=batch + mosa_heads)
-    expected = cast(*inputs, torch.float64, "cuda")
-    actual = cast(*inputs, torch.bfloat16, "cuda")
+    """Tiny-model shapes (h 512, d 64, rotary 32, 392 positions, capacity 28) in bfloat16 against the float64
+    reference on the same (bf16-rounded) inputs: output within 1e-2 relative RMS, appended keys and values within
+    2e-2, counts, marks and overflows exact. A head limit that bites is tested at B=1 with margins set apart."""
+    g = torch.Generator().manual_seed(batch + mosa_heads)
+    x, position, dense, mosa = cast(*make_layer(batch, 512, dense_heads, mosa_heads, 64, 392, 28, limit,
+                                                seed=batch + mosa_heads), torch.bfloat16, "cuda")
+    if mosa is not None:
+        logits = (x.double() @ mosa.router_weight.double().t()).cpu()
+        thresholds = thresholds_with_separated_margins(logits, limit, g) if limit else \
+            thresholds_between_logits(logits, g)
+        if not limit:
+            thresholds[0] = -10.0  # every row joins the full head 0 of row 0: a capacity overflow
+        mosa = mosa._replace(thresholds=thresholds.cuda())
+    actual = (x, position, dense, mosa)
+    expected = cast(*actual, torch.float64, "cuda")
     out64 = run("reference", *expected, 32)
     out = run("fused", *actual, 32)
-    assert_step_matches((out64, *expected[:1], *expected[2:]), (out, *actual[:1], *actual[2:]), inputs[1],
-                        atol=2e-2, rtol=2e-2)
+    assert_step_matches((out64, *expected[:1], *expected[2:]), (out, *actual[:1], *actual[2:]), position,
+                        atol=2e-2, rtol=2e-2, elementwise_output=False)
     error = ((out.double() - out64).norm() / out64.norm()).item()
     assert error < 1e-2, error
 

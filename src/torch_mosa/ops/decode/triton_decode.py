@@ -335,8 +335,8 @@ def _layer_decode_heads_kernel(x_ptr, dense_qkv_ptr, dense_k_ptr, dense_v_ptr, r
                                pos_ptr, attended_ptr, written_ptr, B, E, J, log2_base, HD: tl.constexpr,
                                L: tl.constexpr, H: tl.constexpr, D: tl.constexpr, R2: tl.constexpr,
                                CAP: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
-                               BH: tl.constexpr, BS: tl.constexpr, BE: tl.constexpr, MARK_REAL: tl.constexpr,
-                               ROUND_MARGIN: tl.constexpr, INTERPRET: tl.constexpr):
+                               BH: tl.constexpr, BS: tl.constexpr, BE: tl.constexpr, MOSA: tl.constexpr,
+                               MARK_REAL: tl.constexpr, ROUND_MARGIN: tl.constexpr, INTERPRET: tl.constexpr):
     """A layer's dense and MoSA heads in one launch (module docstring, "layer step"). Programs 0..B*HD-1: dense
     head (b, hd) from its given Q|K|V. The others: MoSA head (b, e), which routes the row itself (all E router
     logits, `_choose_heads`) and, if the token joined e and e has room, projects, appends and attends. Each writes
@@ -351,63 +351,67 @@ def _layer_decode_heads_kernel(x_ptr, dense_qkv_ptr, dense_k_ptr, dense_v_ptr, r
     pm = p < P
     dm = d < D
     row_stride = (HD + E) * D
+    # an absent part (HD = 0, or MOSA off) is compiled out: its tensors are placeholders
     if pid < B * HD:
-        b = (pid // HD).to(tl.int64)
-        hd = pid % HD
-        head = b * HD + hd
-        q1, q2, q3, k1, k2, k3, v = _given_qkv(dense_qkv_ptr + head * 3 * D, r, p, d, rm, pm, dm, D, R2)
-        q1, q2, k1, k2 = _rotate(q1, q2, k1, k2, pos_ptr, log2_base, r, R2)
-        position = tl.load(pos_ptr)
-        _append(dense_k_ptr, dense_v_ptr, (head * L + position) * D, k1, k2, k3, v, r, p, d, rm, pm, dm, R2)
-        if MARK_REAL:
-            if hd == 0:
-                tl.store(real_ptr + b * L + position, 1)
-        # positions 0..position, the real ones (left padding is not) and the new token, which is real but whose
-        # mark other programs of this launch may not see yet
-        out = _attend_cache(dense_k_ptr, dense_v_ptr, head * L * D, position + 1, q1, q2, q3, r, p, d, rm, pm, dm,
-                            real_ptr + b * L, D, R2, BD, BS, L if INTERPRET else 0, True)
-        tl.store(attended_ptr + b * row_stride + hd * D + d, out.to(attended_ptr.dtype.element_ty), mask=dm)
-    else:
-        pair = pid - B * HD
-        b = (pair // E).to(tl.int64)
-        e = pair % E
-        x_row = x_ptr + b * H
-        # the row's router logits, in the inputs' dtype as the router's Linear returns them
-        LT: tl.constexpr = x_ptr.dtype.element_ty
-        es = tl.arange(0, BE)
-        em = es < E
-        products = tl.zeros([BE, BH], tl.float32)
-        for h0 in range(0, H, BH):
-            hs = h0 + tl.arange(0, BH)
-            hm = hs < H
-            xs = tl.load(x_row + hs, mask=hm, other=0.0).to(tl.float32)
-            w = tl.load(router_ptr + es[:, None] * H + hs[None, :], mask=em[:, None] & hm[None, :], other=0.0)
-            products += w.to(tl.float32) * xs[None, :]
-        logit = tl.sum(products, 1).to(LT)
-        threshold = tl.load(thresholds_ptr + es, mask=em, other=0.0)
-        chosen, num_above = _choose_heads(logit, threshold, em, J, ROUND_MARGIN, LT)
-        if e == 0 and num_above > J:
-            tl.atomic_add(token_overflow_ptr, (num_above - J).to(tl.int64))
-        mine = es == e
-        joined = tl.sum((chosen & mine).to(tl.int32), 0) > 0
-        head = b * E + e
-        count = tl.load(counts_ptr + head)
-        written = joined & (count < CAP)
-        if joined & (count >= CAP):
-            tl.atomic_add(capacity_overflow_ptr, 1)
-        out = tl.zeros([BD], tl.float32)
-        if written:
-            q1, q2, q3, k1, k2, k3, v = _project_token_qkv(x_row, w_qkv_ptr + e.to(tl.int64) * H * 3 * D, r, p, d,
-                                                           rm, pm, dm, H, D, R2, BR, BP, BD, BH)
+        if HD > 0:
+            b = (pid // HD).to(tl.int64)
+            hd = pid % HD
+            head = b * HD + hd
+            q1, q2, q3, k1, k2, k3, v = _given_qkv(dense_qkv_ptr + head * 3 * D, r, p, d, rm, pm, dm, D, R2)
             q1, q2, k1, k2 = _rotate(q1, q2, k1, k2, pos_ptr, log2_base, r, R2)
-            _append(k_ptr, v_ptr, (head * (CAP + 1) + count) * D, k1, k2, k3, v, r, p, d, rm, pm, dm, R2)
-            tl.store(counts_ptr + head, count + 1)
-            out = _attend_cache(k_ptr, v_ptr, head * (CAP + 1) * D, count + 1, q1, q2, q3, r, p, d, rm, pm, dm, k_ptr,
-                                D, R2, BD, BS, CAP + 1 if INTERPRET else 0, False)
-            logit_e = tl.sum(tl.where(mine, logit.to(tl.float32), 0.0), 0)
-            out = out * (1.0 / (1.0 + tl.exp(-logit_e))).to(LT).to(tl.float32)
-        tl.store(attended_ptr + b * row_stride + (HD + e) * D + d, out.to(attended_ptr.dtype.element_ty), mask=dm)
-        tl.store(written_ptr + head, written.to(tl.int8))
+            position = tl.load(pos_ptr)
+            _append(dense_k_ptr, dense_v_ptr, (head * L + position) * D, k1, k2, k3, v, r, p, d, rm, pm, dm, R2)
+            if MARK_REAL:
+                if hd == 0:
+                    tl.store(real_ptr + b * L + position, 1)
+            # positions 0..position, the real ones (left padding is not) and the new token, which is real but whose
+            # mark other programs of this launch may not see yet
+            out = _attend_cache(dense_k_ptr, dense_v_ptr, head * L * D, position + 1, q1, q2, q3, r, p, d, rm, pm, dm,
+                                real_ptr + b * L, D, R2, BD, BS, L if INTERPRET else 0, True)
+            tl.store(attended_ptr + b * row_stride + hd * D + d, out.to(attended_ptr.dtype.element_ty), mask=dm)
+    else:
+        if MOSA:
+            pair = pid - B * HD
+            b = (pair // E).to(tl.int64)
+            e = pair % E
+            x_row = x_ptr + b * H
+            # the row's router logits, in the inputs' dtype as the router's Linear returns them
+            LT: tl.constexpr = x_ptr.dtype.element_ty
+            es = tl.arange(0, BE)
+            em = es < E
+            products = tl.zeros([BE, BH], tl.float32)
+            for h0 in range(0, H, BH):
+                hs = h0 + tl.arange(0, BH)
+                hm = hs < H
+                xs = tl.load(x_row + hs, mask=hm, other=0.0).to(tl.float32)
+                w = tl.load(router_ptr + es[:, None] * H + hs[None, :], mask=em[:, None] & hm[None, :], other=0.0)
+                products += w.to(tl.float32) * xs[None, :]
+            logit = tl.sum(products, 1).to(LT)
+            threshold = tl.load(thresholds_ptr + es, mask=em, other=0.0)
+            chosen, num_above = _choose_heads(logit, threshold, em, J, ROUND_MARGIN, LT)
+            if num_above > J:  # the joins beyond the limit, counted once per row
+                if e == 0:
+                    tl.atomic_add(token_overflow_ptr, (num_above - J).to(tl.int64))
+            mine = es == e
+            joined = tl.sum((chosen & mine).to(tl.int32), 0) > 0
+            head = b * E + e
+            count = tl.load(counts_ptr + head)
+            written = joined & (count < CAP)
+            if joined & (count >= CAP):
+                tl.atomic_add(capacity_overflow_ptr, 1)
+            out = tl.zeros([BD], tl.float32)
+            if written:
+                q1, q2, q3, k1, k2, k3, v = _project_token_qkv(x_row, w_qkv_ptr + e.to(tl.int64) * H * 3 * D, r, p, d,
+                                                               rm, pm, dm, H, D, R2, BR, BP, BD, BH)
+                q1, q2, k1, k2 = _rotate(q1, q2, k1, k2, pos_ptr, log2_base, r, R2)
+                _append(k_ptr, v_ptr, (head * (CAP + 1) + count) * D, k1, k2, k3, v, r, p, d, rm, pm, dm, R2)
+                tl.store(counts_ptr + head, count + 1)
+                out = _attend_cache(k_ptr, v_ptr, head * (CAP + 1) * D, count + 1, q1, q2, q3, r, p, d, rm, pm, dm, k_ptr,
+                                    D, R2, BD, BS, CAP + 1 if INTERPRET else 0, False)
+                logit_e = tl.sum(tl.where(mine, logit.to(tl.float32), 0.0), 0)
+                out = out * (1.0 / (1.0 + tl.exp(-logit_e))).to(LT).to(tl.float32)
+            tl.store(attended_ptr + b * row_stride + (HD + e) * D + d, out.to(attended_ptr.dtype.element_ty), mask=dm)
+            tl.store(written_ptr + head, written.to(tl.int8))
 
 
 @triton.jit
@@ -519,19 +523,21 @@ def layer_decode_triton(x: torch.Tensor, position: torch.Tensor, dense_qkv: torc
     written = torch.empty(batch, num_heads, device=x.device, dtype=torch.int8)
     round_margin = mosa and x.dtype != torch.float32 and \
         torch.promote_types(x.dtype, thresholds.dtype) == x.dtype  # as route_heads_triton
-    placeholder = attended  # pointer for an absent part's tensors (never read: that part has no programs)
+    # an absent part's tensors: placeholders of their dtypes (its code is compiled out)
+    floats, longs = attended.new_zeros(1), torch.zeros(1, dtype=torch.long, device=x.device)
+    dense_args = (dense_qkv, dense_k, dense_v, key_real) if dense else (floats, floats, floats, written)
+    mosa_args = (router_weight, thresholds, w_qkv, cache_k, cache_v, counts, capacity_overflow, token_overflow) \
+        if mosa else (floats, floats, floats, floats, floats, longs, longs, longs)
     _layer_decode_heads_kernel[(batch * (dense_heads + num_heads),)](
-        x, *(t if t is not None else placeholder for t in (dense_qkv, dense_k, dense_v, key_real, router_weight,
-                                                             thresholds, w_qkv, cache_k, cache_v, counts,
-                                                             capacity_overflow, token_overflow)),
+        x, *dense_args, *mosa_args,
         position, attended, written, batch, num_heads, heads_per_token, math.log2(rope_base),
         HD=dense_heads, L=max_len, H=hidden, D=head_dim, R2=rotary_dim // 2, CAP=capacity,
         BR=_block(rotary_dim // 2), BP=_block(head_dim - rotary_dim), BD=_block(head_dim), BH=BLOCK_H,
-        BS=BLOCK_SLOTS, BE=_block(num_heads), MARK_REAL=dense and mark_real, ROUND_MARGIN=round_margin,
+        BS=BLOCK_SLOTS, BE=_block(num_heads), MOSA=mosa, MARK_REAL=dense and mark_real, ROUND_MARGIN=round_margin,
         INTERPRET=_interpreting(), num_warps=8)
     out = torch.empty(batch, hidden, device=x.device, dtype=out_dtype)
     _decode_output_kernel[(batch * triton.cdiv(hidden, OUT_BLOCK_H),)](
-        attended, written, written, w_o if mosa else placeholder, dense_w_o if dense else placeholder, out,
+        attended, written, written, w_o if mosa else floats, dense_w_o if dense else floats, out,
         J=num_heads, H=hidden, D=head_dim, KD=dense_heads * head_dim, BK=OUT_BLOCK_K, BH=OUT_BLOCK_H,
         ALL_HEADS=True, num_warps=8)
     return out
