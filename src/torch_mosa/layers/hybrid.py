@@ -103,11 +103,11 @@ class HybridAttention(nn.Module):
 
     def decode_step(self, x: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
         """x [B, 1, h] at `position` -> [B, 1, h]. Dense + MoSA layers on the GPU take one fused step for both parts
-        (ops.decode.layer_decode: two kernel launches after the dense W_QKV GEMM, one more for many rows per head)
-        where it suits the layer (`layer_decode_suits`: up to 64 MoSA heads); otherwise, and on the CPU, each part
-        steps on its own and the outputs are summed."""
+        (ops.decode.layer_decode: two kernel launches after the dense W_QKV GEMM) where it suits the layer and the
+        batch (`layer_decode_suits`); otherwise, and on the CPU, each part steps on its own and the outputs are
+        summed."""
         if self.local is None and isinstance(self.sparse, MoSAAttention) and use_fast_path(x) and \
-                layer_decode_suits(self.sparse.num_heads):
+                layer_decode_suits(x.shape[0], self.sparse.num_heads, self.sparse.heads_per_token):
             hx, mosa = self.sparse.decode_inputs(x, cache.sparse)
             dense = None if self.dense is None else self.dense.decode_inputs(x, cache.dense)
             return layer_decode(hx, position, dense, mosa, rotary_dim=self.sparse.rotary_dim,

@@ -116,10 +116,17 @@ def layer_decode(x: torch.Tensor, position: torch.Tensor, dense: DenseDecodeInpu
     return layer_decode_reference(*args)
 
 
-def layer_decode_suits(num_heads: int) -> bool:
-    """Whether a layer of `num_heads` MoSA heads decodes through layer_decode's fused step on the GPU: few enough
-    heads for each program to route its row inside the kernel (LAYER_DECODE_MAX_MOSA_HEADS)."""
-    return num_heads <= LAYER_DECODE_MAX_MOSA_HEADS
+def layer_decode_suits(batch: int, num_heads: int, heads_per_token: int | None) -> bool:
+    """Whether a layer of `num_heads` MoSA heads decodes `batch` rows through layer_decode's fused step on the GPU:
+    few enough heads for each program to route its row inside the kernel (LAYER_DECODE_MAX_MOSA_HEADS), and few
+    (row, head) pairs per head. layer_decode also runs many pairs per head (grouped by head, as sparse_decode's
+    grouped step), but that variant is tested only in the interpreter and compiled for sm_90, not yet run or timed
+    on a GPU (session 8); until it is, such batches keep the measured separate steps (the dense layer step plus
+    sparse_decode's grouped step). Needs Triton."""
+    from torch_mosa.ops.decode.triton_decode import grouped_decode
+
+    width = num_heads if heads_per_token is None else min(heads_per_token, num_heads)
+    return num_heads <= LAYER_DECODE_MAX_MOSA_HEADS and not grouped_decode(batch, width, num_heads)
 
 
 def layer_decode_arguments(x, position, dense: DenseDecodeInputs | None, mosa: MoSADecodeInputs | None,
