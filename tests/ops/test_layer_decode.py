@@ -212,7 +212,8 @@ def test_layer_step_in_bfloat16_on_the_gpu(batch, dense_heads, mosa_heads, limit
                                              ("pure_mosa", dict(num_sparse_heads=5))])
 def test_fused_layer_step_inside_the_model_equals_the_full_causal_forward(monkeypatch, pairs_per_head, attention,
                                                                           extra):
-    """The fused step wired into the layers' decode steps (forced on, in the interpreter off CUDA), float32:
+    """The fused step wired into the layers' decode steps (forced on, per row and grouped, in the interpreter off
+    CUDA), float32:
     prefill of left-padded prompts of different lengths + cached decode equals the full causal forward at every
     step, with a head limit that bites, and each step takes the fused kernels."""
     import torch_mosa.layers.hybrid as hybrid
@@ -224,6 +225,7 @@ def test_fused_layer_step_inside_the_model_equals_the_full_causal_forward(monkey
     monkeypatch.setattr(triton_decode, "GROUPED_PAIRS_PER_HEAD", pairs_per_head)
     monkeypatch.setattr(decode_ops, "use_fast_path", lambda x: True)
     monkeypatch.setattr(hybrid, "use_fast_path", lambda x: True)
+    monkeypatch.setattr(hybrid, "layer_decode_suits", lambda *args: True)  # grouped too (not yet chosen on a GPU)
     monkeypatch.setattr(triton_decode, "layer_decode_triton",
                         lambda *args: calls.append(1) or layer_decode_triton(*args))
     torch.manual_seed(0)
