@@ -5,9 +5,9 @@ ops/dispatch.py)."""
 
 from __future__ import annotations
 
-import torch
-
 from typing import NamedTuple
+
+import torch
 
 from torch_mosa.ops.decode.reference import (largest_margin_heads, layer_decode_reference, route_heads_reference,
                                              sparse_decode_reference)

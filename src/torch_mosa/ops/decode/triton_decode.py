@@ -65,7 +65,8 @@ BLOCK_H = 128  # hidden rows of W_QKV per step of the head kernel's GEMV
 BLOCK_SLOTS = 32  # cache slots per step of the online softmax
 # cache positions per step of a dense head's online softmax in the layer step: one program walks all positions up to
 # the token's, a chain of dependent loads; at 32 per step the Tiny dense model's 392 positions took 19.6 us per layer
-# at B=1 on an H200 (13 steps; cudnn's SDPA over the same cache: 7.3 us), so fewer, wider steps
+# at B=1 on an H200 (13 steps; cudnn's SDPA over the same cache: 7.3 us), so fewer, wider steps. 128 by
+# benchmarks/experiments/layer_decode_block_slots.py (H200): 256 was 3% faster at B=1, 6% slower for dense at B=32
 DENSE_BLOCK_SLOTS = 128
 OUT_BLOCK_H = 32  # hidden columns per program of the output kernel (B * h / 32 programs: 16 per row at h 512)
 OUT_BLOCK_K = 512  # (head slot, dim) rows of W_O per step of the output kernel's reduction
