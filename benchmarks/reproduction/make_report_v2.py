@@ -187,6 +187,53 @@ def heldout_table(runs: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def dense_spread_table(runs: list[dict]) -> str:
+    """Each family at its best rate against every seed of the reference dense configuration (its rate; a repeated
+    run counts once, the latest, as load_runs keeps it), on the validation windows and each held-out set: the dense runs' mean perplexity with their range, and
+    each family's change against that mean with the range of its changes against the single dense runs.
+
+    The window-bootstrap intervals of the other tables measure the windows' noise for one pair of runs. They do not
+    capture the spread between training runs, which on held-out text is far larger (docs/reproduction.md, session 8)."""
+    best = best_runs(runs)
+    dense = reference_dense(best)
+    if dense is None:
+        return "(no dense run yet)"
+    dense_runs = [r for r in runs if r["family"] == dense["family"] and r["lr"] == dense["lr"]]
+
+    def ppl(run, name):
+        """Headline-routing perplexity of `run` on `name` ("val": the validation windows; else a held-out set)."""
+        if name == "val":
+            return run["eval"][headline_routing(run)]["ppl"]
+        found = [e for e in run.get("other", {}).get(name, []) if e.get("routing") == headline_routing(run)]
+        return found[0]["ppl"] if found else None
+
+    sets = ["val"] + sorted({name for r in best.values() for name in r.get("other", {})
+                             if name not in ("leak", "val_books")})
+    references = {name: [v for v in (ppl(r, name) for r in dense_runs) if v is not None] for name in sets}
+    header = [f"{name}: ppl (vs dense mean; range vs single dense runs)" for name in sets]
+    rows = ["| family | " + " | ".join(header) + " |", "|---" * (len(sets) + 1) + "|"]
+    cells = []
+    for name in sets:
+        values = references[name]
+        cells.append(f"{sum(values) / len(values):.2f} over {len(values)} runs [{min(values):.2f}, {max(values):.2f}]"
+                     if values else "")
+    rows.append(f"| dense (lr {dense['lr']:g}, every seed) | " + " | ".join(cells) + " |")
+    for family_name, run in best.items():
+        if run["family"] == dense["family"]:
+            continue
+        cells = []
+        for name in sets:
+            mine, values = ppl(run, name), references[name]
+            if mine is None or not values:
+                cells.append("")
+                continue
+            changes = [mine / v - 1 for v in values]
+            cells.append(f"{mine:.2f} ({mine / (sum(values) / len(values)) - 1:+.1%}; {min(changes):+.1%} to "
+                         f"{max(changes):+.1%})")
+        rows.append(f"| {family_name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def per_book_table(runs: list[dict], whole_split: bool = False) -> str:
     """Every family at its best rate, book by book: its perplexity on each book's windows (headline routing) and
     the change against the best dense on the same windows. whole_split: from the runs' `val_books` evaluation
@@ -317,6 +364,7 @@ def main() -> None:
                 ("Seeds", seeds_table(runs)), ("Per validation book", per_book_table(runs)),
                 ("Per validation book, whole split", per_book_table(runs, whole_split=True)),
                 ("Held-out text", heldout_table(runs)),
+                ("Against the spread of the dense runs", dense_spread_table(runs)),
                 ("The leak of top-k routing", leak_table(runs)),
                 ("Equal training time", equal_time_table(runs))]
     for title, table in sections:
