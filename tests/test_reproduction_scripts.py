@@ -95,20 +95,26 @@ def test_report_compares_with_the_40m_token_dense_and_pairs_seeds(tmp_path):
     assert "80M" not in whole  # families without a whole-split evaluation are left out
 
 
-def test_dense_spread_table_compares_with_every_dense_seed(tmp_path):
-    """Against the mean of the reference dense configuration's seeds (not other rates or token budgets), with the
-    range of changes against each dense run."""
+def test_dense_spread_table_compares_with_every_dense_run(tmp_path):
+    """Against the mean of the reference dense configuration's runs, every seed and every repeat (not other rates
+    or token budgets), with the range of changes against each dense run."""
     report = load("make_report_v2")
-    runs = report.load_runs(write_results(tmp_path, [
+    write_results(tmp_path, [fake_run("d1", "dense", 1e-3, 0, [4.1, 4.1, 4.1], [0, 0, 1])])  # call 1: repeated later
+    later = tmp_path / "issue15-call2-results-0.jsonl"
+    later.write_text("".join(json.dumps(run) + "\n" for run in [
         fake_run("d1", "dense", 1e-3, 0, [4.0, 4.0, 4.0], [0, 0, 1]),
         fake_run("d1s1", "dense", 1e-3, 1, [4.2, 4.2, 4.2], [0, 0, 1]),
         fake_run("d2", "dense", 2e-3, 0, [5.0, 5.0, 5.0], [0, 0, 1]),
         fake_run("long", "dense", 1e-3, 0, [3.0, 3.0, 3.0], [0, 0, 1], tokens=80e6),
         fake_run("m", "mosa", 1e-3, 0, [3.9, 3.9, 3.9], [0, 0, 1], sparsity=64),
     ]))
+    runs = report.load_runs(tmp_path)
+    assert report.reference_dense(report.best_runs(runs))["eval"]["topk"]["loss"] == pytest.approx(4.0)  # the later
     table = report.dense_spread_table(runs)
-    mean = (math.exp(4.0) + math.exp(4.2)) / 2
-    assert f"| dense (lr 0.001, every seed) | {mean:.2f} over 2 runs [{math.exp(4.0):.2f}, {math.exp(4.2):.2f}] |" in table
+    dense = [math.exp(4.0), math.exp(4.2), math.exp(4.1)]  # seed 0, seed 1, seed 0's earlier repeat
+    mean = sum(dense) / 3
+    assert f"| dense (lr 0.001, every seed and repeat) | {mean:.2f} over 3 runs [{min(dense):.2f}, {max(dense):.2f}] |" \
+        in table
     mosa = math.exp(3.9)
     assert (f"| MoSA (sparsity 64) | {mosa:.2f} ({mosa / mean - 1:+.1%}; {math.exp(-0.3) - 1:+.1%} to "
             f"{math.exp(-0.1) - 1:+.1%}) |") in table

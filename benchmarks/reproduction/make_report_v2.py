@@ -36,7 +36,8 @@ SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_size", "head_dim", "num_heads")
 
 def load_runs(results: Path) -> list[dict]:
     """Every run, once: a run repeated in a later call (same family, rate and seed, e.g. rerun with the held-out
-    and leak measurements) replaces the earlier one (calls sort by their number)."""
+    and leak measurements) replaces the earlier one (calls sort by their number), which it keeps in its
+    `repeats` list (training is not bitwise reproducible: repeats measure the spread between runs)."""
     runs = {}
     paths = sorted(results.glob("issue15-*-results-*.jsonl"), key=lambda p: (_call_number(p.name), p.name))
     devices_file = results / "issue15-devices.json"  # the GPU of calls made before run_queue.py recorded it
@@ -49,7 +50,10 @@ def load_runs(results: Path) -> list[dict]:
             run["eval"] = {e["routing"]: e for e in run["eval"]}
             run["lr"] = learning_rate(run["train_command"])
             run["family"] = family(run)
-            runs[(run["family"], run["lr"], run["seed"])] = run
+            key = (run["family"], run["lr"], run["seed"])
+            earlier = runs.get(key)
+            run["repeats"] = [] if earlier is None else earlier["repeats"] + [earlier]
+            runs[key] = run
     return list(runs.values())
 
 
@@ -188,8 +192,8 @@ def heldout_table(runs: list[dict]) -> str:
 
 
 def dense_spread_table(runs: list[dict]) -> str:
-    """Each family at its best rate against every seed of the reference dense configuration (its rate; a repeated
-    run counts once, the latest, as load_runs keeps it), on the validation windows and each held-out set: the dense runs' mean perplexity with their range, and
+    """Each family at its best rate against every run of the reference dense configuration (its rate, every seed
+    and every repeat of a seed), on the validation windows and each held-out set: the dense runs' mean perplexity with their range, and
     each family's change against that mean with the range of its changes against the single dense runs.
 
     The window-bootstrap intervals of the other tables measure the windows' noise for one pair of runs. They do not
@@ -198,7 +202,8 @@ def dense_spread_table(runs: list[dict]) -> str:
     dense = reference_dense(best)
     if dense is None:
         return "(no dense run yet)"
-    dense_runs = [r for r in runs if r["family"] == dense["family"] and r["lr"] == dense["lr"]]
+    dense_runs = [each for r in runs if r["family"] == dense["family"] and r["lr"] == dense["lr"]
+                  for each in [r, *r["repeats"]]]
 
     def ppl(run, name):
         """Headline-routing perplexity of `run` on `name` ("val": the validation windows; else a held-out set)."""
@@ -217,7 +222,7 @@ def dense_spread_table(runs: list[dict]) -> str:
         values = references[name]
         cells.append(f"{sum(values) / len(values):.2f} over {len(values)} runs [{min(values):.2f}, {max(values):.2f}]"
                      if values else "")
-    rows.append(f"| dense (lr {dense['lr']:g}, every seed) | " + " | ".join(cells) + " |")
+    rows.append(f"| dense (lr {dense['lr']:g}, every seed and repeat) | " + " | ".join(cells) + " |")
     for family_name, run in best.items():
         if run["family"] == dense["family"]:
             continue
