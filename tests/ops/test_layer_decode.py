@@ -173,10 +173,24 @@ def test_dispatch_takes_the_reference_off_cuda(monkeypatch):
 
 def test_bad_arguments():
     x, position, dense, mosa = make_layer(1, 24, 1, 3, 8, 9, 4, None, seed=0)
+
+    def call(dense=dense, mosa=mosa, x=x, position=position, rotary_dim=4):
+        return layer_decode(x, position, dense, mosa, rotary_dim=rotary_dim, rope_base=10000.0)
+
     with pytest.raises(ValueError, match="neither"):
-        layer_decode(x, position, None, None, rotary_dim=4, rope_base=10000.0)
+        call(dense=None, mosa=None)
     with pytest.raises(ValueError, match="heads_per_token"):
-        layer_decode(x, position, dense, mosa._replace(heads_per_token=0), rotary_dim=4, rope_base=10000.0)
+        call(mosa=mosa._replace(heads_per_token=0))
+    with pytest.raises(ValueError, match=r"dense.qkv must have shape \[1, 24\]"):
+        call(dense=dense._replace(qkv=dense.qkv[:, :-1]))
+    with pytest.raises(ValueError, match=r"mosa.w_o must have shape \[3, 8, 24\]"):
+        call(mosa=mosa._replace(w_o=mosa.w_o.transpose(1, 2)))
+    with pytest.raises(ValueError, match="share head_dim"):
+        call(dense=dense._replace(k=dense.k[..., :4], v=dense.v[..., :4], qkv=dense.qkv[:, :12], w_o=dense.w_o[:, :4]))
+    with pytest.raises(ValueError, match="rotary_dim must be even"):
+        call(rotary_dim=3)
+    with pytest.raises(ValueError, match="position must be a one-element long tensor"):
+        call(position=position.float())
 
 
 @pytest.mark.cuda

@@ -135,6 +135,7 @@ def layer_decode_arguments(x, position, dense: DenseDecodeInputs | None, mosa: M
     an int: E when there is none)."""
     if dense is None and mosa is None:
         raise ValueError("layer_decode needs dense heads, MoSA heads or both; got neither")
+    _check_layer_decode_shapes(x, position, dense, mosa, rotary_dim)
     num_heads = 0 if mosa is None else mosa.router_weight.shape[0]
     limit = num_heads if mosa is None or mosa.heads_per_token is None else mosa.heads_per_token
     if mosa is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
@@ -142,3 +143,46 @@ def layer_decode_arguments(x, position, dense: DenseDecodeInputs | None, mosa: M
     dense_args = (None,) * 5 + (False,) if dense is None else tuple(dense)
     mosa_args = (None,) * 9 if mosa is None else (mosa.router_weight, mosa.thresholds) + tuple(mosa)[3:]
     return (x, position, *dense_args, *mosa_args, min(limit, num_heads), int(rotary_dim), float(rope_base))
+
+
+def _check_layer_decode_shapes(x, position, dense, mosa, rotary_dim) -> None:
+    """Shapes layer_decode's kernels rely on (they index raw pointers): a clear error naming the argument instead."""
+    def expect(name, tensor, shape):
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"layer_decode: {name} must have shape {list(shape)}, got {list(tensor.shape)}")
+
+    if x.dim() != 2:
+        raise ValueError(f"layer_decode: x must be [batch, hidden], got shape {list(x.shape)}")
+    batch, hidden = x.shape
+    if position.numel() != 1 or position.dtype != torch.long:
+        raise ValueError(f"layer_decode: position must be a one-element long tensor, got shape {list(position.shape)} "
+                         f"and dtype {position.dtype}")
+    head_dims = set()
+    if dense is not None:
+        if dense.k.dim() != 4:
+            raise ValueError(f"layer_decode: dense.k must be [batch, heads, max_len, head_dim], got {list(dense.k.shape)}")
+        _, heads, max_len, head_dim = dense.k.shape
+        head_dims.add(head_dim)
+        expect("dense.k", dense.k, (batch, heads, max_len, head_dim))
+        expect("dense.v", dense.v, dense.k.shape)
+        expect("dense.qkv", dense.qkv, (batch, heads * 3 * head_dim))
+        expect("dense.w_o", dense.w_o, (hidden, heads * head_dim))
+        expect("dense.key_real", dense.key_real, (batch, max_len))
+    if mosa is not None:
+        if mosa.k.dim() != 4:
+            raise ValueError(f"layer_decode: mosa.k must be [batch, heads, capacity + 1, head_dim], got "
+                             f"{list(mosa.k.shape)}")
+        _, heads, slots, head_dim = mosa.k.shape
+        head_dims.add(head_dim)
+        expect("mosa.k", mosa.k, (batch, heads, slots, head_dim))
+        expect("mosa.v", mosa.v, mosa.k.shape)
+        expect("mosa.router_weight", mosa.router_weight, (heads, hidden))
+        expect("mosa.thresholds", mosa.thresholds, (heads,))
+        expect("mosa.w_qkv", mosa.w_qkv, (heads, hidden, 3 * head_dim))
+        expect("mosa.w_o", mosa.w_o, (heads, head_dim, hidden))
+        expect("mosa.counts", mosa.counts, (batch, heads))
+    if len(head_dims) > 1:
+        raise ValueError(f"layer_decode: dense and MoSA heads must share head_dim, got {sorted(head_dims)}")
+    head_dim = head_dims.pop()
+    if rotary_dim % 2 or not 0 <= rotary_dim <= head_dim:
+        raise ValueError(f"layer_decode: rotary_dim must be even and in 0..{head_dim} (head_dim), got {rotary_dim}")
