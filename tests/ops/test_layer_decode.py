@@ -11,14 +11,9 @@ pytest.importorskip("triton")
 
 from torch_mosa.ops.decode import DenseDecodeInputs, MoSADecodeInputs, layer_decode, layer_decode_arguments  # noqa: E402,E501
 from torch_mosa.ops.decode import reference as decode_reference  # noqa: E402
-from torch_mosa.ops.decode import triton_decode  # noqa: E402
 from torch_mosa.ops.decode.triton_decode import layer_decode_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-# GROUPED_PAIRS_PER_HEAD forcing each way of running the MoSA heads: grouped (one batched GEMM for every head's
-# Q|K|V, a GEMM for the output) or per (row, head) program projecting its own token
-GROUPINGS = [pytest.param(0, id="grouped"), pytest.param(10 ** 9, id="per-row")]
 
 
 def thresholds_between_logits(logits: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -123,11 +118,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("pairs_per_head", GROUPINGS)
 @pytest.mark.parametrize("batch,hidden,dense_heads,mosa_heads,head_dim,max_len,capacity,limit,rotary_dim,mark", CASES)
-def test_layer_step_matches_float64_reference(monkeypatch, pairs_per_head, batch, hidden, dense_heads, mosa_heads,
-                                              head_dim, max_len, capacity, limit, rotary_dim, mark):
-    monkeypatch.setattr(triton_decode, "GROUPED_PAIRS_PER_HEAD", pairs_per_head)
+def test_layer_step_matches_float64_reference(batch, hidden, dense_heads, mosa_heads, head_dim, max_len, capacity,
+                                              limit, rotary_dim, mark):
     inputs = make_layer(batch, hidden, dense_heads, mosa_heads, head_dim, max_len, capacity, limit, seed=max_len,
                         mark_real=mark)
     expected = cast(*inputs, torch.float64, DEVICE)
@@ -148,11 +141,9 @@ def test_head_limit_overflow_is_counted():
         assert int(step[3].token_overflow) == 8
 
 
-@pytest.mark.parametrize("pairs_per_head", GROUPINGS)
-def test_half_precision_matches_reference(monkeypatch, pairs_per_head):
-    """fp16 (the interpreter's stand-in for bf16: the same 16-bit code; Triton 3.6's interpreter computes bf16
-    tl.dot wrongly, which the grouped output GEMM uses) against float64."""
-    monkeypatch.setattr(triton_decode, "GROUPED_PAIRS_PER_HEAD", pairs_per_head)
+def test_half_precision_matches_reference():
+    """fp16 (the interpreter's stand-in for bf16: same 16-bit code, and Triton 3.6's interpreter computes bf16
+    wrongly only in tl.dot, which the decode kernels do not use) against float64."""
     inputs = make_layer(2, 64, 2, 5, 16, 25, 7, 3, seed=11)
     expected = cast(*inputs, torch.float64, DEVICE)
     actual = cast(*inputs, torch.float16, DEVICE)
@@ -195,12 +186,11 @@ def test_bad_arguments():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("batch,dense_heads,mosa_heads,limit", [(1, 4, 17, 5), (5, 4, 17, None), (3, 9, 0, None),
-                                                                (1, 0, 33, 4), (2, 4, 33, None), (32, 4, 17, None)])
+                                                                (1, 0, 33, 4), (2, 4, 33, None)])
 def test_layer_step_in_bfloat16_on_the_gpu(batch, dense_heads, mosa_heads, limit):
     """Tiny-model shapes (h 512, d 64, rotary 32, 392 positions, capacity 28) in bfloat16 against the float64
     reference on the same (bf16-rounded) inputs: output within 1e-2 relative RMS, appended keys and values within
-    2e-2, counts, marks and overflows exact. A head limit that bites is tested at B=1 with margins set apart; B=32
-    over 17 heads runs grouped (the 4 + 17 model's B=32 step)."""
+    2e-2, counts, marks and overflows exact. A head limit that bites is tested at B=1 with margins set apart."""
     g = torch.Generator().manual_seed(batch + mosa_heads)
     x, position, dense, mosa = cast(*make_layer(batch, 512, dense_heads, mosa_heads, 64, 392, 28, limit,
                                                 seed=batch + mosa_heads), torch.bfloat16, "cuda")
@@ -221,25 +211,21 @@ def test_layer_step_in_bfloat16_on_the_gpu(batch, dense_heads, mosa_heads, limit
     assert error < 1e-2, error
 
 
-@pytest.mark.parametrize("pairs_per_head", GROUPINGS)
 @pytest.mark.parametrize("attention,extra", [("mosa", dict(num_sparse_heads=7)), ("dense", {}),
                                              ("pure_mosa", dict(num_sparse_heads=5))])
-def test_fused_layer_step_inside_the_model_equals_the_full_causal_forward(monkeypatch, pairs_per_head, attention,
-                                                                          extra):
-    """The fused step wired into the layers' decode steps (forced on, per row and grouped, in the interpreter off
-    CUDA), float32:
+def test_fused_layer_step_inside_the_model_equals_the_full_causal_forward(monkeypatch, attention, extra):
+    """The fused step wired into the layers' decode steps (forced on, in the interpreter off CUDA), float32:
     prefill of left-padded prompts of different lengths + cached decode equals the full causal forward at every
     step, with a head limit that bites, and each step takes the fused kernels."""
     import torch_mosa.layers.hybrid as hybrid
     import torch_mosa.ops.decode as decode_ops
+    import torch_mosa.ops.decode.triton_decode as triton_decode
     from torch_mosa import MoSAConfig, MoSALM
     from torch_mosa.inference import calibrate_causal_thresholds, decode_one_token, new_cache, prefill
 
     calls = []
-    monkeypatch.setattr(triton_decode, "GROUPED_PAIRS_PER_HEAD", pairs_per_head)
     monkeypatch.setattr(decode_ops, "use_fast_path", lambda x: True)
     monkeypatch.setattr(hybrid, "use_fast_path", lambda x: True)
-    monkeypatch.setattr(hybrid, "layer_decode_suits", lambda *args: True)  # grouped too (not yet chosen on a GPU)
     monkeypatch.setattr(triton_decode, "layer_decode_triton",
                         lambda *args: calls.append(1) or layer_decode_triton(*args))
     torch.manual_seed(0)
@@ -269,7 +255,7 @@ def test_fused_layer_step_inside_the_model_equals_the_full_causal_forward(monkey
 
 def test_which_layers_take_the_fused_step():
     """Up to 64 MoSA heads, and fewer than 8 (row, head) pairs per head: the 4 + 17 model (J=5) at B=1 and B=16, not
-    at B=32 (grouped: the separate steps, until the grouped layer step is timed), nor the IsoFLOP model's 505."""
+    at B=32 (where sparse_decode's grouped step reads each head's weights once), nor the IsoFLOP model's 505."""
     from torch_mosa.ops.decode import layer_decode_suits
 
     assert layer_decode_suits(1, 17, 5) and layer_decode_suits(16, 17, 5)

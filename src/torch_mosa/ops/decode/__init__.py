@@ -119,10 +119,8 @@ def layer_decode(x: torch.Tensor, position: torch.Tensor, dense: DenseDecodeInpu
 def layer_decode_suits(batch: int, num_heads: int, heads_per_token: int | None) -> bool:
     """Whether a layer of `num_heads` MoSA heads decodes `batch` rows through layer_decode's fused step on the GPU:
     few enough heads for each program to route its row inside the kernel (LAYER_DECODE_MAX_MOSA_HEADS), and few
-    (row, head) pairs per head. layer_decode also runs many pairs per head (grouped by head, as sparse_decode's
-    grouped step), but that variant is tested only in the interpreter and compiled for sm_90, not yet run or timed
-    on a GPU (session 8); until it is, such batches keep the measured separate steps (the dense layer step plus
-    sparse_decode's grouped step). Needs Triton."""
+    (row, head) pairs per head: with many, sparse_decode's grouped step reads each head's weights once, where the
+    layer step's per-row programs would read them once per row. Needs Triton."""
     from torch_mosa.ops.decode.triton_decode import grouped_decode
 
     width = num_heads if heads_per_token is None else min(heads_per_token, num_heads)

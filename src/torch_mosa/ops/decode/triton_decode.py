@@ -40,14 +40,14 @@ together, after the dense heads' W_QKV GEMM:
                  position of the dense cache (marking it real), attend over the real positions up to it,
                  DENSE_BLOCK_SLOTS at a time. One program per (row, MoSA head): the row's router logits for all
                  E heads (in the inputs' dtype, as the router's nn.Linear returns them), the route kernel's choice
-                 of heads (`_choose_heads`), then for a joined head with room: project (or, grouped, read the
-                 batched GEMM's Q|K|V), rotate, append, attend. Rows of attended [B, HD + E, d] in the output dtype.
-  output kernel  the dense heads' rows through the dense W_O plus the written MoSA rows through theirs: per (row,
-                 hidden chunk) as above, or grouped as a GEMM over every head's rows; dense heads alone: cuBLAS.
+                 of heads (`_choose_heads`), then for a joined head with room: project, rotate, append, attend.
+                 Rows of attended [B, HD + E, d] in the output dtype.
+  output kernel  per (row, hidden chunk): the dense heads' rows through the dense W_O plus the written MoSA rows
+                 through theirs; dense heads alone: one cuBLAS GEMM.
 
-Three or four launches per layer where the dense step (GEMM, RoPE, cache update, SDPA, GEMM) plus the sparse step
-(router GEMV, route, heads, output, sum) took about ten: at B=1 a MoSA layer of a few heads costs what a dense layer
-costs (docs/causal_inference.md, session 8).
+Three launches per layer where the dense step (GEMM, RoPE, cache update, SDPA, GEMM) plus the sparse step (router
+GEMV, route, heads, output, sum) took about ten: at B=1 a MoSA layer of a few heads costs what a dense layer costs
+(docs/causal_inference.md, session 8).
 
 All are torch.library custom ops, so the step stays capturable as a CUDA graph and traceable by torch.compile.
 """
@@ -352,12 +352,13 @@ def _decode_output_kernel(attended_ptr, written_ptr, heads_ptr, w_o_ptr, dense_w
 
 @triton.jit
 def _layer_decode_heads_kernel(x_ptr, dense_qkv_ptr, dense_k_ptr, dense_v_ptr, real_ptr, router_ptr, thresholds_ptr,
-                               w_qkv_ptr, qkv_ptr, k_ptr, v_ptr, counts_ptr, capacity_overflow_ptr, token_overflow_ptr,
+                               w_qkv_ptr, k_ptr, v_ptr, counts_ptr, capacity_overflow_ptr, token_overflow_ptr,
                                pos_ptr, attended_ptr, written_ptr, B, E, J, log2_base, HD: tl.constexpr,
                                L: tl.constexpr, H: tl.constexpr, D: tl.constexpr, R2: tl.constexpr,
                                CAP: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
                                BH: tl.constexpr, BS: tl.constexpr, BSD: tl.constexpr, BE: tl.constexpr,
-                               MOSA: tl.constexpr, GROUPED: tl.constexpr, MARK_REAL: tl.constexpr, ROUND_MARGIN: tl.constexpr, INTERPRET: tl.constexpr):
+                               MOSA: tl.constexpr,
+                               MARK_REAL: tl.constexpr, ROUND_MARGIN: tl.constexpr, INTERPRET: tl.constexpr):
     """A layer's dense and MoSA heads in one launch (module docstring, "the layer step"). Programs 0..B*HD-1: dense
     head (b, hd) from its given Q|K|V. The others: MoSA head (b, e), which routes the row itself (all E router
     logits, `_choose_heads`) and, if the token joined e and e has room, projects, appends and attends. Each writes
@@ -422,12 +423,8 @@ def _layer_decode_heads_kernel(x_ptr, dense_qkv_ptr, dense_k_ptr, dense_v_ptr, r
                 tl.atomic_add(capacity_overflow_ptr, 1)
             out = tl.zeros([BD], tl.float32)
             if written:
-                if GROUPED:  # from the batched GEMM over every head (each head's weights read once)
-                    q1, q2, q3, k1, k2, k3, v = _given_qkv(qkv_ptr + (e.to(tl.int64) * B + b) * 3 * D, r, p, d, rm,
-                                                           pm, dm, D, R2)
-                else:
-                    q1, q2, q3, k1, k2, k3, v = _project_token_qkv(x_row, w_qkv_ptr + e.to(tl.int64) * H * 3 * D, r,
-                                                                   p, d, rm, pm, dm, H, D, R2, BR, BP, BD, BH)
+                q1, q2, q3, k1, k2, k3, v = _project_token_qkv(x_row, w_qkv_ptr + e.to(tl.int64) * H * 3 * D, r, p, d,
+                                                               rm, pm, dm, H, D, R2, BR, BP, BD, BH)
                 q1, q2, k1, k2 = _rotate(q1, q2, k1, k2, pos_ptr, log2_base, r, R2)
                 _append(k_ptr, v_ptr, (head * (CAP + 1) + count) * D, k1, k2, k3, v, r, p, d, rm, pm, dm, R2)
                 tl.store(counts_ptr + head, count + 1)
@@ -440,28 +437,20 @@ def _layer_decode_heads_kernel(x_ptr, dense_qkv_ptr, dense_k_ptr, dense_v_ptr, r
 
 
 @triton.jit
-def _grouped_output_kernel(attended_ptr, w_o_ptr, dense_w_o_ptr, out_ptr, B, K: tl.constexpr, KD: tl.constexpr,
-                           H: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                           PREC: tl.constexpr):
-    """out[rows, chunk] = attended[rows, :KD] @ dense W_O (nn.Linear's [H, KD], none when KD = 0) +
-    attended[rows, KD:KD + K] @ W_O[:K, chunk] with K = E * d, in fp32."""
+def _grouped_output_kernel(attended_ptr, w_o_ptr, out_ptr, B, K: tl.constexpr, H: tl.constexpr, BM: tl.constexpr,
+                           BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """out[rows, chunk] = attended[rows, :K] @ W_O[:K, chunk] with K = E * d, in fp32."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     row_mask = rows < B
     col_mask = cols < H
-    row = attended_ptr + rows.to(tl.int64)[:, None] * (KD + K)
     WT: tl.constexpr = w_o_ptr.dtype.element_ty
     acc = tl.zeros([BM, BN], tl.float32)
-    for k0 in range(0, KD, BK):  # dense heads
-        ks = k0 + tl.arange(0, BK)
-        km = ks < KD
-        a = tl.load(row + ks[None, :], mask=row_mask[:, None] & km[None, :], other=0.0)
-        w = tl.load(dense_w_o_ptr + cols[None, :] * KD + ks[:, None], mask=km[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(a.to(WT), w.to(WT), acc, input_precision=PREC)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         km = ks < K
-        a = tl.load(row + KD + ks[None, :], mask=row_mask[:, None] & km[None, :], other=0.0)
+        a = tl.load(attended_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :], mask=row_mask[:, None] & km[None, :],
+                    other=0.0)
         w = tl.load(w_o_ptr + ks.to(tl.int64)[:, None] * H + cols[None, :], mask=km[:, None] & col_mask[None, :],
                     other=0.0)
         acc = tl.dot(a.to(WT), w, acc, input_precision=PREC)
@@ -518,9 +507,8 @@ def sparse_decode_triton(x: torch.Tensor, heads: torch.Tensor | None, joined: to
     if grouped:
         block_m = min(64, _block(batch))
         _grouped_output_kernel[(triton.cdiv(batch, block_m), triton.cdiv(hidden, GROUPED_OUT_BLOCK_H))](
-            attended, w_o, w_o, out, batch, K=num_heads * head_dim, KD=0, H=hidden, BM=block_m,
-            BN=GROUPED_OUT_BLOCK_H, BK=GROUPED_OUT_BLOCK_K, PREC="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=4)
+            attended, w_o, out, batch, K=num_heads * head_dim, H=hidden, BM=block_m, BN=GROUPED_OUT_BLOCK_H,
+            BK=GROUPED_OUT_BLOCK_K, PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4)
         return out
     _decode_output_kernel[(batch * triton.cdiv(hidden, OUT_BLOCK_H),)](
         attended, written, joined if heads is None else heads, w_o, w_o, out, J=width, H=hidden, D=head_dim, KD=0,
@@ -561,29 +549,18 @@ def layer_decode_triton(x: torch.Tensor, position: torch.Tensor, dense_qkv: torc
     # an absent part's tensors: placeholders of their dtypes (its code is compiled out)
     floats, longs = attended.new_empty(1), torch.empty(1, dtype=torch.long, device=x.device)
     dense_args = (dense_qkv, dense_k, dense_v, key_real) if dense else (floats, floats, floats, written)
-    # many rows per head: every head's Q|K|V from one batched GEMM first, as sparse_decode's grouped step
-    grouped = mosa and grouped_decode(batch, heads_per_token, num_heads)
-    qkv = _all_heads_qkv(x, w_qkv) if grouped else floats  # [E, B, 3d] fp32
-    mosa_args = (router_weight, thresholds, w_qkv, qkv, cache_k, cache_v, counts, capacity_overflow,
-                 token_overflow) if mosa else (floats, floats, floats, floats, floats, floats, longs, longs, longs)
+    mosa_args = (router_weight, thresholds, w_qkv, cache_k, cache_v, counts, capacity_overflow, token_overflow) \
+        if mosa else (floats, floats, floats, floats, floats, longs, longs, longs)
     _layer_decode_heads_kernel[(batch * (dense_heads + num_heads),)](
         x, *dense_args, *mosa_args,
         position, attended, written, batch, num_heads, heads_per_token, math.log2(rope_base),
         HD=dense_heads, L=max_len, H=hidden, D=head_dim, R2=rotary_dim // 2, CAP=capacity,
         BR=_block(rotary_dim // 2), BP=_block(head_dim - rotary_dim), BD=_block(head_dim), BH=BLOCK_H,
-        BS=BLOCK_SLOTS, BSD=DENSE_BLOCK_SLOTS, BE=_block(num_heads), MOSA=mosa, GROUPED=grouped,
-        MARK_REAL=dense and mark_real,
+        BS=BLOCK_SLOTS, BSD=DENSE_BLOCK_SLOTS, BE=_block(num_heads), MOSA=mosa, MARK_REAL=dense and mark_real,
         ROUND_MARGIN=round_margin, INTERPRET=_interpreting(), num_warps=8)
     if not mosa:  # dense heads alone: attended [B, H*d] @ W_O^T, as the SDPA step computes it
         return torch.nn.functional.linear(attended.view(batch, -1), dense_w_o.to(out_dtype))
     out = torch.empty(batch, hidden, device=x.device, dtype=out_dtype)
-    if grouped:  # a GEMM over every head's rows (zeros where a head was not written): each W_O read once
-        block_m = min(64, _block(batch))
-        _grouped_output_kernel[(triton.cdiv(batch, block_m), triton.cdiv(hidden, GROUPED_OUT_BLOCK_H))](
-            attended, w_o, dense_w_o if dense else floats, out, batch, K=num_heads * head_dim,
-            KD=dense_heads * head_dim, H=hidden, BM=block_m, BN=GROUPED_OUT_BLOCK_H, BK=GROUPED_OUT_BLOCK_K,
-            PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4)
-        return out
     _decode_output_kernel[(batch * triton.cdiv(hidden, OUT_BLOCK_H),)](
         attended, written, written, w_o, dense_w_o if dense else floats, out,
         J=num_heads, H=hidden, D=head_dim, KD=dense_heads * head_dim, BK=OUT_BLOCK_K, BH=OUT_BLOCK_H,
