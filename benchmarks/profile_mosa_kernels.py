@@ -70,12 +70,11 @@ def main():
 
 def profile_layer(name):
     """torch.profiler breakdown of one forward+backward of the whole hybrid layer (fast path) for the case."""
-    from torch_mosa.bench.cases import CASES, _layers
+    from torch_mosa.bench.cases import CASES, _layers, case_inputs
 
     case = CASES[name][-1 if name != "D" else 3]
     mosa, _ = _layers(case, torch.device("cuda"))
-    x = torch.randn(case.batch, case.seq_len, case.hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    grad_y = torch.randn_like(x)
+    x, grad_y = case_inputs(case, "cuda")
     for _ in range(3):
         mosa(x).backward(grad_y)
     torch.cuda.synchronize()

@@ -10,21 +10,9 @@ through the custom ops), beside the dense layer, with the host's time to issue o
 On the GPU machine: `PYTHONPATH=src python benchmarks/experiments/eager_function_layer.py`.
 """
 
-import time
-
 import torch
 
-from torch_mosa.bench.cases import CASES, _layers, time_layer
-
-
-def host_ms(layer, x, grad_y, steps=30) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        layer(x).backward(grad_y)
-    issued = (time.perf_counter() - start) / steps * 1e3
-    torch.cuda.synchronize()
-    return issued
+from torch_mosa.bench.cases import CASES, _layers, case_inputs, host_ms_per_step, time_layer
 
 
 def main() -> None:
@@ -33,16 +21,14 @@ def main() -> None:
     for name in ("C", "A"):
         case = CASES[name][0]
         mosa, dense = _layers(case, "cuda")
-        x = torch.randn(case.batch, case.seq_len, case.hidden, device="cuda", dtype=torch.bfloat16,
-                        requires_grad=True)
-        grad_y = torch.randn_like(x)
+        x, grad_y = case_inputs(case, "cuda")
         dense_ms, _ = time_layer(dense, x, grad_y)
         for repeat in range(2):
             for label, wrapper in (("autograd.Function", is_compiling), ("custom ops", lambda: True)):
                 torch.compiler.is_compiling = wrapper
                 try:
                     ms, _ = time_layer(mosa, x, grad_y)
-                    issued = host_ms(mosa, x, grad_y)
+                    issued = host_ms_per_step(mosa, x, grad_y)
                 finally:
                     torch.compiler.is_compiling = is_compiling
                 rows.append((name, label, repeat, ms, ms / dense_ms, issued))

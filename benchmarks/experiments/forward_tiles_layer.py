@@ -11,22 +11,8 @@ it is near the GPU time, says the layer waits on Python and launches rather than
 On the GPU machine: `PYTHONPATH=src python benchmarks/experiments/forward_tiles_layer.py`.
 """
 
-import time
-
-import torch
-
-from torch_mosa.bench.cases import CASES, _layers, time_layer
+from torch_mosa.bench.cases import CASES, _layers, case_inputs, host_ms_per_step, time_layer
 from torch_mosa.ops.mosa import triton_mosa
-
-
-def host_ms(layer, x, grad_y, steps=30) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        layer(x).backward(grad_y)
-    issued = (time.perf_counter() - start) / steps * 1e3
-    torch.cuda.synchronize()
-    return issued
 
 
 def main() -> None:
@@ -35,15 +21,13 @@ def main() -> None:
     for name in ("A", "B", "C"):
         case = CASES[name][0]
         mosa, dense = _layers(case, "cuda")
-        x = torch.randn(case.batch, case.seq_len, case.hidden, device="cuda", dtype=torch.bfloat16,
-                        requires_grad=True)
-        grad_y = torch.randn_like(x)
+        x, grad_y = case_inputs(case, "cuda")
         dense_ms, _ = time_layer(dense, x, grad_y)
         for label, config in (("forward's own tiles", own_tiles), ("backward's tiles", triton_mosa._tile_config)):
             triton_mosa._forward_tile_config = config
             try:
                 ms, peak = time_layer(mosa, x, grad_y)
-                issued = host_ms(mosa, x, grad_y)
+                issued = host_ms_per_step(mosa, x, grad_y)
             finally:
                 triton_mosa._forward_tile_config = own_tiles
             rows.append((name, label, ms, ms / dense_ms, issued, peak))

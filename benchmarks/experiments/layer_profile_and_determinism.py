@@ -1,13 +1,12 @@
 import sys, torch, triton.testing
 sys.path.insert(0, "benchmarks")
 from profile_mosa_kernels import profile_layer
-from torch_mosa.bench.cases import CASES, _layers
+from torch_mosa.bench.cases import CASES, _layers, case_inputs
 torch.backends.cuda.matmul.allow_tf32 = False
 # determinism probe: same input twice through the layer
 case = CASES["A"][0]
 mosa, _ = _layers(case, torch.device("cuda"))
-x = torch.randn(case.batch, case.seq_len, case.hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-g = torch.randn_like(x)
+x, g = case_inputs(case, "cuda")
 outs = []
 for _ in range(2):
     y = mosa(x); y.backward(g)

@@ -33,12 +33,11 @@ def kernel_table(run, steps: int, title: str, out: pathlib.Path | None, rows: in
 
 
 def profile_case_d(out) -> None:
-    from torch_mosa.bench.cases import CASES, _layers
+    from torch_mosa.bench.cases import CASES, _layers, case_inputs
 
     case = CASES["D"][-1]
     layer, _ = _layers(case, "cuda")
-    x = torch.randn(case.batch, case.seq_len, case.hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn_like(x)
+    x, grad = case_inputs(case, "cuda")
     kernel_table(lambda: layer(x).backward(grad), 5, f"case D T={case.seq_len} forward+backward", out)
 
 

@@ -15,7 +15,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from torch_mosa.bench.cases import CASES, _layers
+from torch_mosa.bench.cases import CASES, _layers, case_inputs
 
 
 def main() -> None:
@@ -31,9 +31,7 @@ def main() -> None:
         for name in args.cases:
             case = CASES[name][0]
             mosa, _ = _layers(case, "cuda")
-            x = torch.randn(case.batch, case.seq_len, case.hidden, device="cuda", dtype=torch.bfloat16,
-                            requires_grad=True)
-            grad_y = torch.randn_like(x)
+            x, grad_y = case_inputs(case, "cuda")
 
             def step():
                 mosa(x).backward(grad_y)

@@ -7,6 +7,7 @@ gradients included).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,25 @@ def _layers(case: Case, device):
     return [m.to(device=device, dtype=torch.bfloat16) for m in (mosa, dense)]
 
 
+def case_inputs(case: Case, device):
+    """One layer step's random inputs for `case`: x [B, T, h] in bf16 (requiring its gradient) and an output
+    gradient of the same shape."""
+    x = torch.randn(case.batch, case.seq_len, case.hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    return x, torch.randn_like(x)
+
+
+def host_ms_per_step(layer, x, grad_y, steps: int = 30) -> float:
+    """Milliseconds the host takes to issue one forward + backward (no synchronisation inside the loop): when it is
+    near the GPU time, the layer waits on Python and launches rather than on kernels."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        layer(x).backward(grad_y)
+    issued = (time.perf_counter() - start) / steps * 1e3
+    torch.cuda.synchronize()
+    return issued
+
+
 def time_layer(layer, x, grad_y, warmup_ms=50, rep_ms=200) -> tuple[float, float]:
     """Median ms of forward+backward, and peak MiB of one forward+backward."""
     import triton.testing
@@ -81,8 +101,7 @@ def run_case(case: Case, paths=("dense", "reference", "fast"), reference_max_seq
     device = torch.device(device)
     torch.manual_seed(0)
     mosa, dense = _layers(case, device)
-    x = torch.randn(case.batch, case.seq_len, case.hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
-    grad_y = torch.randn_like(x)
+    x, grad_y = case_inputs(case, device)
     results = {}
     for path in paths:
         if path == "reference" and case.seq_len > reference_max_seq_len:
