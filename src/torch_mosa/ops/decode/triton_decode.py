@@ -160,10 +160,7 @@ def _sparse_decode_heads_kernel(x_ptr, qkv_ptr, heads_ptr, joined_ptr, scores_pt
             e = tl.load(heads_ptr + pid).to(tl.int64)
     joined = found & (tl.load(joined_ptr + slot) != 0)
     head = b.to(tl.int64) * E + e
-    count = tl.load(counts_ptr + head)
-    written = joined & (count < CAP)
-    if joined & (count >= CAP):
-        tl.atomic_add(overflow_ptr, 1)
+    count, written = _head_room(joined, counts_ptr + head, overflow_ptr, CAP)
     P: tl.constexpr = D - 2 * R2
     r = tl.arange(0, BR)
     p = tl.arange(0, BP)
@@ -178,12 +175,8 @@ def _sparse_decode_heads_kernel(x_ptr, qkv_ptr, heads_ptr, joined_ptr, scores_pt
         else:
             q1, q2, q3, k1, k2, k3, v = _project_token_qkv(x_ptr + b.to(tl.int64) * H, w_qkv_ptr + e * H * 3 * D,
                                                            r, p, d, rm, pm, dm, H, D, R2, BR, BP, BD, BH)
-        q1, q2, k1, k2 = _rotate(q1, q2, k1, k2, pos_ptr, log2_base, r, R2)
-        # append K, V at the head's next slot, then attend over slots 0..count (the new token included)
-        _append(k_ptr, v_ptr, (head * (CAP + 1) + count) * D, k1, k2, k3, v, r, p, d, rm, pm, dm, R2)
-        tl.store(counts_ptr + head, count + 1)
-        out = _attend_cache(k_ptr, v_ptr, head * (CAP + 1) * D, count + 1, q1, q2, q3, r, p, d, rm, pm, dm, k_ptr,
-                            D, R2, BD, BS, SLOTS_BOUND, False)
+        out = _join_head(q1, q2, q3, k1, k2, k3, v, head, count, counts_ptr, k_ptr, v_ptr, pos_ptr, log2_base, r, p, d,
+                         rm, pm, dm, D, R2, CAP, BD, BS, SLOTS_BOUND)
         out = out * tl.load(scores_ptr + slot).to(tl.float32)
     tl.store(attended_ptr + pid.to(tl.int64) * D + d, out.to(attended_ptr.dtype.element_ty), mask=dm)
     if not GROUPED:
@@ -241,6 +234,31 @@ def _given_qkv(row, r, p, d, rm, pm, dm, D: tl.constexpr, R2: tl.constexpr):
     k3 = tl.load(row + D + 2 * R2 + p, mask=pm, other=0.0).to(tl.float32)
     v = tl.load(row + 2 * D + d, mask=dm, other=0.0).to(tl.float32)
     return q1, q2, q3, k1, k2, k3, v
+
+
+@triton.jit
+def _head_room(joined, count_ptr, overflow_ptr, CAP: tl.constexpr):
+    """A sparse head's token count and whether the token is written into it: it joined and the head has room; a
+    join into a full head is counted in overflow_ptr. -> (count, written)."""
+    count = tl.load(count_ptr)
+    written = joined & (count < CAP)
+    if joined & (count >= CAP):
+        tl.atomic_add(overflow_ptr, 1)
+    return count, written
+
+
+@triton.jit
+def _join_head(q1, q2, q3, k1, k2, k3, v, head, count, counts_ptr, k_ptr, v_ptr, pos_ptr, log2_base, r, p, d, rm, pm,
+               dm, D: tl.constexpr, R2: tl.constexpr, CAP: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+               SLOTS_BOUND: tl.constexpr):
+    """A written token in sparse head `head` (of a [.., CAP + 1, D] cache holding `count` tokens): rotate at
+    `position`, append K, V at the head's next slot, count it, and attend over slots 0..count (the new token
+    included). -> the attention output [BD] in fp32."""
+    q1, q2, k1, k2 = _rotate(q1, q2, k1, k2, pos_ptr, log2_base, r, R2)
+    _append(k_ptr, v_ptr, (head * (CAP + 1) + count) * D, k1, k2, k3, v, r, p, d, rm, pm, dm, R2)
+    tl.store(counts_ptr + head, count + 1)
+    return _attend_cache(k_ptr, v_ptr, head * (CAP + 1) * D, count + 1, q1, q2, q3, r, p, d, rm, pm, dm, k_ptr, D, R2,
+                         BD, BS, SLOTS_BOUND, False)
 
 
 @triton.jit
@@ -417,19 +435,13 @@ def _layer_decode_heads_kernel(x_ptr, dense_qkv_ptr, dense_k_ptr, dense_v_ptr, r
             mine = es == e
             joined = tl.sum((chosen & mine).to(tl.int32), 0) > 0
             head = b * E + e
-            count = tl.load(counts_ptr + head)
-            written = joined & (count < CAP)
-            if joined & (count >= CAP):
-                tl.atomic_add(capacity_overflow_ptr, 1)
+            count, written = _head_room(joined, counts_ptr + head, capacity_overflow_ptr, CAP)
             out = tl.zeros([BD], tl.float32)
             if written:
                 q1, q2, q3, k1, k2, k3, v = _project_token_qkv(x_row, w_qkv_ptr + e.to(tl.int64) * H * 3 * D, r, p, d,
                                                                rm, pm, dm, H, D, R2, BR, BP, BD, BH)
-                q1, q2, k1, k2 = _rotate(q1, q2, k1, k2, pos_ptr, log2_base, r, R2)
-                _append(k_ptr, v_ptr, (head * (CAP + 1) + count) * D, k1, k2, k3, v, r, p, d, rm, pm, dm, R2)
-                tl.store(counts_ptr + head, count + 1)
-                out = _attend_cache(k_ptr, v_ptr, head * (CAP + 1) * D, count + 1, q1, q2, q3, r, p, d, rm, pm, dm, k_ptr,
-                                    D, R2, BD, BS, CAP + 1 if INTERPRET else 0, False)
+                out = _join_head(q1, q2, q3, k1, k2, k3, v, head, count, counts_ptr, k_ptr, v_ptr, pos_ptr, log2_base,
+                                 r, p, d, rm, pm, dm, D, R2, CAP, BD, BS, CAP + 1 if INTERPRET else 0)
                 logit_e = tl.sum(tl.where(mine, logit.to(tl.float32), 0.0), 0)
                 out = out * (1.0 / (1.0 + tl.exp(-logit_e))).to(LT).to(tl.float32)
             tl.store(attended_ptr + b * row_stride + (HD + e) * D + d, out.to(attended_ptr.dtype.element_ty), mask=dm)
