@@ -25,20 +25,19 @@ class _KVCache:
 
 
 class DenseCache(_KVCache):
-    """k, v [B, H, max_len, d] by position; `key_real` [B, max_len] marks the real tokens written so far; `rope`
-    the layer's ops.rope.rope_table for every position it can decode at, or None (dense layers decode through
-    ops.decode.layer_decode, which rotates in its kernel; the local layers' ring step reads the table).
+    """k, v [B, H, max_len, d] by position; `key_real` [B, max_len] marks the real tokens written so far. Dense
+    layers decode through ops.decode.layer_decode, which rotates inside its kernel, so this cache holds no RoPE
+    table (LocalCache does: the ring step looks its rows up).
 
     The real-token marks are the same for every dense layer of a model, so ModelCache lets its dense layers share
     one `key_real` and only the first marks each new token (`marks_real`): one small kernel per decode step instead
     of one per layer."""
 
-    def __init__(self, batch: int, num_heads: int, head_dim: int, max_len: int, dtype, device, rope=None):
+    def __init__(self, batch: int, num_heads: int, head_dim: int, max_len: int, dtype, device):
         self.k = torch.zeros(batch, num_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.key_real = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.marks_real = True
-        self.rope = rope
 
     def reset(self) -> None:
         """Forget every token (the buffers stay: a captured CUDA graph keeps pointing at them)."""
@@ -75,7 +74,8 @@ class LocalCache(DenseCache):
     """A ring of `window` slots per head: the token at position p lives in slot p % window."""
 
     def __init__(self, batch: int, num_heads: int, head_dim: int, window: int, dtype, device, rope=None):
-        super().__init__(batch, num_heads, head_dim, window, dtype, device, rope)
+        super().__init__(batch, num_heads, head_dim, window, dtype, device)
+        self.rope = rope  # ops.rope.rope_table for every position the ring step can decode at, or None
         self.window = window
 
     def fill(self, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor) -> None:
