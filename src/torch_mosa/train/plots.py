@@ -71,8 +71,8 @@ def plot_loss_vs_lr(runs: list[dict], out_path: str | Path) -> Path:
     family's best rate marked. A run with "val_loss_interval" (low, high) gets it as an error bar."""
     plt = _pyplot()
     families = list(dict.fromkeys(r["family"] for r in runs))
-    # with many families the legend goes beside the axes, where it cannot cover the points
-    figure, axes = plt.subplots(figsize=(10 if len(families) > 4 else 6, 4.5))
+    legend_beside = len(families) > 4  # many families: beside the axes, where it cannot cover the points
+    figure, axes = plt.subplots(figsize=(10 if legend_beside else 6, 4.5))
     for family in families:
         points = sorted(((r["lr"], r["val_loss"], r.get("val_loss_interval")) for r in runs if r["family"] == family),
                         key=lambda p: p[:2])
@@ -89,7 +89,7 @@ def plot_loss_vs_lr(runs: list[dict], out_path: str | Path) -> Path:
     axes.set_ylabel("validation loss (nats/token)")
     axes.set_title("Learning-rate sweep (star: each family's best)")
     axes.grid(alpha=0.3)
-    if len(families) > 4:
+    if legend_beside:
         axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", borderaxespad=0.0)
     else:
         axes.legend()
