@@ -186,7 +186,7 @@ def test_bad_arguments():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("batch,dense_heads,mosa_heads,limit", [(1, 4, 17, 5), (5, 4, 17, None), (3, 9, 0, None),
-                                                                (1, 0, 33, 4), (2, 4, 33, None)])
+                                                                (1, 0, 33, 4), (2, 4, 33, None), (32, 4, 17, None)])
 def test_layer_step_in_bfloat16_on_the_gpu(batch, dense_heads, mosa_heads, limit):
     """Tiny-model shapes (h 512, d 64, rotary 32, 392 positions, capacity 28) in bfloat16 against the float64
     reference on the same (bf16-rounded) inputs: output within 1e-2 relative RMS, appended keys and values within
