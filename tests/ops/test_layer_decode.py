@@ -131,6 +131,28 @@ def test_layer_step_matches_float64_reference(batch, hidden, dense_heads, mosa_h
                         atol=2e-5, rtol=2e-5)
 
 
+def test_left_padding_longer_than_a_block_of_positions():
+    """A row whose left padding fills the dense heads' first block of positions (DENSE_BLOCK_SLOTS) and more: that
+    block adds nothing to the online softmax (it made the row NaN until session 9), and an empty sparse head (count
+    0) attends to the new token alone."""
+    from torch_mosa.ops.decode.triton_decode import DENSE_BLOCK_SLOTS
+
+    max_len = DENSE_BLOCK_SLOTS + 23
+    x, position, dense, mosa = make_layer(2, 40, 2, 3, 16, max_len, 4, None, seed=5)
+    key_real = dense.key_real.clone()
+    key_real[1, :DENSE_BLOCK_SLOTS + 10] = False
+    counts = mosa.counts.clone()
+    counts[1] = 0
+    inputs = (x, position, dense._replace(key_real=key_real), mosa._replace(counts=counts))
+    expected = cast(*inputs, torch.float64, DEVICE)
+    actual = cast(*inputs, torch.float32, DEVICE)
+    out64 = run("reference", *expected, 8)
+    out = run("fused", *actual, 8)
+    assert torch.isfinite(out).all()
+    assert_step_matches((out64, *expected[:1], *expected[2:]), (out, *actual[:1], *actual[2:]), position,
+                        atol=2e-5, rtol=2e-5)
+
+
 def test_head_limit_overflow_is_counted():
     """More heads above their thresholds than heads_per_token: the joins beyond the limit are counted, once per row."""
     x, position, dense, mosa = make_layer(2, 24, 1, 6, 8, 15, 5, 2, seed=3)

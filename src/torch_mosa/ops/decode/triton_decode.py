@@ -252,13 +252,13 @@ def _join_head(q1, q2, q3, k1, k2, k3, v, head, count, counts_ptr, k_ptr, v_ptr,
                dm, D: tl.constexpr, R2: tl.constexpr, CAP: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
                SLOTS_BOUND: tl.constexpr):
     """A written token in sparse head `head` (of a [.., CAP + 1, D] cache holding `count` tokens): rotate at
-    `position`, append K, V at the head's next slot, count it, and attend over slots 0..count (the new token
-    included). -> the attention output [BD] in fp32."""
+    `position`, append K, V at the head's next slot, count it, and attend over the `count` held tokens and itself.
+    -> the attention output [BD] in fp32."""
     q1, q2, k1, k2 = _rotate(q1, q2, k1, k2, pos_ptr, log2_base, r, R2)
     _append(k_ptr, v_ptr, (head * (CAP + 1) + count) * D, k1, k2, k3, v, r, p, d, rm, pm, dm, R2)
     tl.store(counts_ptr + head, count + 1)
-    return _attend_cache(k_ptr, v_ptr, head * (CAP + 1) * D, count + 1, q1, q2, q3, r, p, d, rm, pm, dm, k_ptr, D, R2,
-                         BD, BS, SLOTS_BOUND, False)
+    return _attend_cache(k_ptr, v_ptr, head * (CAP + 1) * D, count, q1, q2, q3, k1, k2, k3, v, r, p, d, rm, pm, dm,
+                         k_ptr, D, R2, BD, BS, SLOTS_BOUND, False)
 
 
 @triton.jit
@@ -286,18 +286,25 @@ def _append(k_ptr, v_ptr, cache_row, k1, k2, k3, v, r, p, d, rm, pm, dm, R2: tl.
 
 
 @triton.jit
-def _attend_cache(k_ptr, v_ptr, head_cache, held, q1, q2, q3, r, p, d, rm, pm, dm, real_row, D: tl.constexpr,
-                  R2: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, SLOTS_BOUND: tl.constexpr,
+def _attend_cache(k_ptr, v_ptr, head_cache, held, q1, q2, q3, k1, k2, k3, v, r, p, d, rm, pm, dm, real_row,
+                  D: tl.constexpr, R2: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, SLOTS_BOUND: tl.constexpr,
                   HAS_REAL: tl.constexpr):
-    """softmax(q . K / sqrt(d)) V over slots 0..held-1 of one head's cache (from element offset head_cache), an
-    online softmax in fp32 over blocks of BS slots; q is rounded to the cache's dtype first, as the reference's
-    attention sees it. HAS_REAL: only slots marked in real_row [slots] (and the last, the new token) count."""
+    """softmax(q . K / sqrt(d)) V over slots 0..held-1 of one head's cache (from element offset head_cache) and the
+    new token (k1, k2, k3, v, just appended at slot `held`): an online softmax in fp32 over blocks of BS slots, then
+    the new token. q, k and v are rounded to the cache's dtype first, as the reference's attention sees them.
+    HAS_REAL: only slots marked in real_row [slots] count (the new token always does).
+
+    The new token is taken from registers, not read back from the cache: other threads of this program stored it,
+    and nothing orders their global stores before these loads (a race; session 9 found the 505-head grouped step's
+    output varying run to run with fixed inputs)."""
     KT: tl.constexpr = k_ptr.dtype.element_ty
     q1 = q1.to(KT).to(tl.float32)
     q2 = q2.to(KT).to(tl.float32)
     q3 = q3.to(KT).to(tl.float32)
     scale = 1.0 / tl.sqrt(D * 1.0)
-    m_i = tl.full((), -float("inf"), tl.float32)
+    # a finite floor, not -inf: a first block with no real slot (left padding longer than BS) must leave the state
+    # empty, where -inf - -inf would make it NaN
+    m_i = tl.full((), -1.0e30, tl.float32)
     l_i = tl.full((), 0.0, tl.float32)
     acc = tl.zeros([BD], tl.float32)
     if SLOTS_BOUND > 0:  # the interpreter cannot loop to a run-time bound
@@ -308,17 +315,24 @@ def _attend_cache(k_ptr, v_ptr, head_cache, held, q1, q2, q3, r, p, d, rm, pm, d
         for s0 in range(0, held, BS):
             m_i, l_i, acc = _attend_slots(k_ptr, v_ptr, head_cache, s0, held, q1, q2, q3, r, p, d, rm, pm, dm,
                                           scale, m_i, l_i, acc, real_row, D, R2, BS, HAS_REAL)
-    return acc / l_i
+    s_new = (tl.sum(q1 * k1.to(KT).to(tl.float32), 0) + tl.sum(q2 * k2.to(KT).to(tl.float32), 0)
+             + tl.sum(q3 * k3.to(KT).to(tl.float32), 0)) * scale
+    m_new = tl.maximum(m_i, s_new)
+    alpha = tl.exp(m_i - m_new)
+    w = tl.exp(s_new - m_new)
+    acc = acc * alpha + w * v.to(KT).to(tl.float32)
+    return acc / (l_i * alpha + w)
 
 
 @triton.jit
 def _attend_slots(k_ptr, v_ptr, head_cache, s0, held, q1, q2, q3, r, p, d, rm, pm, dm, scale, m_i, l_i, acc,
                   real_row, D: tl.constexpr, R2: tl.constexpr, BS: tl.constexpr, HAS_REAL: tl.constexpr):
-    """One block of BS cache slots into the online softmax (m_i, l_i, acc)."""
+    """One block of BS cache slots (those below `held`, and real with HAS_REAL) into the online softmax (m_i, l_i,
+    acc)."""
     slots = s0 + tl.arange(0, BS)
     sm = slots < held
     if HAS_REAL:
-        sm = sm & ((tl.load(real_row + slots, mask=sm, other=0) != 0) | (slots == held - 1))
+        sm = sm & (tl.load(real_row + slots, mask=sm, other=0) != 0)
     rows = head_cache + slots.to(tl.int64)[:, None] * D
     k1 = tl.load(k_ptr + rows + r[None, :], mask=sm[:, None] & rm[None, :], other=0.0).to(tl.float32)
     k2 = tl.load(k_ptr + rows + R2 + r[None, :], mask=sm[:, None] & rm[None, :], other=0.0).to(tl.float32)
@@ -404,10 +418,9 @@ def _layer_decode_heads_kernel(x_ptr, dense_qkv_ptr, dense_k_ptr, dense_v_ptr, r
             if MARK_REAL:
                 if hd == 0:
                     tl.store(real_ptr + b * L + position, 1)
-            # positions 0..position, the real ones (left padding is not) and the new token, which is real but whose
-            # mark other programs of this launch may not see yet
-            out = _attend_cache(dense_k_ptr, dense_v_ptr, head * L * D, position + 1, q1, q2, q3, r, p, d, rm, pm, dm,
-                                real_ptr + b * L, D, R2, BD, BSD, L if INTERPRET else 0, True)
+            # the real positions before this one (left padding is not real), then the new token
+            out = _attend_cache(dense_k_ptr, dense_v_ptr, head * L * D, position, q1, q2, q3, k1, k2, k3, v, r, p, d,
+                                rm, pm, dm, real_ptr + b * L, D, R2, BD, BSD, L if INTERPRET else 0, True)
             tl.store(attended_ptr + b * row_stride + hd * D + d, out.to(attended_ptr.dtype.element_ty), mask=dm)
     else:
         if MOSA:
