@@ -25,7 +25,7 @@ DEFAULT = Path(__file__).resolve().parents[2] / "src" / "torch_mosa" / "ops" / "
 LAYER_POINTERS = dict(x_ptr="*bf16", dense_qkv_ptr="*bf16", dense_k_ptr="*bf16", dense_v_ptr="*bf16", real_ptr="*i1",
                       router_ptr="*bf16", thresholds_ptr="*bf16", w_qkv_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16",
                       counts_ptr="*i64", capacity_overflow_ptr="*i64", token_overflow_ptr="*i64", pos_ptr="*i64",
-                      attended_ptr="*bf16", written_ptr="*i8", log2_base="fp32")
+                      attended_ptr="*bf16", heads_ptr="*i64", written_ptr="*i8", log2_base="fp32")
 SPARSE_POINTERS = dict(x_ptr="*bf16", qkv_ptr="*fp32", heads_ptr="*i64", joined_ptr="*i1", scores_ptr="*bf16",
                        pos_ptr="*i64", w_qkv_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", counts_ptr="*i64",
                        overflow_ptr="*i64", attended_ptr="*fp32", written_ptr="*i8", log2_base="fp32")

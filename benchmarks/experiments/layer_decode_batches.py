@@ -1,6 +1,11 @@
-"""The fused layer decode step (one launch per (row, head), routing inside) at the batch sizes where
-`layer_decode_suits` sends the 4 + 17 model to the separate steps (the dense layer step, then sparse_decode's step
-grouped by head), compiled + CUDA-graphed, beside torch-mosa dense and the yardstick, in one process.
+"""The fused layer decode step (one program per (row, dense head) and per (row, MoSA head slot), routing inside)
+against the separate steps (the dense layer step, then sparse_decode's step, grouped by head from 8 (row, slot)
+pairs per head: session 8's rule for the 4 + 17 model from B=32), compiled + CUDA-graphed, beside torch-mosa dense
+and the yardstick, in one process.
+
+Session 9, first run (results/layer-decode-batches-h200-2026-11-24-0255.log): the layer step of session 8 (one
+MoSA program per (row, head), after the dense ones) was 0.79x torch-mosa dense at B=32 and 0.74x at B=64, against
+0.81x and 0.93x for the separate steps. Its MoSA programs now come first and number one per head slot.
 
 Why it may pay: the separate steps' all-heads Q|K|V GEMM, route kernel, router GEMM, grouped output GEMM and the sum
 of the two parts' outputs (about 26 us per layer at B=32 on an H200, results/profile-decode-compiled-h200-2026-11-24-
@@ -24,9 +29,17 @@ from torch_mosa.bench.decode import build_model, time_decode
 from torch_mosa.ops.decode import LAYER_DECODE_MAX_MOSA_HEADS, layer_decode_suits
 from torch_mosa.ops.decode import triton_decode
 
-BATCHES = (16, 32, 64)
-RULES = {"separate steps (shipped)": layer_decode_suits,
-         "layer step": lambda batch, heads, limit: heads <= LAYER_DECODE_MAX_MOSA_HEADS}
+BATCHES = (1, 16, 32, 64)
+
+
+def separate_from_grouping(batch, heads, limit):
+    """Session 8's rule: the layer step only below GROUPED_PAIRS_PER_HEAD (row, slot) pairs per head."""
+    width = heads if limit is None else min(limit, heads)
+    return heads <= LAYER_DECODE_MAX_MOSA_HEADS and not triton_decode.grouped_decode(batch, width, heads)
+
+
+RULES = {"separate steps from 8 pairs per head (session 8)": separate_from_grouping,
+         "layer step (shipped)": layer_decode_suits}
 
 
 def main() -> None:
@@ -76,8 +89,9 @@ def main() -> None:
         for name, rule in RULES.items():
             hybrid.layer_decode_suits = rule
             torch._dynamo.reset()
-            step, token = step_function("mosa 4+17 s32", mosa, 32)
-            kernels = kernels_per_step(step, token)
+            with torch.no_grad():
+                step, token = step_function("mosa 4+17 s32", mosa, 32)
+                kernels = kernels_per_step(step, token)
             hybrid.layer_decode_suits = layer_decode_suits
             table.append(f"| 4 + 17, {name} | {sum(c for c, _ in kernels.values()):.1f} | "
                          f"{sum(c * us for c, us in kernels.values()):.1f} |")

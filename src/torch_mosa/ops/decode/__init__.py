@@ -117,14 +117,10 @@ def layer_decode(x: torch.Tensor, position: torch.Tensor, dense: DenseDecodeInpu
 
 
 def layer_decode_suits(batch: int, num_heads: int, heads_per_token: int | None) -> bool:
-    """Whether a layer of `num_heads` MoSA heads decodes `batch` rows through layer_decode's fused step on the GPU:
-    few enough heads for each program to route its row inside the kernel (LAYER_DECODE_MAX_MOSA_HEADS), and few
-    (row, head) pairs per head: with many, sparse_decode's grouped step reads each head's weights once, where the
-    layer step's per-row programs would read them once per row. Needs Triton."""
-    from torch_mosa.ops.decode.triton_decode import grouped_decode
-
-    width = num_heads if heads_per_token is None else min(heads_per_token, num_heads)
-    return num_heads <= LAYER_DECODE_MAX_MOSA_HEADS and not grouped_decode(batch, width, num_heads)
+    """Whether a layer of `num_heads` MoSA heads decodes through layer_decode's fused step on the GPU: few enough heads
+    for each MoSA program to route its row inside the kernel (LAYER_DECODE_MAX_MOSA_HEADS); any batch, since its
+    MoSA programs (one per row and head slot) project only the heads a token joined. Needs Triton."""
+    return num_heads <= LAYER_DECODE_MAX_MOSA_HEADS
 
 
 def layer_decode_arguments(x, position, dense: DenseDecodeInputs | None, mosa: MoSADecodeInputs | None,

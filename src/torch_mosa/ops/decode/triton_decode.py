@@ -352,21 +352,15 @@ def _attend_slots(k_ptr, v_ptr, head_cache, s0, held, q1, q2, q3, r, p, d, rm, p
 def _decode_output_kernel(attended_ptr, written_ptr, heads_ptr, w_o_ptr, dense_w_o_ptr, out_ptr, J: tl.constexpr,
                           H: tl.constexpr, D: tl.constexpr, KD: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
                           ALL_HEADS: tl.constexpr):
-    """out[b, chunk] = attended[b, :KD] @ dense W_O (the dense heads' KD = heads x d rows, none when KD = 0) + the
-    sum over (head slot j, dim i) of attended[b, KD + j*D + i] * W_O[head j][i, chunk]: the J*D pairs in blocks of
-    BK, each block gathering the W_O rows of several heads (skipped for heads without a write)."""
+    """out[b, chunk] = the sum over (head slot j, dim i) of attended[b, j*D + i] * W_O[head j][i, chunk] (the J*D
+    pairs in blocks of BK, each block gathering the W_O rows of several heads, skipped for heads without a write) +
+    attended[b, J*D:] @ dense W_O (the dense heads' KD = heads x d rows after the slots, none when KD = 0)."""
     num_chunks = tl.cdiv(H, BH)
     b = (tl.program_id(0) // num_chunks).to(tl.int64)
     hs = (tl.program_id(0) % num_chunks) * BH + tl.arange(0, BH)
     hm = hs < H
-    row = attended_ptr + b * (KD + J * D)
+    row = attended_ptr + b * (J * D + KD)
     acc = tl.zeros([BK, BH], tl.float32)  # summed over its rows once, after the loop
-    for k0 in range(0, KD, BK):  # dense heads, W_O as nn.Linear holds it: [H, KD]
-        k = k0 + tl.arange(0, BK)
-        live = k < KD
-        a = tl.load(row + k, mask=live, other=0.0)
-        w = tl.load(dense_w_o_ptr + hs[None, :] * KD + k[:, None], mask=live[:, None] & hm[None, :], other=0.0)
-        acc += a[:, None] * w.to(tl.float32)
     for k0 in range(0, J * D, BK):
         k = k0 + tl.arange(0, BK)
         slot = b * J + k // D
@@ -376,8 +370,14 @@ def _decode_output_kernel(attended_ptr, written_ptr, heads_ptr, w_o_ptr, dense_w
             e = (k // D).to(tl.int64)
         else:
             e = tl.load(heads_ptr + slot, mask=live, other=0).to(tl.int64)
-        a = tl.load(row + KD + k, mask=live, other=0.0)
+        a = tl.load(row + k, mask=live, other=0.0)
         w = tl.load(w_o_ptr + (e * D + i)[:, None] * H + hs[None, :], mask=live[:, None] & hm[None, :], other=0.0)
+        acc += a[:, None] * w.to(tl.float32)
+    for k0 in range(0, KD, BK):  # dense heads, W_O as nn.Linear holds it: [H, KD]
+        k = k0 + tl.arange(0, BK)
+        live = k < KD
+        a = tl.load(row + J * D + k, mask=live, other=0.0)
+        w = tl.load(dense_w_o_ptr + hs[None, :] * KD + k[:, None], mask=live[:, None] & hm[None, :], other=0.0)
         acc += a[:, None] * w.to(tl.float32)
     tl.store(out_ptr + b * H + hs, tl.sum(acc, 0).to(out_ptr.dtype.element_ty), mask=hm)
 
@@ -385,17 +385,21 @@ def _decode_output_kernel(attended_ptr, written_ptr, heads_ptr, w_o_ptr, dense_w
 @triton.jit
 def _layer_decode_heads_kernel(x_ptr, dense_qkv_ptr, dense_k_ptr, dense_v_ptr, real_ptr, router_ptr, thresholds_ptr,
                                w_qkv_ptr, k_ptr, v_ptr, counts_ptr, capacity_overflow_ptr, token_overflow_ptr,
-                               pos_ptr, attended_ptr, written_ptr, B, E, J, log2_base, HD: tl.constexpr,
+                               pos_ptr, attended_ptr, heads_ptr, written_ptr, B, E, J, log2_base, HD: tl.constexpr,
                                L: tl.constexpr, H: tl.constexpr, D: tl.constexpr, R2: tl.constexpr,
                                CAP: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
                                BH: tl.constexpr, BS: tl.constexpr, BSD: tl.constexpr, BE: tl.constexpr,
                                MOSA: tl.constexpr,
                                MARK_REAL: tl.constexpr, ROUND_MARGIN: tl.constexpr, INTERPRET: tl.constexpr):
-    """A layer's dense and MoSA heads in one launch (module docstring, "the layer step"). Programs 0..B*HD-1: dense
-    head (b, hd) from its given Q|K|V. The others: MoSA head (b, e), which routes the row itself (all E router
-    logits, `_choose_heads`) and, if the token joined e and e has room, projects, appends and attends. Each writes
-    its row of attended [B, HD + E, D] (MoSA rows times the score, zeros without a write; MoSA writes flagged in
-    written [B, E])."""
+    """A layer's dense and MoSA heads in one launch (module docstring, "the layer step"). Programs 0..B*J-1 (MOSA):
+    MoSA slot (b, j), which routes the row itself (all E router logits, `_choose_heads`) and takes the j-th head the
+    token joined, if any: room check, project, append, attend. The others: dense head (b, hd) from its given Q|K|V.
+    Each writes its row of attended [B, J + HD, D] (MoSA slots first, times the score, zeros without a write); MoSA
+    slots also their head in heads [B, J] and whether they wrote in written [B, J].
+
+    The short MoSA programs come first: blocks start in program order, and behind the long dense walks they would
+    queue for the few SMs left free (at B=32 the 4 + 17 model's 544 per-head MoSA programs queued behind 128 dense
+    ones: 0.79x torch-mosa dense, results/layer-decode-batches-h200-2026-11-24-0255.log)."""
     pid = tl.program_id(0)
     P: tl.constexpr = D - 2 * R2
     r = tl.arange(0, BR)
@@ -404,29 +408,13 @@ def _layer_decode_heads_kernel(x_ptr, dense_qkv_ptr, dense_k_ptr, dense_v_ptr, r
     rm = r < R2
     pm = p < P
     dm = d < D
-    row_stride = (HD + E) * D
+    slots = J if MOSA else 0
+    row_stride = (slots + HD) * D
     # an absent part (HD = 0, or MOSA off) is compiled out: its tensors are placeholders
-    if pid < B * HD:
-        if HD > 0:
-            b = (pid // HD).to(tl.int64)
-            hd = pid % HD
-            head = b * HD + hd
-            q1, q2, q3, k1, k2, k3, v = _given_qkv(dense_qkv_ptr + head * 3 * D, r, p, d, rm, pm, dm, D, R2)
-            q1, q2, k1, k2 = _rotate(q1, q2, k1, k2, pos_ptr, log2_base, r, R2)
-            position = tl.load(pos_ptr)
-            _append(dense_k_ptr, dense_v_ptr, (head * L + position) * D, k1, k2, k3, v, r, p, d, rm, pm, dm, R2)
-            if MARK_REAL:
-                if hd == 0:
-                    tl.store(real_ptr + b * L + position, 1)
-            # the real positions before this one (left padding is not real), then the new token
-            out = _attend_cache(dense_k_ptr, dense_v_ptr, head * L * D, position, q1, q2, q3, k1, k2, k3, v, r, p, d,
-                                rm, pm, dm, real_ptr + b * L, D, R2, BD, BSD, L if INTERPRET else 0, True)
-            tl.store(attended_ptr + b * row_stride + hd * D + d, out.to(attended_ptr.dtype.element_ty), mask=dm)
-    else:
+    if pid < B * slots:
         if MOSA:
-            pair = pid - B * HD
-            b = (pair // E).to(tl.int64)
-            e = pair % E
+            b = (pid // J).to(tl.int64)
+            j = pid % J
             x_row = x_ptr + b * H
             # the row's router logits, in the inputs' dtype as the router's Linear returns them
             LT: tl.constexpr = x_ptr.dtype.element_ty
@@ -443,22 +431,43 @@ def _layer_decode_heads_kernel(x_ptr, dense_qkv_ptr, dense_k_ptr, dense_v_ptr, r
             threshold = tl.load(thresholds_ptr + es, mask=em, other=0.0)
             chosen, num_above = _choose_heads(logit, threshold, em, J, ROUND_MARGIN, LT)
             if num_above > J:  # the joins beyond the limit, counted once per row
-                if e == 0:
+                if j == 0:
                     tl.atomic_add(token_overflow_ptr, (num_above - J).to(tl.int64))
-            mine = es == e
-            joined = tl.sum((chosen & mine).to(tl.int32), 0) > 0
+            # this slot's head: the (j+1)-th chosen in head order
+            mine = chosen & (tl.cumsum(chosen.to(tl.int32), 0) == j + 1)
+            joined = tl.sum(mine.to(tl.int32), 0) > 0
+            e = tl.sum(tl.where(mine, es, 0), 0).to(tl.int64)
             head = b * E + e
             count, written = _head_room(joined, counts_ptr + head, capacity_overflow_ptr, CAP)
             out = tl.zeros([BD], tl.float32)
             if written:
-                q1, q2, q3, k1, k2, k3, v = _project_token_qkv(x_row, w_qkv_ptr + e.to(tl.int64) * H * 3 * D, r, p, d,
-                                                               rm, pm, dm, H, D, R2, BR, BP, BD, BH)
+                q1, q2, q3, k1, k2, k3, v = _project_token_qkv(x_row, w_qkv_ptr + e * H * 3 * D, r, p, d, rm, pm, dm,
+                                                               H, D, R2, BR, BP, BD, BH)
                 out = _join_head(q1, q2, q3, k1, k2, k3, v, head, count, counts_ptr, k_ptr, v_ptr, pos_ptr, log2_base,
                                  r, p, d, rm, pm, dm, D, R2, CAP, BD, BS, CAP + 1 if INTERPRET else 0)
                 logit_e = tl.sum(tl.where(mine, logit.to(tl.float32), 0.0), 0)
                 out = out * (1.0 / (1.0 + tl.exp(-logit_e))).to(LT).to(tl.float32)
-            tl.store(attended_ptr + b * row_stride + (HD + e) * D + d, out.to(attended_ptr.dtype.element_ty), mask=dm)
-            tl.store(written_ptr + head, written.to(tl.int8))
+            tl.store(attended_ptr + b * row_stride + j * D + d, out.to(attended_ptr.dtype.element_ty), mask=dm)
+            tl.store(heads_ptr + pid, e)
+            tl.store(written_ptr + pid, written.to(tl.int8))
+    else:
+        if HD > 0:
+            dense_pid = pid - B * slots
+            b = (dense_pid // HD).to(tl.int64)
+            hd = dense_pid % HD
+            head = b * HD + hd
+            q1, q2, q3, k1, k2, k3, v = _given_qkv(dense_qkv_ptr + head * 3 * D, r, p, d, rm, pm, dm, D, R2)
+            q1, q2, k1, k2 = _rotate(q1, q2, k1, k2, pos_ptr, log2_base, r, R2)
+            position = tl.load(pos_ptr)
+            _append(dense_k_ptr, dense_v_ptr, (head * L + position) * D, k1, k2, k3, v, r, p, d, rm, pm, dm, R2)
+            if MARK_REAL:
+                if hd == 0:
+                    tl.store(real_ptr + b * L + position, 1)
+            # the real positions before this one (left padding is not real), then the new token
+            out = _attend_cache(dense_k_ptr, dense_v_ptr, head * L * D, position, q1, q2, q3, k1, k2, k3, v, r, p, d,
+                                rm, pm, dm, real_ptr + b * L, D, R2, BD, BSD, L if INTERPRET else 0, True)
+            tl.store(attended_ptr + b * row_stride + (slots + hd) * D + d, out.to(attended_ptr.dtype.element_ty),
+                     mask=dm)
 
 
 @triton.jit
@@ -566,19 +575,23 @@ def layer_decode_triton(x: torch.Tensor, position: torch.Tensor, dense_qkv: torc
     if mosa:
         head_dim = cache_k.shape[3]
     out_dtype = dense_qkv.dtype if dense else x.dtype
-    # attended rows in the output's dtype, as SDPA returns them (so a dense-only step's output is one cuBLAS GEMM)
-    attended = torch.empty(batch, dense_heads + num_heads, head_dim, device=x.device, dtype=out_dtype)
-    written = torch.empty(batch, num_heads, device=x.device, dtype=torch.int8)
+    slots = heads_per_token if mosa else 0  # MoSA slots per row: the J heads a token may join
+    # attended rows (MoSA slots, then dense heads) in the output's dtype, as SDPA returns them (so a dense-only step's
+    # output is one cuBLAS GEMM)
+    attended = torch.empty(batch, slots + dense_heads, head_dim, device=x.device, dtype=out_dtype)
+    heads = torch.empty(batch, slots, device=x.device, dtype=torch.long)
+    written = torch.empty(batch, slots, device=x.device, dtype=torch.int8)
     round_margin = mosa and x.dtype != torch.float32 and \
         torch.promote_types(x.dtype, thresholds.dtype) == x.dtype  # as route_heads_triton
     # an absent part's tensors: placeholders of their dtypes (its code is compiled out)
     floats, longs = attended.new_empty(1), torch.empty(1, dtype=torch.long, device=x.device)
-    dense_args = (dense_qkv, dense_k, dense_v, key_real) if dense else (floats, floats, floats, written)
+    bools = torch.empty(1, dtype=torch.bool, device=x.device)
+    dense_args = (dense_qkv, dense_k, dense_v, key_real) if dense else (floats, floats, floats, bools)
     mosa_args = (router_weight, thresholds, w_qkv, cache_k, cache_v, counts, capacity_overflow, token_overflow) \
         if mosa else (floats, floats, floats, floats, floats, longs, longs, longs)
-    _layer_decode_heads_kernel[(batch * (dense_heads + num_heads),)](
+    _layer_decode_heads_kernel[(batch * (slots + dense_heads),)](
         x, *dense_args, *mosa_args,
-        position, attended, written, batch, num_heads, heads_per_token, math.log2(rope_base),
+        position, attended, heads, written, batch, num_heads, max(slots, 1), math.log2(rope_base),
         HD=dense_heads, L=max_len, H=hidden, D=head_dim, R2=rotary_dim // 2, CAP=capacity,
         BR=_block(rotary_dim // 2), BP=_block(head_dim - rotary_dim), BD=_block(head_dim), BH=BLOCK_H,
         BS=BLOCK_SLOTS, BSD=DENSE_BLOCK_SLOTS, BE=_block(num_heads), MOSA=mosa, MARK_REAL=dense and mark_real,
@@ -587,9 +600,9 @@ def layer_decode_triton(x: torch.Tensor, position: torch.Tensor, dense_qkv: torc
         return torch.nn.functional.linear(attended.view(batch, -1), dense_w_o.to(out_dtype))
     out = torch.empty(batch, hidden, device=x.device, dtype=out_dtype)
     _decode_output_kernel[(batch * triton.cdiv(hidden, OUT_BLOCK_H),)](
-        attended, written, written, w_o, dense_w_o if dense else floats, out,
-        J=num_heads, H=hidden, D=head_dim, KD=dense_heads * head_dim, BK=OUT_BLOCK_K, BH=OUT_BLOCK_H,
-        ALL_HEADS=True, num_warps=8)
+        attended, written, heads, w_o, dense_w_o if dense else floats, out,
+        J=slots, H=hidden, D=head_dim, KD=dense_heads * head_dim, BK=OUT_BLOCK_K, BH=OUT_BLOCK_H,
+        ALL_HEADS=False, num_warps=8)
     return out
 
 
