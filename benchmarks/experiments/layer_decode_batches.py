@@ -12,8 +12,13 @@ of the two parts' outputs (about 26 us per layer at B=32 on an H200, results/pro
 0158.txt) against the layer step's MoSA programs, which project only the (row, head) pairs a token joined (about 0.4
 per row and layer in these models) beside the dense programs' longer walk of the cache.
 
-Also at B=32: the dense heads' positions per step (`DENSE_BLOCK_SLOTS`) at 256 for both models, and the kernels of
-one compiled step of each (profile_decode_compiled.py's table).
+Variants of the layer step: MoSA programs per (row, slot) or per row (`LAYER_MOSA_PER_ROW`), and the output kernel's
+tile (`OUT_BLOCK_H` x `OUT_BLOCK_K`, shared with the sparse step); at B=32 the kernels of one compiled step of each
+(profile_decode_compiled.py's table).
+
+Second run (results/layer-decode-batches-h200-2026-11-24-0311.log): MoSA programs per slot and first took B=32 from
+0.80x to 0.96x torch-mosa dense (B=64 0.92x against the separate steps' 0.94x; B=1 and 16 level); the heads kernel
+took 24.6 us per layer at B=32 (dense's 9-head kernel 22.4) and the output kernel 6.7 us (dense's cuBLAS GEMM 3.4).
 
 On the GPU machine: `PYTHONPATH=src python benchmarks/experiments/layer_decode_batches.py --out DIR`; `--cpu` runs
 the micro model on the CPU for the plumbing only (no timing worth reading).
@@ -38,8 +43,34 @@ def separate_from_grouping(batch, heads, limit):
     return heads <= LAYER_DECODE_MAX_MOSA_HEADS and not triton_decode.grouped_decode(batch, width, heads)
 
 
-RULES = {"separate steps from 8 pairs per head (session 8)": separate_from_grouping,
-         "layer step (shipped)": layer_decode_suits}
+# (name, layer_decode_suits replacement or None for the shipped rule, triton_decode settings)
+VARIANTS = [
+    ("separate steps from 8 pairs per head (session 8)", separate_from_grouping, {}),
+    ("layer step, per slot (shipped)", None, {}),
+    ("layer step, per row", None, {"LAYER_MOSA_PER_ROW": True}),
+    ("layer step, per slot, output 64 x 256", None, {"OUT_BLOCK_H": 64, "OUT_BLOCK_K": 256}),
+    ("layer step, per row, output 64 x 256", None, {"LAYER_MOSA_PER_ROW": True, "OUT_BLOCK_H": 64, "OUT_BLOCK_K": 256}),
+]
+
+
+def variant(rule, settings):
+    """Context: the variant's rule and module settings, restored after."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def applied():
+        saved = {name: getattr(triton_decode, name) for name in settings}
+        hybrid.layer_decode_suits = rule or layer_decode_suits
+        for name, value in settings.items():
+            setattr(triton_decode, name, value)
+        try:
+            yield
+        finally:
+            hybrid.layer_decode_suits = layer_decode_suits
+            for name, value in saved.items():
+                setattr(triton_decode, name, value)
+
+    return applied()
 
 
 def main() -> None:
@@ -58,45 +89,35 @@ def main() -> None:
         return time_decode(model, batch, prompt, new, cuda_graphs=graphs, compile_step=graphs, **kwargs)["tokens_per_s"]
 
     rows = []
-    shipped_slots = triton_decode.DENSE_BLOCK_SLOTS
     for batch in args.batches:
-        for slots in (shipped_slots, 256) if batch == 32 else (shipped_slots,):
-            triton_decode.DENSE_BLOCK_SLOTS = slots
-            reference = timed(dense, batch)
-            if slots == shipped_slots:
-                rows.append(("yardstick", batch, slots, timed(dense, batch, yardstick=True), reference))
-            rows.append(("torch-mosa dense", batch, slots, reference, reference))
-            for name, rule in RULES.items():
-                hybrid.layer_decode_suits = rule
+        reference = timed(dense, batch)
+        rows += [("yardstick", batch, timed(dense, batch, yardstick=True), reference),
+                 ("torch-mosa dense", batch, reference, reference)]
+        for name, rule, settings in VARIANTS:
+            with variant(rule, settings):
                 tokens = timed(mosa, batch)
-                hybrid.layer_decode_suits = layer_decode_suits
-                rows.append((f"4 + 17, {name}", batch, slots, tokens, reference))
-            for row in rows[-3:]:
-                print(f"{row[0]}, B={row[1]}, dense slots {row[2]}: {row[3]:,.0f} tokens/s "
-                      f"({row[3] / row[4]:.2f}x torch-mosa dense)", flush=True)
-        triton_decode.DENSE_BLOCK_SLOTS = shipped_slots
-    table = ["| model | B | dense positions/step | tokens/s | vs torch-mosa dense (same positions/step) |",
-             "|---|---|---|---|---|"]
-    table += [f"| {name} | {batch} | {slots} | {tokens:,.0f} | {tokens / reference:.2f}x |"
-              for name, batch, slots, tokens, reference in rows]
-    if not args.cpu:  # the kernels of one step at B=32, each rule
+            rows.append((f"4 + 17, {name}", batch, tokens, reference))
+            print(f"4 + 17, {name}, B={batch}: {tokens:,.0f} tokens/s ({tokens / reference:.2f}x torch-mosa dense)",
+                  flush=True)
+    table = ["| model | B | tokens/s | vs torch-mosa dense |", "|---|---|---|---|"]
+    table += [f"| {name} | {batch} | {tokens:,.0f} | {tokens / reference:.2f}x |"
+              for name, batch, tokens, reference in rows]
+    if not args.cpu:  # the kernels of one step at B=32, each variant
         import sys
 
         sys.path.insert(0, str(pathlib.Path(__file__).parent))
         from profile_decode_compiled import kernels_per_step, step_function
 
         table += ["", "| model at B=32 | kernels/step | GPU kernel us/step |", "|---|---|---|"]
-        for name, rule in RULES.items():
-            hybrid.layer_decode_suits = rule
+        for name, rule, settings in VARIANTS:
             torch._dynamo.reset()
-            with torch.no_grad():
+            with variant(rule, settings), torch.no_grad():
                 step, token = step_function("mosa 4+17 s32", mosa, 32)
                 kernels = kernels_per_step(step, token)
-            hybrid.layer_decode_suits = layer_decode_suits
             table.append(f"| 4 + 17, {name} | {sum(c for c, _ in kernels.values()):.1f} | "
                          f"{sum(c * us for c, us in kernels.values()):.1f} |")
             lines = [f"  {c:6.1f} x {us:8.2f} us  {k[:100]}" for k, (c, us) in
-                     sorted(kernels.items(), key=lambda kv: -kv[1][0] * kv[1][1])[:14]]
+                     sorted(kernels.items(), key=lambda kv: -kv[1][0] * kv[1][1])[:8]]
             print(f"== 4 + 17, {name}, B=32\n" + "\n".join(lines), flush=True)
     pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(args.out) / "layer-decode-batches.md").write_text("\n".join(table) + "\n")
