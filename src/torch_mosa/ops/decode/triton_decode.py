@@ -69,6 +69,8 @@ BLOCK_SLOTS = 32  # cache slots per step of the online softmax
 # benchmarks/experiments/layer_decode_block_slots.py (H200): 256 was 3% faster at B=1, 6% slower for dense at B=32
 DENSE_BLOCK_SLOTS = 128
 OUT_BLOCK_H = 32  # hidden columns per program of the output kernel (B * h / 32 programs: 16 per row at h 512)
+# the layer step's MoSA programs: one per (row, head slot) (False) or one per row, taking its slots in turn (True)
+LAYER_MOSA_PER_ROW = False
 OUT_BLOCK_K = 512  # (head slot, dim) rows of W_O per step of the output kernel's reduction
 # (row, slot) pairs per head from which a step is grouped by head (module docstring). Measured on an H200 with the
 # 4 + 17 model (benchmarks/experiments/decode_grouping.py, results/decode-grouping-h200-2026-11-23.log): grouped is
@@ -385,17 +387,18 @@ def _decode_output_kernel(attended_ptr, written_ptr, heads_ptr, w_o_ptr, dense_w
 @triton.jit
 def _layer_decode_heads_kernel(x_ptr, dense_qkv_ptr, dense_k_ptr, dense_v_ptr, real_ptr, router_ptr, thresholds_ptr,
                                w_qkv_ptr, k_ptr, v_ptr, counts_ptr, capacity_overflow_ptr, token_overflow_ptr,
-                               pos_ptr, attended_ptr, heads_ptr, written_ptr, B, E, J, log2_base, HD: tl.constexpr,
-                               L: tl.constexpr, H: tl.constexpr, D: tl.constexpr, R2: tl.constexpr,
-                               CAP: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
-                               BH: tl.constexpr, BS: tl.constexpr, BSD: tl.constexpr, BE: tl.constexpr,
-                               MOSA: tl.constexpr,
+                               pos_ptr, attended_ptr, heads_ptr, written_ptr, B, E, log2_base, J: tl.constexpr,
+                               HD: tl.constexpr, L: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
+                               R2: tl.constexpr, CAP: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
+                               BD: tl.constexpr, BH: tl.constexpr, BS: tl.constexpr, BSD: tl.constexpr,
+                               BE: tl.constexpr, MOSA: tl.constexpr, PER_ROW: tl.constexpr,
                                MARK_REAL: tl.constexpr, ROUND_MARGIN: tl.constexpr, INTERPRET: tl.constexpr):
-    """A layer's dense and MoSA heads in one launch (module docstring, "the layer step"). Programs 0..B*J-1 (MOSA):
-    MoSA slot (b, j), which routes the row itself (all E router logits, `_choose_heads`) and takes the j-th head the
-    token joined, if any: room check, project, append, attend. The others: dense head (b, hd) from its given Q|K|V.
-    Each writes its row of attended [B, J + HD, D] (MoSA slots first, times the score, zeros without a write); MoSA
-    slots also their head in heads [B, J] and whether they wrote in written [B, J].
+    """A layer's dense and MoSA heads in one launch (module docstring, "the layer step"). The first programs (MOSA)
+    route a row (all E router logits, `_choose_heads`) and run its j-th joined head, if any: room check, project,
+    append, attend; one program per (row b, slot j < J), or with PER_ROW one per row taking its J slots in turn.
+    The others: dense head (b, hd) from its given Q|K|V. Each writes rows of attended [B, J + HD, D] (MoSA slots
+    first, times the score, zeros without a write); MoSA slots also their head in heads [B, J] and whether they
+    wrote in written [B, J].
 
     The short MoSA programs come first: blocks start in program order, and behind the long dense walks they would
     queue for the few SMs left free (at B=32 the 4 + 17 model's 544 per-head MoSA programs queued behind 128 dense
@@ -408,18 +411,17 @@ def _layer_decode_heads_kernel(x_ptr, dense_qkv_ptr, dense_k_ptr, dense_v_ptr, r
     rm = r < R2
     pm = p < P
     dm = d < D
-    slots = J if MOSA else 0
-    row_stride = (slots + HD) * D
+    mosa_programs = B if PER_ROW else B * J  # J = 0 without MoSA heads
+    row_stride = (J + HD) * D
     # an absent part (HD = 0, or MOSA off) is compiled out: its tensors are placeholders
-    if pid < B * slots:
+    if pid < mosa_programs:
         if MOSA:
-            b = (pid // J).to(tl.int64)
-            j = pid % J
+            b = (pid if PER_ROW else pid // J).to(tl.int64)
             x_row = x_ptr + b * H
-            # the row's router logits, in the inputs' dtype as the router's Linear returns them
             LT: tl.constexpr = x_ptr.dtype.element_ty
             es = tl.arange(0, BE)
             em = es < E
+            # the row's router logits, in the inputs' dtype as the router's Linear returns them
             products = tl.zeros([BE, BH], tl.float32)
             for h0 in range(0, H, BH):
                 hs = h0 + tl.arange(0, BH)
@@ -430,29 +432,25 @@ def _layer_decode_heads_kernel(x_ptr, dense_qkv_ptr, dense_k_ptr, dense_v_ptr, r
             logit = tl.sum(products, 1).to(LT)
             threshold = tl.load(thresholds_ptr + es, mask=em, other=0.0)
             chosen, num_above = _choose_heads(logit, threshold, em, J, ROUND_MARGIN, LT)
-            if num_above > J:  # the joins beyond the limit, counted once per row
-                if j == 0:
+            rank = tl.cumsum(chosen.to(tl.int32), 0)  # a chosen head's 1-based place among the row's chosen
+            if PER_ROW:
+                if num_above > J:  # the joins beyond the limit
                     tl.atomic_add(token_overflow_ptr, (num_above - J).to(tl.int64))
-            # this slot's head: the (j+1)-th chosen in head order
-            mine = chosen & (tl.cumsum(chosen.to(tl.int32), 0) == j + 1)
-            joined = tl.sum(mine.to(tl.int32), 0) > 0
-            e = tl.sum(tl.where(mine, es, 0), 0).to(tl.int64)
-            head = b * E + e
-            count, written = _head_room(joined, counts_ptr + head, capacity_overflow_ptr, CAP)
-            out = tl.zeros([BD], tl.float32)
-            if written:
-                q1, q2, q3, k1, k2, k3, v = _project_token_qkv(x_row, w_qkv_ptr + e * H * 3 * D, r, p, d, rm, pm, dm,
-                                                               H, D, R2, BR, BP, BD, BH)
-                out = _join_head(q1, q2, q3, k1, k2, k3, v, head, count, counts_ptr, k_ptr, v_ptr, pos_ptr, log2_base,
-                                 r, p, d, rm, pm, dm, D, R2, CAP, BD, BS, CAP + 1 if INTERPRET else 0)
-                logit_e = tl.sum(tl.where(mine, logit.to(tl.float32), 0.0), 0)
-                out = out * (1.0 / (1.0 + tl.exp(-logit_e))).to(LT).to(tl.float32)
-            tl.store(attended_ptr + b * row_stride + j * D + d, out.to(attended_ptr.dtype.element_ty), mask=dm)
-            tl.store(heads_ptr + pid, e)
-            tl.store(written_ptr + pid, written.to(tl.int8))
+                for j in range(J):
+                    _layer_mosa_slot(x_row, b, j, logit, chosen, rank, es, w_qkv_ptr, k_ptr, v_ptr, counts_ptr,
+                                     capacity_overflow_ptr, pos_ptr, attended_ptr + b * row_stride, heads_ptr,
+                                     written_ptr, E, log2_base, J, H, D, R2, CAP, BR, BP, BD, BH, BS, LT, INTERPRET)
+            else:
+                j = pid % J
+                if num_above > J:  # the joins beyond the limit, counted once per row
+                    if j == 0:
+                        tl.atomic_add(token_overflow_ptr, (num_above - J).to(tl.int64))
+                _layer_mosa_slot(x_row, b, j, logit, chosen, rank, es, w_qkv_ptr, k_ptr, v_ptr, counts_ptr,
+                                 capacity_overflow_ptr, pos_ptr, attended_ptr + b * row_stride, heads_ptr, written_ptr,
+                                 E, log2_base, J, H, D, R2, CAP, BR, BP, BD, BH, BS, LT, INTERPRET)
     else:
         if HD > 0:
-            dense_pid = pid - B * slots
+            dense_pid = pid - mosa_programs
             b = (dense_pid // HD).to(tl.int64)
             hd = dense_pid % HD
             head = b * HD + hd
@@ -466,8 +464,41 @@ def _layer_decode_heads_kernel(x_ptr, dense_qkv_ptr, dense_k_ptr, dense_v_ptr, r
             # the real positions before this one (left padding is not real), then the new token
             out = _attend_cache(dense_k_ptr, dense_v_ptr, head * L * D, position, q1, q2, q3, k1, k2, k3, v, r, p, d,
                                 rm, pm, dm, real_ptr + b * L, D, R2, BD, BSD, L if INTERPRET else 0, True)
-            tl.store(attended_ptr + b * row_stride + (slots + hd) * D + d, out.to(attended_ptr.dtype.element_ty),
-                     mask=dm)
+            tl.store(attended_ptr + b * row_stride + (J + hd) * D + d, out.to(attended_ptr.dtype.element_ty), mask=dm)
+
+
+@triton.jit
+def _layer_mosa_slot(x_row, b, j, logit, chosen, rank, es, w_qkv_ptr, k_ptr, v_ptr, counts_ptr, capacity_overflow_ptr,
+                     pos_ptr, attended_row, heads_ptr, written_ptr, E, log2_base, J: tl.constexpr, H: tl.constexpr,
+                     D: tl.constexpr, R2: tl.constexpr, CAP: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
+                     BD: tl.constexpr, BH: tl.constexpr, BS: tl.constexpr, LT: tl.constexpr,
+                     INTERPRET: tl.constexpr):
+    """MoSA slot j of row b in the layer step: the row's (j+1)-th chosen head in head order, if any, joins the token
+    (room check, project, rotate, append, attend, times its score); writes the slot's attended row (zeros without a
+    write), its head and its written flag."""
+    P: tl.constexpr = D - 2 * R2
+    r = tl.arange(0, BR)
+    p = tl.arange(0, BP)
+    d = tl.arange(0, BD)
+    rm = r < R2
+    pm = p < P
+    dm = d < D
+    mine = chosen & (rank == j + 1)
+    joined = tl.sum(mine.to(tl.int32), 0) > 0
+    e = tl.sum(tl.where(mine, es, 0), 0).to(tl.int64)
+    head = b * E + e
+    count, written = _head_room(joined, counts_ptr + head, capacity_overflow_ptr, CAP)
+    out = tl.zeros([BD], tl.float32)
+    if written:
+        q1, q2, q3, k1, k2, k3, v = _project_token_qkv(x_row, w_qkv_ptr + e * H * 3 * D, r, p, d, rm, pm, dm, H, D, R2,
+                                                       BR, BP, BD, BH)
+        out = _join_head(q1, q2, q3, k1, k2, k3, v, head, count, counts_ptr, k_ptr, v_ptr, pos_ptr, log2_base, r, p, d,
+                         rm, pm, dm, D, R2, CAP, BD, BS, CAP + 1 if INTERPRET else 0)
+        logit_e = tl.sum(tl.where(mine, logit.to(tl.float32), 0.0), 0)
+        out = out * (1.0 / (1.0 + tl.exp(-logit_e))).to(LT).to(tl.float32)
+    tl.store(attended_row + j * D + d, out.to(attended_row.dtype.element_ty), mask=dm)
+    tl.store(heads_ptr + b * J + j, e)
+    tl.store(written_ptr + b * J + j, written.to(tl.int8))
 
 
 @triton.jit
@@ -589,10 +620,11 @@ def layer_decode_triton(x: torch.Tensor, position: torch.Tensor, dense_qkv: torc
     dense_args = (dense_qkv, dense_k, dense_v, key_real) if dense else (floats, floats, floats, bools)
     mosa_args = (router_weight, thresholds, w_qkv, cache_k, cache_v, counts, capacity_overflow, token_overflow) \
         if mosa else (floats, floats, floats, floats, floats, longs, longs, longs)
-    _layer_decode_heads_kernel[(batch * (slots + dense_heads),)](
+    per_row = mosa and LAYER_MOSA_PER_ROW
+    _layer_decode_heads_kernel[((batch if per_row else batch * slots) + batch * dense_heads,)](
         x, *dense_args, *mosa_args,
-        position, attended, heads, written, batch, num_heads, max(slots, 1), math.log2(rope_base),
-        HD=dense_heads, L=max_len, H=hidden, D=head_dim, R2=rotary_dim // 2, CAP=capacity,
+        position, attended, heads, written, batch, num_heads, math.log2(rope_base), J=slots,
+        PER_ROW=per_row, HD=dense_heads, L=max_len, H=hidden, D=head_dim, R2=rotary_dim // 2, CAP=capacity,
         BR=_block(rotary_dim // 2), BP=_block(head_dim - rotary_dim), BD=_block(head_dim), BH=BLOCK_H,
         BS=BLOCK_SLOTS, BSD=DENSE_BLOCK_SLOTS, BE=_block(num_heads), MOSA=mosa, MARK_REAL=dense and mark_real,
         ROUND_MARGIN=round_margin, INTERPRET=_interpreting(), num_warps=8)
