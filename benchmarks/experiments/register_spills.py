@@ -19,7 +19,7 @@ from torch_mosa.ops.mosa import triton_mosa as tm
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = dict(x_ptr="*bf16", w_qkv_ptr="*bf16", w_o_ptr="*bf16", idx_ptr="*i64", score_ptr="*fp32",
                 cos_ptr="*fp32", sin_ptr="*fp32", rope_pos_ptr="*i32", doc_ptr="*i32", dest_ptr="*i64",
-                y_ptr="*fp32", o_ptr="*bf16", w_router_ptr="*bf16", dy_ptr="*bf16", dqkv_ptr="*bf16",
+                y_ptr="*fp32", o_ptr="*bf16", qkv_ptr="*bf16", w_router_ptr="*bf16", dy_ptr="*bf16", dqkv_ptr="*bf16",
                 dx_ptr="*fp32", dscore_ptr="*fp32", sm_scale="fp32")
 
 
@@ -41,16 +41,27 @@ def ptxas_usage(kernel, constants: dict, num_warps: int) -> tuple[int, int, int]
 
 
 def main() -> None:
-    print(f"{'kernel':10} {'rows':>4} {'warps':>5} {'BH':>3} {'docs':>5} {'regs':>5} {'spill st':>9} {'spill ld':>9}")
+    print(f"{'kernel':10} {'rows':>4} {'warps':>5} {'BH':>3} {'docs':>5} {'split':>5} {'regs':>5} {'spill st':>9} "
+          f"{'spill ld':>9}")
     for block_m, warps in ((64, 4), (64, 8), (128, 8)):
         for block_h in (64, 32):
             for docs in (False, True):
-                constants = dict(H=512, D=64, R2=16, BLOCK_M=block_m, BR=16, BP=32, BD=64, BH=block_h, PREC="tf32",
-                                 DOCS=docs, SLOTS=False)
-                for name, kernel, extra in (("fwd", tm._mosa_fwd_kernel, {}),
-                                            ("bwd rows", tm._mosa_bwd_rows_kernel, dict(ROUTER=True))):
-                    regs, stores, loads = ptxas_usage(kernel, {**constants, **extra}, warps)
-                    print(f"{name:10} {block_m:4} {warps:5} {block_h:3} {str(docs):>5} {regs:5} {stores:9} {loads:9}")
+                for split in (False, True):
+                    constants = dict(H=512, D=64, R2=16, BLOCK_M=block_m, BR=16, BP=32, BD=64, BH=block_h,
+                                     PREC="tf32", DOCS=docs, SLOTS=False, SPLIT=split)
+                    for name, kernel, extra in (("fwd", tm._mosa_fwd_kernel, {}),
+                                                ("bwd rows", tm._mosa_bwd_rows_kernel, dict(ROUTER=True))):
+                        regs, stores, loads = ptxas_usage(kernel, {**constants, **extra}, warps)
+                        print(f"{name:10} {block_m:4} {warps:5} {block_h:3} {str(docs):>5} {str(split):>5} {regs:5} "
+                              f"{stores:9} {loads:9}")
+    # the split path's GEMM kernels
+    for block_m, warps in ((64, 4), (128, 4), (128, 8)):
+        for name, kernel, constants in (
+                ("qkv", tm._mosa_qkv_kernel, dict(H=512, D=64, BLOCK_M=block_m, BD=64, BH=64, PREC="tf32")),
+                ("dx", tm._mosa_bwd_dx_kernel, dict(H=512, D=64, BLOCK_M=block_m, BD=64, BH=64, PREC="tf32",
+                                                    ROUTER=True, SLOTS=False))):
+            regs, stores, loads = ptxas_usage(kernel, constants, warps)
+            print(f"{name:10} {block_m:4} {warps:5} {64:3} {'-':>5} {'-':>5} {regs:5} {stores:9} {loads:9}")
 
 
 if __name__ == "__main__":

@@ -102,8 +102,8 @@ def random_weights(seq_len, hidden, heads, batch, head_dim=64):
 
 @pytest.mark.parametrize("router", [True, False], ids=["router-grad-in-op", "scores-grad"])
 @pytest.mark.parametrize("batch,seq_len,hidden,heads,k,include_first,padded", OP_CASES)
-def test_op_matches_float64_reference(nan_allocations, batch, seq_len, hidden, heads, k, include_first, padded,
-                                      router):
+def test_op_matches_float64_reference(nan_allocations, mosa_kernel_path, batch, seq_len, hidden, heads, k,
+                                      include_first, padded, router):
     x, w_qkv, w_o, w_router = random_weights(seq_len, hidden, heads, batch)
     mask = None
     if padded:
@@ -117,7 +117,7 @@ def test_op_matches_float64_reference(nan_allocations, batch, seq_len, hidden, h
 @pytest.mark.parametrize("router", [True, False], ids=["router-grad-in-op", "scores-grad"])
 @pytest.mark.parametrize("lengths,heads,sparsity", [([[1, 2, 63, 65, 781], [912]], 37, 16),
                                                     ([[300, 1, 511, 100], [5] * 20 + [812]], 9, 64)])
-def test_packed_op_matches_float64_reference(nan_allocations, lengths, heads, sparsity, router):
+def test_packed_op_matches_float64_reference(nan_allocations, mosa_kernel_path, lengths, heads, sparsity, router):
     """Packed documents: per-document selection, the kernels' document mask and in-document RoPE positions."""
     from torch_mosa.ops.documents import document_layout
     from torch_mosa.ops.selection import topk_route_documents
@@ -183,7 +183,7 @@ def test_layer_fast_path_matches_reference(dtype):
     assert all(error <= bound for error in errors.values()), errors
 
 
-def test_deterministic_mode_is_bitwise_reproducible(monkeypatch):
+def test_deterministic_mode_is_bitwise_reproducible(monkeypatch, mosa_kernel_path):
     """Under torch.use_deterministic_algorithms(True) the layer (selection kernel, fused op with per-slot rows and
     a fixed-order combine) gives bitwise identical outputs and gradients run to run, close to the default path."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses deterministic mode without it

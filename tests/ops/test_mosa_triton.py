@@ -98,8 +98,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("batch,seq_len,hidden,num_heads,head_dim,k,include_first,padded,rotary_dim", CASES)
-def test_forward_and_gradients_match_reference(nan_allocations, monkeypatch, batch, seq_len, hidden, num_heads, head_dim, k,
-                                               include_first, padded, rotary_dim):
+def test_forward_and_gradients_match_reference(nan_allocations, mosa_kernel_path, monkeypatch, batch, seq_len,
+                                               hidden, num_heads, head_dim, k, include_first, padded, rotary_dim):
     if DEVICE == "cpu":  # the float32 limit is the GPU's shared memory; the interpreter runs 128-row tiles too
         monkeypatch.setattr(triton_mosa, "MAX_FUSED_K_FP32", triton_mosa.MAX_FUSED_K)
     tensors, mask = make_case(batch, seq_len, hidden, num_heads, head_dim, k, include_first, padded, seed=k + batch)
@@ -113,7 +113,7 @@ def test_forward_and_gradients_match_reference(nan_allocations, monkeypatch, bat
     pytest.param(33, 40, 16, True, False, id="k16-B33-128-row-forward-tiles"),
     pytest.param(3, 33, 5, False, True, id="k5-B3-padded"),
 ])
-def test_half_precision_matches_reference(nan_allocations, batch, seq_len, k, include_first, padded):
+def test_half_precision_matches_reference(nan_allocations, mosa_kernel_path, batch, seq_len, k, include_first, padded):
     """float16 through the kernels (Triton's interpreter computes bfloat16 tl.dot wrongly; float16 runs the same
     16-bit code) against the float64 reference on the same float16-rounded inputs: relative error of the output and
     every gradient under 1e-2. Batch 33 x k 16 = 528 rows takes the forward's 128-row tiles (16-bit, k <= 16,
@@ -130,8 +130,8 @@ def test_half_precision_matches_reference(nan_allocations, batch, seq_len, k, in
 
 
 @pytest.mark.parametrize("batch,seq_len,hidden,num_heads,head_dim,k,include_first,padded,rotary_dim", CASES[1:4])
-def test_router_gradient_inside_the_op_matches_reference(nan_allocations, batch, seq_len, hidden, num_heads, head_dim,
-                                                          k, include_first, padded, rotary_dim):
+def test_router_gradient_inside_the_op_matches_reference(nan_allocations, mosa_kernel_path, batch, seq_len, hidden,
+                                                          num_heads, head_dim, k, include_first, padded, rotary_dim):
     tensors, mask = make_case(batch, seq_len, hidden, num_heads, head_dim, k, include_first, padded, seed=k + 7)
     router_weight = torch.randn(num_heads, hidden, device=DEVICE) / hidden ** 0.5
     expected = run_router_op(mosa_attention_reference, tensors, router_weight, mask, k, include_first, rotary_dim)
@@ -149,8 +149,8 @@ PACKED_CASES = [
 
 
 @pytest.mark.parametrize("lengths,hidden,num_heads,head_dim,sparsity,rotary_dim,router", PACKED_CASES)
-def test_packed_documents_match_reference(nan_allocations, lengths, hidden, num_heads, head_dim, sparsity,
-                                          rotary_dim, router):
+def test_packed_documents_match_reference(nan_allocations, mosa_kernel_path, lengths, hidden, num_heads, head_dim,
+                                          sparsity, rotary_dim, router):
     """Per-document selection (k_d slots per document) and the kernels' document mask and restarted RoPE
     positions against the reference, output and gradients."""
     from torch_mosa.ops.documents import document_layout
@@ -349,7 +349,7 @@ def test_deterministic_mode_takes_the_fixed_order_combine(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("router", [False, True], ids=["scores-grad", "router-grad-in-op"])
-def test_deterministic_combine_matches_reference(nan_allocations, dtype, router):
+def test_deterministic_combine_matches_reference(nan_allocations, mosa_kernel_path, dtype, router):
     """The per-slot rows and their fixed-order sum give the reference's output and gradients (float32 within
     1e-5, float16 within 1e-2 of the float64 reference on the rounded inputs), with padding slots and a token
     picked by several heads (include_first)."""

@@ -38,6 +38,12 @@ MAX_FUSED_K = 128  # 16-bit inputs; float32 tiles of 128 rows overflow shared me
 MAX_FUSED_K_FP32 = 64
 BLOCK_H = 64
 BLOCK_ROWS_WEIGHTS = 64
+# The split path (module docstring): the projection (`_mosa_qkv_kernel`) and the backward's dX rows
+# (`_mosa_bwd_dx_kernel`) as grouped GEMMs of their own, the row kernels left with the attention. Off until timed
+# (benchmarks/experiments/split_projection.py); SPLIT_TILES: rows per tile, warps, pipeline stages of the two
+# GEMM kernels in 16 bits (float32 takes half the rows and 32-wide hidden chunks).
+SPLIT_PROJECTION = False
+SPLIT_TILES = {"qkv": (64, 4, 3), "dx": (64, 4, 3)}
 
 
 @triton.jit
@@ -82,6 +88,75 @@ def _project_qkv(x_rows, row_ok, w_e, H: tl.constexpr, D: tl.constexpr, R2: tl.c
             k3 = _dot_weight(xt, w_rows + (D + 2 * R2 + p)[None, :], pm, k3, PREC)
         v = _dot_weight(xt, w_rows + (2 * D + d)[None, :], hm[:, None] & (d < D)[None, :], v, PREC)
     return q1, q2, q3, k1, k2, k3, v
+
+
+@triton.jit
+def _load_qkv(qkv_rows, row_ok, D: tl.constexpr, R2: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
+              BD: tl.constexpr):
+    """`_project_qkv`'s segments read from rows of a Q|K|V buffer (qkv_rows [BLOCK_M]: row pointers to 3D values
+    each, as `_mosa_qkv_kernel` stores them), in fp32."""
+    r = tl.arange(0, BR)
+    p = tl.arange(0, BP)
+    d = tl.arange(0, BD)
+    P: tl.constexpr = D - 2 * R2
+    rm = row_ok[:, None] & (r < R2)[None, :]
+    pm = row_ok[:, None] & (p < P)[None, :]
+    dm = row_ok[:, None] & (d < D)[None, :]
+    rows = qkv_rows[:, None]
+    q1 = tl.load(rows + r[None, :], mask=rm, other=0.0).to(tl.float32)
+    q2 = tl.load(rows + (R2 + r)[None, :], mask=rm, other=0.0).to(tl.float32)
+    q3 = tl.load(rows + (2 * R2 + p)[None, :], mask=pm, other=0.0).to(tl.float32)
+    k1 = tl.load(rows + (D + r)[None, :], mask=rm, other=0.0).to(tl.float32)
+    k2 = tl.load(rows + (D + R2 + r)[None, :], mask=rm, other=0.0).to(tl.float32)
+    k3 = tl.load(rows + (D + 2 * R2 + p)[None, :], mask=pm, other=0.0).to(tl.float32)
+    v = tl.load(rows + (2 * D + d)[None, :], mask=dm, other=0.0).to(tl.float32)
+    return q1, q2, q3, k1, k2, k3, v
+
+
+@triton.jit
+def _flat_rows(tile, B, E, K, e, BLOCK_M: tl.constexpr):
+    """Rows tile * BLOCK_M ... of head e's B*k selected rows, in (b, slot) order, whole groups or not: validity,
+    flat [B, E, k] selection index, row of the head-major [E, B*k, ...] buffers, token b*T + position to add."""
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = rows < B * K
+    b = rows // K
+    sel = (b.to(tl.int64) * E + e) * K + rows % K
+    head_row = e.to(tl.int64) * B * K + rows
+    return b, ok, sel, head_row
+
+
+@triton.jit
+def _mosa_qkv_kernel(x_ptr, w_qkv_ptr, idx_ptr, qkv_ptr, B, T, E, K, H: tl.constexpr, D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
+    """The split path's projection: qkv[e, rows] = x[selected tokens] @ W_QKV[e], a grouped GEMM with the gather
+    in its prologue and three N = d dots (Q, K, V) per hidden chunk, in the inputs' dtype, RoPE not applied.
+    Program (tile of BLOCK_M rows, head), tiles fastest so a head's weights come from L2."""
+    tile = tl.program_id(0)
+    e = tl.program_id(1)
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    b, ok, sel, head_row = _flat_rows(tile, B, E, K, e, BLOCK_M)
+    pos = tl.load(idx_ptr + sel, mask=ok, other=0).to(tl.int64)
+    x_rows = x_ptr + (b.to(tl.int64) * T + pos) * H
+    w_e = w_qkv_ptr + e.to(tl.int64) * H * 3 * D
+    d = tl.arange(0, BD)
+    dm = d < D
+    q = tl.zeros([BLOCK_M, BD], tl.float32)
+    k = tl.zeros([BLOCK_M, BD], tl.float32)
+    v = tl.zeros([BLOCK_M, BD], tl.float32)
+    for h0 in range(0, H, BH):
+        hs = h0 + tl.arange(0, BH)
+        hm = hs < H
+        xt = tl.load(x_rows[:, None] + hs[None, :], mask=ok[:, None] & hm[None, :], other=0.0)
+        w_rows = w_e + hs[:, None] * (3 * D) + d[None, :]
+        wm = hm[:, None] & dm[None, :]
+        q = _dot_weight(xt, w_rows, wm, q, PREC)
+        k = _dot_weight(xt, w_rows + D, wm, k, PREC)
+        v = _dot_weight(xt, w_rows + 2 * D, wm, v, PREC)
+    out = qkv_ptr + head_row[:, None] * (3 * D) + d[None, :]
+    om = ok[:, None] & dm[None, :]
+    tl.store(out, q.to(DT), mask=om)
+    tl.store(out + D, k.to(DT), mask=om)
+    tl.store(out + 2 * D, v.to(DT), mask=om)
 
 
 @triton.jit
@@ -136,10 +211,11 @@ def _row_positions(pos, tok, row_ok, rope_pos_ptr, doc_ptr, DOCS: tl.constexpr):
 
 @triton.jit
 def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr, rope_pos_ptr, doc_ptr,
-                     dest_ptr, y_ptr, o_ptr, B, T, E, K, GROUPS, sm_scale, H: tl.constexpr,
+                     dest_ptr, y_ptr, o_ptr, qkv_ptr, B, T, E, K, GROUPS, sm_scale, H: tl.constexpr,
                      D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
                      BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                     DOCS: tl.constexpr, SLOTS: tl.constexpr):
+                     DOCS: tl.constexpr, SLOTS: tl.constexpr, SPLIT: tl.constexpr):
+    """SPLIT: Q|K|V come from qkv_ptr (`_mosa_qkv_kernel`) instead of the tile's own projection."""
     e = tl.program_id(0)
     tile = tl.program_id(1)
     DT: tl.constexpr = x_ptr.dtype.element_ty
@@ -148,9 +224,13 @@ def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin
     pos = tl.load(idx_ptr + sel, mask=row_ok, other=0).to(tl.int64)
     score = tl.load(score_ptr + sel, mask=row_ok, other=0.0).to(tl.float32)
     tok = b.to(tl.int64) * T + pos
-    x_rows = x_ptr + tok * H
-    w_e = w_qkv_ptr + e.to(tl.int64) * H * 3 * D
-    q1, q2, q3, k1, k2, k3, v = _project_qkv(x_rows, row_ok, w_e, H, D, R2, BLOCK_M, BR, BP, BD, BH, PREC)
+    head_row = e.to(tl.int64) * B * K + b * K + slot
+    if SPLIT:
+        q1, q2, q3, k1, k2, k3, v = _load_qkv(qkv_ptr + head_row * (3 * D), row_ok, D, R2, BR, BP, BD)
+    else:
+        w_e = w_qkv_ptr + e.to(tl.int64) * H * 3 * D
+        q1, q2, q3, k1, k2, k3, v = _project_qkv(x_ptr + tok * H, row_ok, w_e, H, D, R2, BLOCK_M, BR, BP, BD, BH,
+                                                 PREC)
     rope_pos, doc = _row_positions(pos, tok, row_ok, rope_pos_ptr, doc_ptr, DOCS)
     r = tl.arange(0, BR)
     rope_mask = row_ok[:, None] & (r < R2)[None, :]
@@ -160,7 +240,6 @@ def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin
                                          BLOCK_M, PREC, DOCS)
     o = tl.dot(p.to(DT), v.to(DT), input_precision=PREC).to(DT)
     d = tl.arange(0, BD)
-    head_row = e.to(tl.int64) * B * K + b * K + slot
     tl.store(o_ptr + head_row[:, None] * D + d[None, :], o, mask=row_ok[:, None] & (d < D)[None, :])
     dest = tl.load(dest_ptr + sel, mask=row_ok, other=0)
     keep = row_ok & (score != 0.0)  # a zero score adds exactly zero
@@ -187,11 +266,13 @@ def _dot_weight_t(grad, w_ptrs, w_mask, acc, PREC: tl.constexpr):
 
 @triton.jit
 def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr,
-                          rope_pos_ptr, doc_ptr, dest_ptr, o_ptr, dy_ptr, dqkv_ptr, dx_ptr, dscore_ptr,
+                          rope_pos_ptr, doc_ptr, dest_ptr, o_ptr, qkv_ptr, dy_ptr, dqkv_ptr, dx_ptr, dscore_ptr,
                           B, T, E, K, GROUPS, sm_scale, H: tl.constexpr,
                           D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
                           BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                          ROUTER: tl.constexpr, DOCS: tl.constexpr, SLOTS: tl.constexpr):
+                          ROUTER: tl.constexpr, DOCS: tl.constexpr, SLOTS: tl.constexpr, SPLIT: tl.constexpr):
+    """SPLIT: Q|K|V come from qkv_ptr (`_mosa_qkv_kernel`), and the dX rows are left to `_mosa_bwd_dx_kernel`
+    (this kernel then ends with dQKV and dscore stored)."""
     # tiles fastest: all tiles of a head run before the next head, so the head's weights are read from L2
     tile = tl.program_id(0)
     e = tl.program_id(1)
@@ -201,9 +282,13 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
     pos = tl.load(idx_ptr + sel, mask=row_ok, other=0).to(tl.int64)
     score = tl.load(score_ptr + sel, mask=row_ok, other=0.0).to(tl.float32)
     tok = b.to(tl.int64) * T + pos
-    x_rows = x_ptr + tok * H
+    head_row = e.to(tl.int64) * B * K + b * K + slot
     w_e = w_qkv_ptr + e.to(tl.int64) * H * 3 * D
-    q1, q2, q3, k1, k2, k3, v = _project_qkv(x_rows, row_ok, w_e, H, D, R2, BLOCK_M, BR, BP, BD, BH, PREC)
+    if SPLIT:
+        q1, q2, q3, k1, k2, k3, v = _load_qkv(qkv_ptr + head_row * (3 * D), row_ok, D, R2, BR, BP, BD)
+    else:
+        q1, q2, q3, k1, k2, k3, v = _project_qkv(x_ptr + tok * H, row_ok, w_e, H, D, R2, BLOCK_M, BR, BP, BD, BH,
+                                                 PREC)
     rope_pos, doc = _row_positions(pos, tok, row_ok, rope_pos_ptr, doc_ptr, DOCS)
     r = tl.arange(0, BR)
     pp = tl.arange(0, BP)
@@ -213,7 +298,6 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
     sin = tl.load(sin_ptr + rope_pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
     q1, q2, k1, k2, p = _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, doc, sm_scale, DT, R2, P,
                                          BLOCK_M, PREC, DOCS)
-    head_row = e.to(tl.int64) * B * K + b * K + slot
     d_mask = row_ok[:, None] & (d < D)[None, :]
     o = tl.load(o_ptr + head_row[:, None] * D + d[None, :], mask=d_mask, other=0.0).to(tl.float32)
 
@@ -264,33 +348,74 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
         tl.store(dqkv_rows + (2 * R2 + pp)[None, :], dq3, mask=pass_mask)
         tl.store(dqkv_rows + (D + 2 * R2 + pp)[None, :], dk3, mask=pass_mask)
     tl.store(dqkv_rows + (2 * D + d)[None, :], dv, mask=d_mask)
+    # dX rows = dQKV @ W_QKV^T, scatter-added back to the selected positions (with SPLIT, `_mosa_bwd_dx_kernel`)
+    if not SPLIT:
+        dest = tl.load(dest_ptr + sel, mask=row_ok, other=0)
+        for h0 in range(0, H, BH):
+            hs = h0 + tl.arange(0, BH)
+            hm = hs < H
+            w_rows = w_e + hs[:, None] * (3 * D)
+            dx = tl.zeros([BLOCK_M, BH], tl.float32)
+            if R2 > 0:
+                rm = hm[:, None] & (r < R2)[None, :]
+                dx = _dot_weight_t(dq1, w_rows + r[None, :], rm, dx, PREC)
+                dx = _dot_weight_t(dq2, w_rows + (R2 + r)[None, :], rm, dx, PREC)
+                dx = _dot_weight_t(dk1, w_rows + (D + r)[None, :], rm, dx, PREC)
+                dx = _dot_weight_t(dk2, w_rows + (D + R2 + r)[None, :], rm, dx, PREC)
+            if P > 0:
+                pm = hm[:, None] & (pp < P)[None, :]
+                dx = _dot_weight_t(dq3, w_rows + (2 * R2 + pp)[None, :], pm, dx, PREC)
+                dx = _dot_weight_t(dk3, w_rows + (D + 2 * R2 + pp)[None, :], pm, dx, PREC)
+            dx = _dot_weight_t(dv, w_rows + (2 * D + d)[None, :], hm[:, None] & (d < D)[None, :], dx, PREC)
+            if ROUTER:
+                w_router = tl.load(w_router_ptr + e.to(tl.int64) * H + hs, mask=hm, other=0.0).to(tl.float32)
+                dx += dscore[:, None] * w_router[None, :]
+            if SLOTS:  # as the forward: the row's own dX row, summed by token afterwards
+                tl.store(dx_ptr + sel[:, None] * H + hs[None, :], dx.to(dx_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & hm[None, :])
+            else:
+                tl.atomic_add(dx_ptr + dest[:, None] * H + hs[None, :], dx,
+                              mask=row_ok[:, None] & hm[None, :], sem="relaxed")
 
-    # dX rows = dQKV @ W_QKV^T, scatter-added back to the selected positions
-    dest = tl.load(dest_ptr + sel, mask=row_ok, other=0)
+
+@triton.jit
+def _mosa_bwd_dx_kernel(dqkv_ptr, w_qkv_ptr, w_router_ptr, dscore_ptr, idx_ptr, dest_ptr, dx_ptr, B, E, K,
+                        H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BD: tl.constexpr,
+                        BH: tl.constexpr, PREC: tl.constexpr, ROUTER: tl.constexpr, SLOTS: tl.constexpr):
+    """The split path's dX rows: dQKV [rows, 3D] @ W_QKV[e]^T (+ dlogit * w_router[e] with ROUTER), scatter-added
+    into the rows' tokens as the row kernel would (fp32 atomics, or per-slot rows with SLOTS). Program (tile of
+    BLOCK_M rows, head), tiles fastest."""
+    tile = tl.program_id(0)
+    e = tl.program_id(1)
+    b, ok, sel, head_row = _flat_rows(tile, B, E, K, e, BLOCK_M)
+    d = tl.arange(0, BD)
+    dm = d < D
+    rows = dqkv_ptr + head_row[:, None] * (3 * D) + d[None, :]
+    rd = ok[:, None] & dm[None, :]
+    dq = tl.load(rows, mask=rd, other=0.0)
+    dk = tl.load(rows + D, mask=rd, other=0.0)
+    dv = tl.load(rows + 2 * D, mask=rd, other=0.0)
+    if ROUTER:
+        dlogit = tl.load(dscore_ptr + sel, mask=ok, other=0.0)
+    dest = tl.load(dest_ptr + sel, mask=ok, other=0)
+    w_e = w_qkv_ptr + e.to(tl.int64) * H * 3 * D
     for h0 in range(0, H, BH):
         hs = h0 + tl.arange(0, BH)
         hm = hs < H
-        w_rows = w_e + hs[:, None] * (3 * D)
+        w_rows = w_e + hs[:, None] * (3 * D) + d[None, :]
+        wm = hm[:, None] & dm[None, :]
         dx = tl.zeros([BLOCK_M, BH], tl.float32)
-        if R2 > 0:
-            rm = hm[:, None] & (r < R2)[None, :]
-            dx = _dot_weight_t(dq1, w_rows + r[None, :], rm, dx, PREC)
-            dx = _dot_weight_t(dq2, w_rows + (R2 + r)[None, :], rm, dx, PREC)
-            dx = _dot_weight_t(dk1, w_rows + (D + r)[None, :], rm, dx, PREC)
-            dx = _dot_weight_t(dk2, w_rows + (D + R2 + r)[None, :], rm, dx, PREC)
-        if P > 0:
-            pm = hm[:, None] & (pp < P)[None, :]
-            dx = _dot_weight_t(dq3, w_rows + (2 * R2 + pp)[None, :], pm, dx, PREC)
-            dx = _dot_weight_t(dk3, w_rows + (D + 2 * R2 + pp)[None, :], pm, dx, PREC)
-        dx = _dot_weight_t(dv, w_rows + (2 * D + d)[None, :], hm[:, None] & (d < D)[None, :], dx, PREC)
+        dx = _dot_weight_t(dq, w_rows, wm, dx, PREC)
+        dx = _dot_weight_t(dk, w_rows + D, wm, dx, PREC)
+        dx = _dot_weight_t(dv, w_rows + 2 * D, wm, dx, PREC)
         if ROUTER:
             w_router = tl.load(w_router_ptr + e.to(tl.int64) * H + hs, mask=hm, other=0.0).to(tl.float32)
-            dx += dscore[:, None] * w_router[None, :]
-        if SLOTS:  # as the forward: the row's own dX row, summed by token afterwards
+            dx += dlogit[:, None] * w_router[None, :]
+        if SLOTS:
             tl.store(dx_ptr + sel[:, None] * H + hs[None, :], dx.to(dx_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & hm[None, :])
+                     mask=ok[:, None] & hm[None, :])
         else:
-            tl.atomic_add(dx_ptr + dest[:, None] * H + hs[None, :], dx, mask=row_ok[:, None] & hm[None, :],
+            tl.atomic_add(dx_ptr + dest[:, None] * H + hs[None, :], dx, mask=ok[:, None] & hm[None, :],
                           sem="relaxed")
 
 
@@ -517,6 +642,30 @@ def _write_back(acc: torch.Tensor, dest: torch.Tensor, tokens, shape, dtype) -> 
     return out
 
 
+def _split_launch(kernel: str, rows: int, dtype: torch.dtype) -> dict:
+    """Grid rows and launch settings of a split-path GEMM kernel ("qkv" or "dx") over `rows` rows per head."""
+    block_m, warps, stages = SPLIT_TILES[kernel]
+    wide = dtype == torch.float32
+    if wide:
+        block_m = max(16, block_m // 2)
+    block_m = min(block_m, _block(rows))
+    return dict(tiles=triton.cdiv(rows, block_m), BLOCK_M=block_m, BH=32 if wide else BLOCK_H,
+                PREC=_dot_precision(dtype), num_warps=warps, num_stages=stages)
+
+
+def _selected_qkv(x: torch.Tensor, w_qkv: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Q|K|V of every selected row, un-rotated, in x.dtype: [E, B*k, 3d] (the split path's projection)."""
+    batch, seq_len, hidden = x.shape
+    num_heads, _, three_d = w_qkv.shape
+    k = indices.shape[-1]
+    qkv = torch.empty(num_heads, batch * k, three_d, device=x.device, dtype=x.dtype)
+    launch = _split_launch("qkv", batch * k, x.dtype)
+    _mosa_qkv_kernel[(launch.pop("tiles"), num_heads)](
+        x, w_qkv, indices, qkv, batch, seq_len, num_heads, k, H=hidden, D=three_d // 3, BD=_block(three_d // 3),
+        **launch)
+    return qkv
+
+
 def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, positions=None, document_ids=None,
              deterministic: bool = False):
     """-> y [B, T, h] in x.dtype, O [E, B*k, d] (attention output per selected row, kept for the backward).
@@ -534,12 +683,14 @@ def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, 
         y = torch.zeros(acc_rows, hidden, device=x.device, dtype=torch.float32)
     o = torch.empty(num_heads, batch * k, head_dim, device=x.device, dtype=x.dtype)
     docs = document_ids is not None
+    split = SPLIT_PROJECTION
+    qkv = _selected_qkv(x, w_qkv, indices) if split else o  # (a placeholder without split)
     _mosa_fwd_kernel[(num_heads, cfg["num_tiles"])](
         x, w_qkv, w_o, indices, scores, cos, sin, positions if docs else indices, document_ids if docs else indices,
-        dest, y, o, batch, seq_len, num_heads, k, cfg["groups"], head_dim ** -0.5, H=hidden,
+        dest, y, o, qkv, batch, seq_len, num_heads, k, cfg["groups"], head_dim ** -0.5, H=hidden,
         D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
-        BH=cfg["BH"], PREC=_dot_precision(x.dtype), DOCS=docs, SLOTS=deterministic, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        BH=cfg["BH"], PREC=_dot_precision(x.dtype), DOCS=docs, SLOTS=deterministic, SPLIT=split,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if deterministic:
         return _combine_slots(y, indices, x.shape, x.dtype), o
     return _write_back(y, dest, tokens, x.shape, x.dtype), o
@@ -551,7 +702,8 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim: int, r
     its input's dtype.
 
     The row kernel runs tile-fastest (all tiles of a head before the next head), so a head's weights are read from
-    L2 by its tiles: 2.61 -> 2.17 ms in case A, 1.12 -> 0.92 ms in case C (H100, 2026-11-23, benchmarks/results/grid-order-and-pieces-h100-2026-11-23.log).
+    L2 by its tiles: 2.61 -> 2.17 ms in case A, 1.12 -> 0.92 ms in case C (H100, 2026-11-23,
+    benchmarks/results/grid-order-and-pieces-h100-2026-11-23.log).
     """
     batch, seq_len, hidden = x.shape
     num_heads, _, three_d = w_qkv.shape
@@ -568,13 +720,21 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim: int, r
     dqkv = torch.empty(num_heads, batch * k, three_d, device=x.device, dtype=x.dtype)
     dscores = torch.empty(batch, num_heads, k, device=x.device, dtype=torch.float32)
     docs = document_ids is not None
+    split = SPLIT_PROJECTION
+    qkv = _selected_qkv(x, w_qkv, indices) if split else o  # recomputed, not kept from the forward
     _mosa_bwd_rows_kernel[(cfg["num_tiles"], num_heads)](
         x, w_qkv, w_o, w_router if router else x, indices, scores, cos, sin, positions if docs else indices,
-        document_ids if docs else indices, dest, o, dy, dqkv, dx, dscores,
+        document_ids if docs else indices, dest, o, qkv, dy, dqkv, dx, dscores,
         batch, seq_len, num_heads, k, cfg["groups"], head_dim ** -0.5, H=hidden,
         D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
-        BH=cfg["BH"], PREC=precision, ROUTER=router, DOCS=docs, SLOTS=deterministic, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        BH=cfg["BH"], PREC=precision, ROUTER=router, DOCS=docs, SLOTS=deterministic, SPLIT=split,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split:
+        del qkv
+        launch = _split_launch("dx", batch * k, x.dtype)
+        _mosa_bwd_dx_kernel[(launch.pop("tiles"), num_heads)](
+            dqkv, w_qkv, w_router if router else x, dscores, indices, dest, dx, batch, num_heads, k, H=hidden,
+            D=head_dim, BD=cfg["BD"], ROUTER=router, SLOTS=deterministic, **launch)
     dw_qkv = torch.empty_like(w_qkv)
     dw_o = torch.empty_like(w_o)
     dw_router = torch.empty_like(w_router) if router else dw_o
