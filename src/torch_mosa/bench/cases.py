@@ -190,6 +190,11 @@ def train_step_tokens_per_second(model_kwargs: dict, batch: int = 64, steps: int
                                  fast: bool = True, preset: str = "tiny", documents: int = 0) -> tuple[float, float]:
     """Full training steps of a preset model (`training_step`): (tokens/s from the median step, peak MiB)."""
     step, config = training_step(model_kwargs, batch, compile_model, preset, documents)
+    return time_training_step(step, batch * config.max_seq_len, steps, fast)
+
+
+def time_training_step(step, tokens_per_step: int, steps: int = 10, fast: bool = True) -> tuple[float, float]:
+    """(tokens/s from the median of `steps` timed steps after 3 untimed ones, peak MiB over the timed steps)."""
     times = []
     with fast_path(fast):
         for _ in range(3):
@@ -204,4 +209,4 @@ def train_step_tokens_per_second(model_kwargs: dict, batch: int = 64, steps: int
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
     median_ms = sorted(times)[len(times) // 2]
-    return batch * config.max_seq_len / (median_ms / 1e3), torch.cuda.max_memory_allocated() / 2 ** 20
+    return tokens_per_step / (median_ms / 1e3), torch.cuda.max_memory_allocated() / 2 ** 20

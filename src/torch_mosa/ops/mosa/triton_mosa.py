@@ -39,11 +39,13 @@ MAX_FUSED_K_FP32 = 64
 BLOCK_H = 64
 BLOCK_ROWS_WEIGHTS = 64
 # The split path (module docstring): the projection (`_mosa_qkv_kernel`) and the backward's dX rows
-# (`_mosa_bwd_dx_kernel`) as grouped GEMMs of their own, the row kernels left with the attention. Off until timed
-# (benchmarks/experiments/split_projection.py); SPLIT_TILES: rows per tile, warps, pipeline stages of the two
-# GEMM kernels in 16 bits (float32 takes half the rows and 32-wide hidden chunks).
-SPLIT_PROJECTION = False
-SPLIT_TILES = {"qkv": (64, 4, 3), "dx": (64, 4, 3)}
+# (`_mosa_bwd_dx_kernel`) as grouped GEMMs of their own, the row kernels left with the attention.
+# SPLIT_PROJECTION None chooses by k (`_split_path`), True / False force one path. SPLIT_TILES: rows per tile,
+# warps, pipeline stages of the two GEMM kernels in 16 bits (float32 takes half the rows and 32-wide hidden chunks):
+# 128 x 8 x 4 was as fast as 64 x 4 x 3 at k = 64 and faster at k = 16 (split_projection.py, H100).
+SPLIT_PROJECTION: Optional[bool] = None
+SPLIT_MIN_K = 32
+SPLIT_TILES = {"qkv": (128, 8, 4), "dx": (128, 8, 4)}
 
 
 @triton.jit
@@ -642,6 +644,15 @@ def _write_back(acc: torch.Tensor, dest: torch.Tensor, tokens, shape, dtype) -> 
     return out
 
 
+def _split_path(k: int) -> bool:
+    """Whether selections of k tokens take the split path. Measured on an H100 (bf16, op forward + backward,
+    benchmarks/results/split-projection-h100-2026-11-24-0823.log): split was faster at k = 64 (SPEC §6 case B,
+    3.73 against 4.23 ms; the compiled layer 1.80x against 1.97x dense) and not at k = 16 (case A 3.52-3.69
+    against 3.45-3.47 ms), where the fused row kernels' attention is short and hides their scatter atomics, which
+    bound the split kernels."""
+    return SPLIT_PROJECTION if SPLIT_PROJECTION is not None else k >= SPLIT_MIN_K
+
+
 def _split_launch(kernel: str, rows: int, dtype: torch.dtype) -> dict:
     """Grid rows and launch settings of a split-path GEMM kernel ("qkv" or "dx") over `rows` rows per head."""
     block_m, warps, stages = SPLIT_TILES[kernel]
@@ -683,7 +694,7 @@ def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, 
         y = torch.zeros(acc_rows, hidden, device=x.device, dtype=torch.float32)
     o = torch.empty(num_heads, batch * k, head_dim, device=x.device, dtype=x.dtype)
     docs = document_ids is not None
-    split = SPLIT_PROJECTION
+    split = _split_path(k)
     qkv = _selected_qkv(x, w_qkv, indices) if split else o  # (a placeholder without split)
     _mosa_fwd_kernel[(num_heads, cfg["num_tiles"])](
         x, w_qkv, w_o, indices, scores, cos, sin, positions if docs else indices, document_ids if docs else indices,
@@ -720,7 +731,7 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim: int, r
     dqkv = torch.empty(num_heads, batch * k, three_d, device=x.device, dtype=x.dtype)
     dscores = torch.empty(batch, num_heads, k, device=x.device, dtype=torch.float32)
     docs = document_ids is not None
-    split = SPLIT_PROJECTION
+    split = _split_path(k)
     qkv = _selected_qkv(x, w_qkv, indices) if split else o  # recomputed, not kept from the forward
     _mosa_bwd_rows_kernel[(cfg["num_tiles"], num_heads)](
         x, w_qkv, w_o, w_router if router else x, indices, scores, cos, sin, positions if docs else indices,
