@@ -13,6 +13,12 @@ Inside the tile everything is fused:
             dscore into dlogit = dscore * s (1 - s), adds dlogit * w_router[e] to the dX rows, and the weight kernel
             contracts dlogit with the gathered rows into dW_router. The router's gradient thus costs one column of
             work on rows already in registers, instead of a dense [B, T, E] gradient and two GEMMs.
+  split     for wider selections (`_split_path`: k >= SPLIT_MIN_K) the two projections leave the row kernels:
+            `_mosa_qkv_kernel` (a grouped GEMM, the gather in its prologue, three N = d dots) stores every selected
+            row's un-rotated Q|K|V [E, B*k, 3d], which the row kernels load instead of projecting (recomputed in the
+            backward, not kept), and `_mosa_bwd_dx_kernel` turns the stored dQKV into the scattered dX rows. The
+            row kernels keep the attention, the O projection and dO, at a quarter of their spills; the price is
+            Q|K|V written and read once per pass, and the scatter atomics no longer hidden behind the projections.
 
 Per-row memory kept between forward and backward: the attention output O [E, B*k, d] (same size as x for an IsoFLOP
 layer); the backward keeps dQKV [E, B*k, 3d] for the weight kernel. No [B, E, k, h] tensor is ever stored.
@@ -44,7 +50,7 @@ BLOCK_ROWS_WEIGHTS = 64
 # warps, pipeline stages of the two GEMM kernels in 16 bits (float32 takes half the rows and 32-wide hidden chunks):
 # 128 x 8 x 4 was as fast as 64 x 4 x 3 at k = 64 and faster at k = 16 (split_projection.py, H100).
 SPLIT_PROJECTION: Optional[bool] = None
-SPLIT_MIN_K = 32
+SPLIT_MIN_K = 64
 SPLIT_TILES = {"qkv": (128, 8, 4), "dx": (128, 8, 4)}
 
 
@@ -645,11 +651,14 @@ def _write_back(acc: torch.Tensor, dest: torch.Tensor, tokens, shape, dtype) -> 
 
 
 def _split_path(k: int) -> bool:
-    """Whether selections of k tokens take the split path. Measured on an H100 (bf16, op forward + backward,
-    benchmarks/results/split-projection-h100-2026-11-24-0823.log): split was faster at k = 64 (SPEC §6 case B,
-    3.73 against 4.23 ms; the compiled layer 1.80x against 1.97x dense) and not at k = 16 (case A 3.52-3.69
-    against 3.45-3.47 ms), where the fused row kernels' attention is short and hides their scatter atomics, which
-    bound the split kernels."""
+    """Whether selections of k tokens take the split path. Measured on an H100 (bf16):
+    - op forward + backward (benchmarks/results/split-projection-h100-2026-11-24-0823.log): split faster at k = 64
+      (SPEC §6 case B, 3.73 against 4.23 ms; the compiled layer 1.80x against 1.97x dense), not at k = 16 (case
+      A 3.52-3.69 against 3.45-3.47 ms), where the fused row kernels' attention is short and hides their scatter
+      atomics, which bound the split kernels;
+    - compiled Tiny training steps (split-train-step-h100-2026-11-24-0829.log): sparsity 16 (k = 64) 0.70x dense
+      split against 0.66x fused; the 4 + 17 model (k = 32) 1.12x split against 1.11-1.15x fused, no gain, so k = 32
+      stays fused; sparsity 64 (k = 16) 0.64x against 0.65x."""
     return SPLIT_PROJECTION if SPLIT_PROJECTION is not None else k >= SPLIT_MIN_K
 
 
