@@ -207,9 +207,14 @@ def _topk_route_op(logits: torch.Tensor, k: int, include_first: bool, attention_
 
 
 def _row_blocks(seq_len: int) -> dict:
-    """Chunk size, chunk count and warps for rows of up to seq_len logits (1 warp per 512 logits, at most 8)."""
+    """Chunk size, chunk count and warps for rows of up to seq_len logits: 1 warp per 512 logits, at most 8, except
+    4 for rows of 1024. The bitwise search is bound by instruction issue, not memory (Nsight Compute, H100: 275 GB/s,
+    issue slots 47-74% busy), and 4 warps per 1024-row keep more of them busy: 363 against 407 us at 2 warps for
+    SPEC §6 case A's 32,320 rows on an H200, 364 against 408 on an H100 (benchmarks/results/select-before-after-
+    h200-2026-11-24-0850.log, select-ncu-h100-2026-11-24-0836.log; session 6 measured the same on an H200)."""
     block_t = min(MAX_BLOCK_T, max(16, triton.next_power_of_2(seq_len)))
-    return dict(BLOCK_T=block_t, NUM_CHUNKS=triton.cdiv(seq_len, block_t), num_warps=max(1, min(8, block_t // 512)))
+    warps = 4 if block_t == 1024 else max(1, min(8, block_t // 512))
+    return dict(BLOCK_T=block_t, NUM_CHUNKS=triton.cdiv(seq_len, block_t), num_warps=warps)
 
 
 def _selection_buffers(logits: torch.Tensor, width: int, allocate):
