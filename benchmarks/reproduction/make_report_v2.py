@@ -340,6 +340,24 @@ def equal_time_table(runs: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def equal_tokens_table(runs: list[dict]) -> str:
+    """Issue 15 item 6: every sparse run (seed 0, lr 1e-3) beside the dense run of the same tokens and rate (seed
+    0), paired on the same validation windows: how the gap changes with training tokens and passes."""
+    dense = {(r["summary"]["tokens"], r["lr"]): r for r in runs if r["attention"] == "dense" and not r["seed"]}
+    rows = ["| family | lr | tokens | passes | dense ppl | ppl, causal (top-k) | causal vs dense of the same tokens "
+            "(paired, 95% interval) |", "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        match = dense.get((run["summary"]["tokens"], run["lr"]))
+        if run["attention"] == "dense" or run["seed"] or match is None or "causal" not in run["eval"]:
+            continue
+        if run["lr"] != 1e-3:
+            continue  # every family's best rate at 40M tokens; the other rates are in the sweep table
+        rows.append(f"| {run['family']} | {run['lr']:g} | {run['summary']['tokens'] / 1e6:.0f}M | {passes(run)} | "
+                    f"{match['eval']['topk']['ppl']:.2f} | {run['eval']['causal']['ppl']:.2f} "
+                    f"({run['eval']['topk']['ppl']:.2f}) | {ratio_cell(run['eval']['causal'], match['eval']['topk'])} |")
+    return "\n".join(rows)
+
+
 def plot_sweep(runs: list[dict], out: Path) -> Path | None:
     from torch_mosa.train.plots import plot_loss_vs_lr
 
@@ -371,7 +389,8 @@ def main() -> None:
                 ("Held-out text", heldout_table(runs)),
                 ("Against the spread of the dense runs", dense_spread_table(runs)),
                 ("The leak of top-k routing", leak_table(runs)),
-                ("Equal training time", equal_time_table(runs))]
+                ("Equal training time", equal_time_table(runs)),
+                ("Equal tokens, more tokens", equal_tokens_table(runs))]
     for title, table in sections:
         print(f"### {title}\n\n{table}\n")
     plot = plot_sweep(runs, args.plots)
