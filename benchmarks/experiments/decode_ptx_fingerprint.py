@@ -52,7 +52,7 @@ def main() -> None:
     for name, dense_heads, capacity, block_e, mosa, mark in (("dense only", 9, 0, 16, False, True),
                                                              ("4 + 17", 4, 28, 32, True, True),
                                                              ("MoSA only, 64 heads", 0, 28, 64, True, False)):
-        constants = dict(shape, J=5 if mosa else 0, PER_ROW=False, L=392, BSD=128, ROUND_MARGIN=False, INTERPRET=False, HD=dense_heads, CAP=capacity,
+        constants = dict(shape, J=5 if mosa else 0, L=392, BSD=128, ROUND_MARGIN=False, INTERPRET=False, HD=dense_heads, CAP=capacity,
                          BE=block_e, MOSA=mosa, MARK_REAL=mark)
         print(f"layer step, {name}: {fingerprint(module._layer_decode_heads_kernel, constants, LAYER_POINTERS)}")
     for grouped in (False, True):

@@ -12,13 +12,17 @@ of the two parts' outputs (about 26 us per layer at B=32 on an H200, results/pro
 0158.txt) against the layer step's MoSA programs, which project only the (row, head) pairs a token joined (about 0.4
 per row and layer in these models) beside the dense programs' longer walk of the cache.
 
-Variants of the layer step: MoSA programs per (row, slot) or per row (`LAYER_MOSA_PER_ROW`), and the output kernel's
-tile (`OUT_BLOCK_H` x `OUT_BLOCK_K`, shared with the sparse step); at B=32 the kernels of one compiled step of each
-(profile_decode_compiled.py's table).
+Variants of the layer step: the output kernel's tile (`OUT_BLOCK_H` x `OUT_BLOCK_K`, shared with the sparse step);
+at B=32 the kernels of one compiled step of each (profile_decode_compiled.py's table).
 
 Second run (results/layer-decode-batches-h200-2026-11-24-0311.log): MoSA programs per slot and first took B=32 from
 0.80x to 0.96x torch-mosa dense (B=64 0.92x against the separate steps' 0.94x; B=1 and 16 level); the heads kernel
 took 24.6 us per layer at B=32 (dense's 9-head kernel 22.4) and the output kernel 6.7 us (dense's cuBLAS GEMM 3.4).
+
+Third run (results/layer-decode-batches-h200-2026-11-24-0321.log): one MoSA program per row, taking its J slots in
+turn, was slower at every batch (0.94x / 0.80x / 0.88x / 0.92x torch-mosa dense at B=1 / 16 / 32 / 64, against
+1.00x / 0.93x / 0.98x / 0.94x per slot) and was removed; a 64 x 256 output tile was mixed (0.98x at B=1, 0.99x at
+B=32, 0.96x at B=64), so the 32 x 512 tile stays.
 
 On the GPU machine: `PYTHONPATH=src python benchmarks/experiments/layer_decode_batches.py --out DIR`; `--cpu` runs
 the micro model on the CPU for the plumbing only (no timing worth reading).
@@ -47,9 +51,7 @@ def separate_from_grouping(batch, heads, limit):
 VARIANTS = [
     ("separate steps from 8 pairs per head (session 8)", separate_from_grouping, {}),
     ("layer step, per slot (shipped)", None, {}),
-    ("layer step, per row", None, {"LAYER_MOSA_PER_ROW": True}),
     ("layer step, per slot, output 64 x 256", None, {"OUT_BLOCK_H": 64, "OUT_BLOCK_K": 256}),
-    ("layer step, per row, output 64 x 256", None, {"LAYER_MOSA_PER_ROW": True, "OUT_BLOCK_H": 64, "OUT_BLOCK_K": 256}),
 ]
 
 

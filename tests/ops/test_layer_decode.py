@@ -11,7 +11,6 @@ pytest.importorskip("triton")
 
 from torch_mosa.ops.decode import DenseDecodeInputs, MoSADecodeInputs, layer_decode, layer_decode_arguments  # noqa: E402,E501
 from torch_mosa.ops.decode import reference as decode_reference  # noqa: E402
-from torch_mosa.ops.decode import triton_decode  # noqa: E402
 from torch_mosa.ops.decode.triton_decode import layer_decode_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -119,12 +118,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("per_row", [False, True], ids=["per-slot", "per-row"])
 @pytest.mark.parametrize("batch,hidden,dense_heads,mosa_heads,head_dim,max_len,capacity,limit,rotary_dim,mark", CASES)
-def test_layer_step_matches_float64_reference(monkeypatch, batch, hidden, dense_heads, mosa_heads, head_dim, max_len,
-                                              capacity, limit, rotary_dim, mark, per_row):
-    """The fused layer step against the float64 reference, its MoSA programs one per (row, slot) or one per row."""
-    monkeypatch.setattr(triton_decode, "LAYER_MOSA_PER_ROW", per_row)
+def test_layer_step_matches_float64_reference(batch, hidden, dense_heads, mosa_heads, head_dim, max_len, capacity,
+                                              limit, rotary_dim, mark):
+    """The fused layer step against the float64 reference."""
     inputs = make_layer(batch, hidden, dense_heads, mosa_heads, head_dim, max_len, capacity, limit, seed=max_len,
                         mark_real=mark)
     expected = cast(*inputs, torch.float64, DEVICE)
@@ -213,12 +210,10 @@ def test_bad_arguments():
 @pytest.mark.cuda
 @pytest.mark.parametrize("batch,dense_heads,mosa_heads,limit", [(1, 4, 17, 5), (5, 4, 17, None), (3, 9, 0, None),
                                                                 (1, 0, 33, 4), (2, 4, 33, None), (32, 4, 17, None)])
-@pytest.mark.parametrize("per_row", [False, True], ids=["per-slot", "per-row"])
-def test_layer_step_in_bfloat16_on_the_gpu(monkeypatch, batch, dense_heads, mosa_heads, limit, per_row):
+def test_layer_step_in_bfloat16_on_the_gpu(batch, dense_heads, mosa_heads, limit):
     """Tiny-model shapes (h 512, d 64, rotary 32, 392 positions, capacity 28) in bfloat16 against the float64
     reference on the same (bf16-rounded) inputs: output within 1e-2 relative RMS, appended keys and values within
     2e-2, counts, marks and overflows exact. A head limit that bites is tested at B=1 with margins set apart."""
-    monkeypatch.setattr(triton_decode, "LAYER_MOSA_PER_ROW", per_row)
     g = torch.Generator().manual_seed(batch + mosa_heads)
     x, position, dense, mosa = cast(*make_layer(batch, 512, dense_heads, mosa_heads, 64, 392, 28, limit,
                                                 seed=batch + mosa_heads), torch.bfloat16, "cuda")

@@ -36,14 +36,20 @@ GROUPED_PAIRS_PER_HEAD pairs per head on (`grouped_decode`), the step is grouped
 The layer step (`layer_decode`) runs a layer's dense heads and its MoSA heads (up to LAYER_DECODE_MAX_MOSA_HEADS)
 together, after the dense heads' W_QKV GEMM:
 
-  heads kernel   one program per (row, dense head): rotate the given Q|K|V at `position`, write K, V at that
-                 position of the dense cache (marking it real), attend over the real positions up to it,
-                 DENSE_BLOCK_SLOTS at a time. One program per (row, MoSA head): the row's router logits for all
-                 E heads (in the inputs' dtype, as the router's nn.Linear returns them), the route kernel's choice
-                 of heads (`_choose_heads`), then for a joined head with room: project, rotate, append, attend.
-                 Rows of attended [B, HD + E, d] in the output dtype.
-  output kernel  per (row, hidden chunk): the dense heads' rows through the dense W_O plus the written MoSA rows
-                 through theirs; dense heads alone: one cuBLAS GEMM.
+  heads kernel   first one program per (row, MoSA head slot j < J): the row's router logits for all E heads (in
+                 the inputs' dtype, as the router's nn.Linear returns them), the route kernel's choice of heads
+                 (`_choose_heads`), then for the row's j-th chosen head, if it has room: project, rotate, append,
+                 attend. Then one program per (row, dense head): rotate the given Q|K|V at `position`, write K, V at
+                 that position of the dense cache (marking it real), attend over the real positions up to it,
+                 DENSE_BLOCK_SLOTS at a time. The short MoSA programs go first, so they do not queue behind the
+                 dense heads' walks (session 9: 0.79x -> 0.98x torch-mosa dense at B=32 for the 4 + 17 model).
+                 Rows of attended [B, J + HD, d] in the output dtype, and each slot's head and written flag.
+  output kernel  per (row, hidden chunk): the written MoSA slots' rows through their heads' W_O plus the dense
+                 heads' rows through the dense W_O; dense heads alone: one cuBLAS GEMM.
+
+Every attention takes the new token from registers, not from the cache it was just appended to: other threads of the
+program stored it, and nothing orders those stores before the loads (session 9 found the 505-head grouped step's
+output varying run to run).
 
 Three launches per layer where the dense step (GEMM, RoPE, cache update, SDPA, GEMM) plus the sparse step (router
 GEMV, route, heads, output, sum) took about ten: at B=1 a MoSA layer of a few heads costs what a dense layer costs
@@ -69,8 +75,6 @@ BLOCK_SLOTS = 32  # cache slots per step of the online softmax
 # benchmarks/experiments/layer_decode_block_slots.py (H200): 256 was 3% faster at B=1, 6% slower for dense at B=32
 DENSE_BLOCK_SLOTS = 128
 OUT_BLOCK_H = 32  # hidden columns per program of the output kernel (B * h / 32 programs: 16 per row at h 512)
-# the layer step's MoSA programs: one per (row, head slot) (False) or one per row, taking its slots in turn (True)
-LAYER_MOSA_PER_ROW = False
 OUT_BLOCK_K = 512  # (head slot, dim) rows of W_O per step of the output kernel's reduction
 # (row, slot) pairs per head from which a step is grouped by head (module docstring). Measured on an H200 with the
 # 4 + 17 model (benchmarks/experiments/decode_grouping.py, results/decode-grouping-h200-2026-11-23.log): grouped is
@@ -391,11 +395,13 @@ def _layer_decode_heads_kernel(x_ptr, dense_qkv_ptr, dense_k_ptr, dense_v_ptr, r
                                HD: tl.constexpr, L: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                                R2: tl.constexpr, CAP: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
                                BD: tl.constexpr, BH: tl.constexpr, BS: tl.constexpr, BSD: tl.constexpr,
-                               BE: tl.constexpr, MOSA: tl.constexpr, PER_ROW: tl.constexpr,
+                               BE: tl.constexpr, MOSA: tl.constexpr,
                                MARK_REAL: tl.constexpr, ROUND_MARGIN: tl.constexpr, INTERPRET: tl.constexpr):
     """A layer's dense and MoSA heads in one launch (module docstring, "the layer step"). The first programs (MOSA)
     route a row (all E router logits, `_choose_heads`) and run its j-th joined head, if any: room check, project,
-    append, attend; one program per (row b, slot j < J), or with PER_ROW one per row taking its J slots in turn.
+    append, attend; one program per (row b, slot j < J). (One program per row taking its J slots in turn was slower
+    at every batch: 0.88x against 0.98x torch-mosa dense at B=32, benchmarks/results/layer-decode-batches-h200-
+    2026-11-24-0321.log.)
     The others: dense head (b, hd) from its given Q|K|V. Each writes rows of attended [B, J + HD, D] (MoSA slots
     first, times the score, zeros without a write); MoSA slots also their head in heads [B, J] and whether they
     wrote in written [B, J].
@@ -411,12 +417,12 @@ def _layer_decode_heads_kernel(x_ptr, dense_qkv_ptr, dense_k_ptr, dense_v_ptr, r
     rm = r < R2
     pm = p < P
     dm = d < D
-    mosa_programs = B if PER_ROW else B * J  # J = 0 without MoSA heads
+    mosa_programs = B * J  # J = 0 without MoSA heads
     row_stride = (J + HD) * D
     # an absent part (HD = 0, or MOSA off) is compiled out: its tensors are placeholders
     if pid < mosa_programs:
         if MOSA:
-            b = (pid if PER_ROW else pid // J).to(tl.int64)
+            b = (pid // J).to(tl.int64)
             x_row = x_ptr + b * H
             LT: tl.constexpr = x_ptr.dtype.element_ty
             es = tl.arange(0, BE)
@@ -433,21 +439,13 @@ def _layer_decode_heads_kernel(x_ptr, dense_qkv_ptr, dense_k_ptr, dense_v_ptr, r
             threshold = tl.load(thresholds_ptr + es, mask=em, other=0.0)
             chosen, num_above = _choose_heads(logit, threshold, em, J, ROUND_MARGIN, LT)
             rank = tl.cumsum(chosen.to(tl.int32), 0)  # a chosen head's 1-based place among the row's chosen
-            if PER_ROW:
-                if num_above > J:  # the joins beyond the limit
+            j = pid % J
+            if num_above > J:  # the joins beyond the limit, counted once per row
+                if j == 0:
                     tl.atomic_add(token_overflow_ptr, (num_above - J).to(tl.int64))
-                for j in range(J):
-                    _layer_mosa_slot(x_row, b, j, logit, chosen, rank, es, w_qkv_ptr, k_ptr, v_ptr, counts_ptr,
-                                     capacity_overflow_ptr, pos_ptr, attended_ptr + b * row_stride, heads_ptr,
-                                     written_ptr, E, log2_base, J, H, D, R2, CAP, BR, BP, BD, BH, BS, LT, INTERPRET)
-            else:
-                j = pid % J
-                if num_above > J:  # the joins beyond the limit, counted once per row
-                    if j == 0:
-                        tl.atomic_add(token_overflow_ptr, (num_above - J).to(tl.int64))
-                _layer_mosa_slot(x_row, b, j, logit, chosen, rank, es, w_qkv_ptr, k_ptr, v_ptr, counts_ptr,
-                                 capacity_overflow_ptr, pos_ptr, attended_ptr + b * row_stride, heads_ptr, written_ptr,
-                                 E, log2_base, J, H, D, R2, CAP, BR, BP, BD, BH, BS, LT, INTERPRET)
+            _layer_mosa_slot(x_row, b, j, logit, chosen, rank, es, w_qkv_ptr, k_ptr, v_ptr, counts_ptr,
+                             capacity_overflow_ptr, pos_ptr, attended_ptr + b * row_stride, heads_ptr, written_ptr,
+                             E, log2_base, J, H, D, R2, CAP, BR, BP, BD, BH, BS, LT, INTERPRET)
     else:
         if HD > 0:
             dense_pid = pid - mosa_programs
@@ -620,11 +618,10 @@ def layer_decode_triton(x: torch.Tensor, position: torch.Tensor, dense_qkv: torc
     dense_args = (dense_qkv, dense_k, dense_v, key_real) if dense else (floats, floats, floats, bools)
     mosa_args = (router_weight, thresholds, w_qkv, cache_k, cache_v, counts, capacity_overflow, token_overflow) \
         if mosa else (floats, floats, floats, floats, floats, longs, longs, longs)
-    per_row = mosa and LAYER_MOSA_PER_ROW
-    _layer_decode_heads_kernel[((batch if per_row else batch * slots) + batch * dense_heads,)](
+    _layer_decode_heads_kernel[(batch * slots + batch * dense_heads,)](
         x, *dense_args, *mosa_args,
         position, attended, heads, written, batch, num_heads, math.log2(rope_base), J=slots,
-        PER_ROW=per_row, HD=dense_heads, L=max_len, H=hidden, D=head_dim, R2=rotary_dim // 2, CAP=capacity,
+        HD=dense_heads, L=max_len, H=hidden, D=head_dim, R2=rotary_dim // 2, CAP=capacity,
         BR=_block(rotary_dim // 2), BP=_block(head_dim - rotary_dim), BD=_block(head_dim), BH=BLOCK_H,
         BS=BLOCK_SLOTS, BSD=DENSE_BLOCK_SLOTS, BE=_block(num_heads), MOSA=mosa, MARK_REAL=dense and mark_real,
         ROUND_MARGIN=round_margin, INTERPRET=_interpreting(), num_warps=8)
