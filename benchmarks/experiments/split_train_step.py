@@ -2,8 +2,9 @@
 
 `split_projection.py` timed the op and the compiled layer. This script times what issue 10's end-to-end table times,
 the compiled Tiny training step (B=64 x 1024, bf16 autocast, fused AdamW; `mosa bench --train-step`'s
-`training_step`), with `triton_mosa.SPLIT_PROJECTION` forced off, on, and off again (the flag is read when the op
-runs, so one compiled model serves all three; the repeat shows the drift between the first and last timing). Then it
+`training_step`), with `triton_mosa.SPLIT_PROJECTION` forced off, on, and off again (the repeat shows the drift
+between the first and last timing). Since session 11 the split path's forward keeps Q|K|V for the backward, so the
+flag also sets the saved tensor's shape, which torch.compile reads at trace time: each setting compiles afresh. Then it
 profiles one forward + backward of the compiled SPEC §6 layers A and B on each path and prints the GPU time per
 kernel, so the time outside the MoSA op (router, selection, dense heads, elementwise work) is seen beside it.
 
@@ -35,12 +36,15 @@ def main() -> int:
     dense_rate = None
     for model_id in args.models:
         name = TRAIN_MODEL_IDS[model_id]
-        step, config = training_step(TRAIN_MODELS[name], batch=64)
         settings = [None] if model_id == "dense" else [False, True, False]
         for setting in settings:
             tm.SPLIT_PROJECTION = setting
+            step, config = training_step(TRAIN_MODELS[name], batch=64)
             rate, mib = time_training_step(step, 64 * config.max_seq_len, args.steps)
             tm.SPLIT_PROJECTION = None
+            del step
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
             if model_id == "dense":
                 dense_rate = rate
             label = {None: "-", False: "fused", True: "split"}[setting]
@@ -48,19 +52,17 @@ def main() -> int:
             results["train"].append(dict(model=name, path=label, tokens_per_s=rate, peak_mib=mib, vs_dense=ratio))
             print(f"train step {name}, {label}: {rate:,.0f} tokens/s ({ratio:.2f}x dense), {mib:.0f} MiB",
                   flush=True)
-        del step
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
 
     for case_name in args.cases:
         case = CASES[case_name][0]
         torch.manual_seed(0)
         mosa, _ = _layers(case, torch.device("cuda"))
-        layer = torch.compile(mosa)
         x, grad_y = case_inputs(case, "cuda")
         results["profiles"][case_name] = {}
         for setting in (False, True):
             tm.SPLIT_PROJECTION = setting
+            torch._dynamo.reset()
+            layer = torch.compile(mosa)
             with fast_path(True):
                 for _ in range(3):
                     layer(x).backward(grad_y)

@@ -279,8 +279,9 @@ def test_wide_selections_take_the_composition_in_the_inputs_dtype(monkeypatch, d
         assert_close(name, a, e, FP32_RTOL if dtype == torch.float32 else 1e-2)
 
 
-def test_custom_op_registration():
-    """Schema, fake (meta) implementation and autograd registration as torch.compile needs them."""
+def test_custom_op_registration(mosa_kernel_path):
+    """Schema, fake (meta) implementation and autograd registration as torch.compile needs them (the fake's saved
+    tensor is O on the fused path, Q|K|V on the split path)."""
     tensors, _ = make_case(2, 11, 16, 2, 16, 3, False, False, seed=5)
     x, w_qkv, w_o, logits, _ = tensors
     indices, scores = topk_route_reference(logits, 3, False)
@@ -291,9 +292,51 @@ def test_custom_op_registration():
                                       ((torch.arange(11, device=DEVICE, dtype=torch.int32).expand(2, -1).contiguous(),
                                         ids), False)):
             args = (x.requires_grad_(), w_qkv.requires_grad_(), w_o.requires_grad_(), router, indices,
-                    scores.detach().requires_grad_(score_grad), 8, 10000.0, *packed, deterministic)
+                    scores.detach().requires_grad_(score_grad), 8, 10000.0, *packed, deterministic, mosa_kernel_path)
             torch.library.opcheck(_mosa_fwd_op, args, test_utils=("test_schema", "test_faketensor",
                                                                   "test_autograd_registration"))
+
+
+def test_backward_follows_the_path_the_forward_took(monkeypatch):
+    """The forward keeps O (fused path) or Q|K|V (split path) for the backward, which tells them apart by width, so
+    switching `SPLIT_PROJECTION` between a forward and its backward changes nothing."""
+    tensors, _ = make_case(2, 13, 24, 3, 16, 4, False, False, seed=8)
+    expected = run_op(mosa_attention_reference, tensors, None, 4, False, 8)
+    for forward_split in (False, True):
+        monkeypatch.setattr(triton_mosa, "SPLIT_PROJECTION", forward_split)
+        x, w_qkv, w_o = (t.detach().clone().requires_grad_() for t in tensors[:3])
+        indices, scores = topk_route_reference(tensors[3], 4, False)
+        scores.requires_grad_()
+        y = triton_op(x, w_qkv, w_o, indices, scores, 8, 10000.0)
+        saved = y.grad_fn.saved_tensors[6]
+        assert saved.shape == (3, 2 * 4, 48 if forward_split else 16)
+        monkeypatch.setattr(triton_mosa, "SPLIT_PROJECTION", not forward_split)
+        y.backward(tensors[4])
+        for name, a, e in zip(("y", "dx", "dw_qkv", "dw_o", "dscores"),
+                              [y.detach(), x.grad, w_qkv.grad, w_o.grad, scores.grad], expected):
+            assert_close(name, a, e, FP32_RTOL)
+
+
+def test_compiled_op_follows_the_switch(monkeypatch):
+    """The path is an argument of the custom op, chosen outside it, so a compiled caller guards on
+    `SPLIT_PROJECTION`: flipping it recompiles instead of running a graph traced for the other path's saved
+    tensor (Inductor would reject its shape)."""
+    tensors, _ = make_case(2, 13, 24, 3, 16, 4, False, False, seed=9)
+    expected = run_op(mosa_attention_reference, tensors, None, 4, False, 8)
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(triton_op, backend=backend, fullgraph=True)
+    for split in (False, True, False):
+        monkeypatch.setattr(triton_mosa, "SPLIT_PROJECTION", split)
+        actual = run_op(compiled, tensors, None, 4, False, 8)
+        for name, a, e in zip(("y", "dx", "dw_qkv", "dw_o", "dscores"), actual, expected):
+            assert_close(name, a, e, FP32_RTOL)
+    assert len(graphs) == 2  # one per path; the third call reuses the first graph
 
 
 def test_eager_function_equals_the_custom_op(monkeypatch):

@@ -13,15 +13,17 @@ Inside the tile everything is fused:
             dscore into dlogit = dscore * s (1 - s), adds dlogit * w_router[e] to the dX rows, and the weight kernel
             contracts dlogit with the gathered rows into dW_router. The router's gradient thus costs one column of
             work on rows already in registers, instead of a dense [B, T, E] gradient and two GEMMs.
-  split     for wider selections (`_split_path`: k >= SPLIT_MIN_K) the two projections leave the row kernels:
+  split     for selections of k >= SPLIT_MIN_K tokens (`_split_path`) the two projections leave the row kernels:
             `_mosa_qkv_kernel` (a grouped GEMM, the gather in its prologue, three N = d dots) stores every selected
-            row's un-rotated Q|K|V [E, B*k, 3d], which the row kernels load instead of projecting (recomputed in the
-            backward, not kept), and `_mosa_bwd_dx_kernel` turns the stored dQKV into the scattered dX rows. The
-            row kernels keep the attention, the O projection and dO, at a quarter of their spills; the price is
-            Q|K|V written and read once per pass, and the scatter atomics no longer hidden behind the projections.
+            row's un-rotated Q|K|V [E, B*k, 3d], which the row kernels load instead of projecting, and
+            `_mosa_bwd_dx_kernel` turns the stored dQKV into the scattered dX rows. The forward keeps Q|K|V for
+            the backward, whose row kernel recomputes O from them. The row kernels keep the attention, the O
+            projection and dO, at a quarter of their spills; the price is Q|K|V written and read once per pass, and
+            the scatter atomics no longer hidden behind the projections.
 
 Per-row memory kept between forward and backward: the attention output O [E, B*k, d] (same size as x for an IsoFLOP
-layer); the backward keeps dQKV [E, B*k, 3d] for the weight kernel. No [B, E, k, h] tensor is ever stored.
+layer), or on the split path Q|K|V [E, B*k, 3d] (three times that: the backward's dQKV buffer is as large, so the
+peak grows less); the backward keeps dQKV [E, B*k, 3d] for the weight kernel. No [B, E, k, h] tensor is stored.
 RoPE uses the GPT-NeoX rotate-half layout on the first rotary_dim dims, so each of Q and K is held as three column
 segments: the two rotated halves (rotary_dim/2 each) and the pass-through rest. cos/sin come from the same fp32 table
 code as the reference (ops/rope.py). Selections with k > MAX_FUSED_K (64 for float32) take the reference's
@@ -43,14 +45,17 @@ from torch_mosa.ops.mosa.reference import check_mosa_inputs, mosa_attention_comp
 MAX_FUSED_K = 128  # 16-bit inputs; float32 tiles of 128 rows overflow shared memory in the backward (H100)
 MAX_FUSED_K_FP32 = 64
 BLOCK_H = 64
-BLOCK_ROWS_WEIGHTS = 64
+# The weight-gradient kernel's tiles in 16 bits: hidden columns per program, rows per step, warps, pipeline stages
+# (None: the row kernels' setting). float32 keeps 64 x 64 x 4 warps. benchmarks/experiments/weights_tiles.py sweeps them.
+WEIGHTS_TILES = dict(BH=64, BLOCK_R=64, num_warps=4, num_stages=None)
 # The split path (module docstring): the projection (`_mosa_qkv_kernel`) and the backward's dX rows
 # (`_mosa_bwd_dx_kernel`) as grouped GEMMs of their own, the row kernels left with the attention.
-# SPLIT_PROJECTION None chooses by k (`_split_path`), True / False force one path. SPLIT_TILES: rows per tile,
+# SPLIT_PROJECTION None chooses by k (`_split_path`), True / False force one path. The path sets the shape of what
+# the forward keeps, so it is an argument of the custom op, chosen outside it (torch.compile guards on the switch). SPLIT_TILES: rows per tile,
 # warps, pipeline stages of the two GEMM kernels in 16 bits (float32 takes half the rows and 32-wide hidden chunks):
 # 128 x 8 x 4 was as fast as 64 x 4 x 3 at k = 64 and faster at k = 16 (split_projection.py, H100).
 SPLIT_PROJECTION: Optional[bool] = None
-SPLIT_MIN_K = 64
+SPLIT_MIN_K = 16
 SPLIT_TILES = {"qkv": (128, 8, 4), "dx": (128, 8, 4)}
 
 
@@ -223,7 +228,8 @@ def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin
                      D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
                      BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
                      DOCS: tl.constexpr, SLOTS: tl.constexpr, SPLIT: tl.constexpr):
-    """SPLIT: Q|K|V come from qkv_ptr (`_mosa_qkv_kernel`) instead of the tile's own projection."""
+    """SPLIT: Q|K|V come from qkv_ptr (`_mosa_qkv_kernel`) instead of the tile's own projection, and O is not
+    stored (the backward recomputes it from the kept Q|K|V)."""
     e = tl.program_id(0)
     tile = tl.program_id(1)
     DT: tl.constexpr = x_ptr.dtype.element_ty
@@ -248,7 +254,8 @@ def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin
                                          BLOCK_M, PREC, DOCS)
     o = tl.dot(p.to(DT), v.to(DT), input_precision=PREC).to(DT)
     d = tl.arange(0, BD)
-    tl.store(o_ptr + head_row[:, None] * D + d[None, :], o, mask=row_ok[:, None] & (d < D)[None, :])
+    if not SPLIT:  # the split path keeps Q|K|V instead, and its backward recomputes O from them
+        tl.store(o_ptr + head_row[:, None] * D + d[None, :], o, mask=row_ok[:, None] & (d < D)[None, :])
     dest = tl.load(dest_ptr + sel, mask=row_ok, other=0)
     keep = row_ok & (score != 0.0)  # a zero score adds exactly zero
     w_o_e = w_o_ptr + e.to(tl.int64) * D * H
@@ -279,8 +286,9 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
                           D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
                           BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
                           ROUTER: tl.constexpr, DOCS: tl.constexpr, SLOTS: tl.constexpr, SPLIT: tl.constexpr):
-    """SPLIT: Q|K|V come from qkv_ptr (`_mosa_qkv_kernel`), and the dX rows are left to `_mosa_bwd_dx_kernel`
-    (this kernel then ends with dQKV and dscore stored)."""
+    """SPLIT: Q|K|V come from qkv_ptr (the forward's `_mosa_qkv_kernel` output), O is recomputed from them and
+    stored into o_ptr for the weight kernel, and the dX rows are left to `_mosa_bwd_dx_kernel` (this kernel then
+    ends with dQKV, O and dscore stored)."""
     # tiles fastest: all tiles of a head run before the next head, so the head's weights are read from L2
     tile = tl.program_id(0)
     e = tl.program_id(1)
@@ -307,7 +315,12 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
     q1, q2, k1, k2, p = _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, doc, sm_scale, DT, R2, P,
                                          BLOCK_M, PREC, DOCS)
     d_mask = row_ok[:, None] & (d < D)[None, :]
-    o = tl.load(o_ptr + head_row[:, None] * D + d[None, :], mask=d_mask, other=0.0).to(tl.float32)
+    if SPLIT:  # O as the forward computed it, stored for the weight kernel
+        o = tl.dot(p.to(DT), v.to(DT), input_precision=PREC).to(DT)
+        tl.store(o_ptr + head_row[:, None] * D + d[None, :], o, mask=d_mask)
+        o = o.to(tl.float32)
+    else:
+        o = tl.load(o_ptr + head_row[:, None] * D + d[None, :], mask=d_mask, other=0.0).to(tl.float32)
 
     # dO before the score: dy rows @ W_O^T
     w_o_e = w_o_ptr + e.to(tl.int64) * D * H
@@ -651,14 +664,14 @@ def _write_back(acc: torch.Tensor, dest: torch.Tensor, tokens, shape, dtype) -> 
 
 
 def _split_path(k: int) -> bool:
-    """Whether selections of k tokens take the split path. Measured on an H100 (bf16):
-    - op forward + backward (benchmarks/results/split-projection-h100-2026-11-24-0823.log): split faster at k = 64
-      (SPEC §6 case B, 3.73 against 4.23 ms; the compiled layer 1.80x against 1.97x dense), not at k = 16 (case
-      A 3.52-3.69 against 3.45-3.47 ms), where the fused row kernels' attention is short and hides their scatter
-      atomics, which bound the split kernels;
-    - compiled Tiny training steps (split-train-step-h100-2026-11-24-0829.log): sparsity 16 (k = 64) 0.70x dense
-      split against 0.66x fused; the 4 + 17 model (k = 32) 1.12x split against 1.11-1.15x fused, no gain, so k = 32
-      stays fused; sparsity 64 (k = 16) 0.64x against 0.65x."""
+    """Whether selections of k tokens take the split path. Measured on an H100 (bf16, compiled, dense timed in the
+    same run; benchmarks/results/split-keeps-qkv-h100-2026-11-24-1439.log, split-train-step-h100-2026-11-24-1436.log):
+    since the split path keeps Q|K|V for the backward (session 11) it is faster at every k measured, 16 to 64:
+    - SPEC §6 layers: A (k 16) 5.35 against 5.52 ms fused, B (k 64) 5.13 against 5.93, C (k 16) 3.44 against 3.50;
+      peak memory A 0.98x dense (fused 0.83x), B 0.97x (0.76x), C 1.33x (1.30x);
+    - Tiny training steps: sparsity 64 (k 16) 0.66x dense against 0.65x, sparsity 16 (k 64) 0.72x against
+      0.66-0.67x, the 4 + 17 model (k 32) 1.13x against 1.11x.
+    Below k = 16 it is unmeasured, so those stay fused."""
     return SPLIT_PROJECTION if SPLIT_PROJECTION is not None else k >= SPLIT_MIN_K
 
 
@@ -687,10 +700,12 @@ def _selected_qkv(x: torch.Tensor, w_qkv: torch.Tensor, indices: torch.Tensor) -
 
 
 def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, positions=None, document_ids=None,
-             deterministic: bool = False):
-    """-> y [B, T, h] in x.dtype, O [E, B*k, d] (attention output per selected row, kept for the backward).
-    positions, document_ids: the [B, T] int32 tables of packed documents (both or neither). deterministic: each
-    slot writes its own output row (x.dtype) and `_combine_slots` sums them, instead of fp32 atomics."""
+             deterministic: bool = False, split: Optional[bool] = None):
+    """-> y [B, T, h] in x.dtype, and what the backward needs per selected row: the attention output O [E, B*k, d]
+    on the fused path, the un-rotated Q|K|V [E, B*k, 3d] on the split path (`_split_path`; `mosa_bwd` tells
+    them apart by width). positions, document_ids: the [B, T] int32 tables of packed documents (both or neither).
+    deterministic: each slot writes its own output row (x.dtype) and `_combine_slots` sums them, instead of fp32
+    atomics. split: the path (None: `_split_path(k)`)."""
     batch, seq_len, hidden = x.shape
     num_heads, _, three_d = w_qkv.shape
     head_dim, k = three_d // 3, indices.shape[-1]
@@ -701,10 +716,14 @@ def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, 
     else:
         dest, acc_rows, tokens = _accumulator_rows(indices, seq_len)
         y = torch.zeros(acc_rows, hidden, device=x.device, dtype=torch.float32)
-    o = torch.empty(num_heads, batch * k, head_dim, device=x.device, dtype=x.dtype)
     docs = document_ids is not None
-    split = _split_path(k)
-    qkv = _selected_qkv(x, w_qkv, indices) if split else o  # (a placeholder without split)
+    split = _split_path(k) if split is None else split
+    if split:
+        qkv = saved = _selected_qkv(x, w_qkv, indices)
+        o = qkv  # (a placeholder: not written)
+    else:
+        o = saved = torch.empty(num_heads, batch * k, head_dim, device=x.device, dtype=x.dtype)
+        qkv = o  # (a placeholder: not read)
     _mosa_fwd_kernel[(num_heads, cfg["num_tiles"])](
         x, w_qkv, w_o, indices, scores, cos, sin, positions if docs else indices, document_ids if docs else indices,
         dest, y, o, qkv, batch, seq_len, num_heads, k, cfg["groups"], head_dim ** -0.5, H=hidden,
@@ -712,14 +731,14 @@ def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, 
         BH=cfg["BH"], PREC=_dot_precision(x.dtype), DOCS=docs, SLOTS=deterministic, SPLIT=split,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if deterministic:
-        return _combine_slots(y, indices, x.shape, x.dtype), o
-    return _write_back(y, dest, tokens, x.shape, x.dtype), o
+        return _combine_slots(y, indices, x.shape, x.dtype), saved
+    return _write_back(y, dest, tokens, x.shape, x.dtype), saved
 
 
-def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim: int, rope_base: float, positions=None,
-             document_ids=None, deterministic: bool = False):
+def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, rotary_dim: int, rope_base: float,
+             positions=None, document_ids=None, deterministic: bool = False):
     """-> dx, dw_qkv, dw_o, and dscores (w_router None) or dw_router (scores are sigmoid(x . w_router)); each in
-    its input's dtype.
+    its input's dtype. saved: `mosa_fwd`'s second output (O, or Q|K|V on the split path).
 
     The row kernel runs tile-fastest (all tiles of a head before the next head), so a head's weights are read from
     L2 by its tiles: 2.61 -> 2.17 ms in case A, 1.12 -> 0.92 ms in case C (H100, 2026-11-23,
@@ -740,8 +759,11 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim: int, r
     dqkv = torch.empty(num_heads, batch * k, three_d, device=x.device, dtype=x.dtype)
     dscores = torch.empty(batch, num_heads, k, device=x.device, dtype=torch.float32)
     docs = document_ids is not None
-    split = _split_path(k)
-    qkv = _selected_qkv(x, w_qkv, indices) if split else o  # recomputed, not kept from the forward
+    split = saved.shape[-1] == three_d  # the forward chose (the switch may have changed since)
+    if split:  # the row kernel recomputes O and stores it here for the weight kernel
+        qkv, o = saved, torch.empty(num_heads, batch * k, head_dim, device=x.device, dtype=x.dtype)
+    else:
+        qkv, o = saved, saved  # (qkv a placeholder: not read)
     _mosa_bwd_rows_kernel[(cfg["num_tiles"], num_heads)](
         x, w_qkv, w_o, w_router if router else x, indices, scores, cos, sin, positions if docs else indices,
         document_ids if docs else indices, dest, o, qkv, dy, dqkv, dx, dscores,
@@ -750,7 +772,6 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim: int, r
         BH=cfg["BH"], PREC=precision, ROUTER=router, DOCS=docs, SLOTS=deterministic, SPLIT=split,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split:
-        del qkv
         launch = _split_launch("dx", batch * k, x.dtype)
         _mosa_bwd_dx_kernel[(launch.pop("tiles"), num_heads)](
             dqkv, w_qkv, w_router if router else x, dscores, indices, dest, dx, batch, num_heads, k, H=hidden,
@@ -758,11 +779,12 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim: int, r
     dw_qkv = torch.empty_like(w_qkv)
     dw_o = torch.empty_like(w_o)
     dw_router = torch.empty_like(w_router) if router else dw_o
-    _mosa_bwd_weights_kernel[(num_heads * triton.cdiv(hidden, BLOCK_H),)](
+    tiles = dict(BH=BLOCK_H, BLOCK_R=64, num_warps=4, num_stages=None) if x.dtype == torch.float32 else WEIGHTS_TILES
+    _mosa_bwd_weights_kernel[(num_heads * triton.cdiv(hidden, tiles["BH"]),)](
         x, dy, indices, scores, dscores, o, dqkv, dw_qkv, dw_o, dw_router,
         batch, seq_len, num_heads, k, batch * k, H=hidden, ROWS_BOUND=batch * k if _interpreting() else 0,
-        D=head_dim, BLOCK_R=BLOCK_ROWS_WEIGHTS, BD=cfg["BD"], BH=BLOCK_H, PREC=precision, ROUTER=router,
-        num_warps=4, num_stages=cfg["num_stages"])
+        D=head_dim, BD=cfg["BD"], PREC=precision, ROUTER=router,
+        **{**tiles, "num_stages": tiles["num_stages"] or cfg["num_stages"]})
     if deterministic:
         dx = _combine_slots(dx, indices, x.shape, x.dtype)
     else:
@@ -777,52 +799,54 @@ def _interpreting() -> bool:
 @torch.library.custom_op("torch_mosa::mosa_attention_fwd", mutates_args=())
 def _mosa_fwd_op(x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, w_router: Optional[torch.Tensor],
                  indices: torch.Tensor, scores: torch.Tensor, rotary_dim: int, rope_base: float,
-                 positions: Optional[torch.Tensor], document_ids: Optional[torch.Tensor], deterministic: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, positions, document_ids, deterministic)
+                 positions: Optional[torch.Tensor], document_ids: Optional[torch.Tensor], deterministic: bool,
+                 split: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, positions, document_ids, deterministic,
+                    split)
 
 
 @_mosa_fwd_op.register_fake
 def _mosa_fwd_fake(x, w_qkv, w_o, w_router, indices, scores, rotary_dim, rope_base, positions, document_ids,
-                   deterministic):
+                   deterministic, split):
     num_heads, _, three_d = w_qkv.shape
-    return x.new_empty(x.shape), x.new_empty(num_heads, x.shape[0] * indices.shape[-1], three_d // 3)
+    return x.new_empty(x.shape), x.new_empty(num_heads, x.shape[0] * indices.shape[-1],
+                                             three_d if split else three_d // 3)
 
 
 @torch.library.custom_op("torch_mosa::mosa_attention_bwd", mutates_args=())
 def _mosa_bwd_op(dy: torch.Tensor, x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor,
-                 w_router: Optional[torch.Tensor], indices: torch.Tensor, scores: torch.Tensor, o: torch.Tensor,
+                 w_router: Optional[torch.Tensor], indices: torch.Tensor, scores: torch.Tensor, saved: torch.Tensor,
                  rotary_dim: int, rope_base: float, positions: Optional[torch.Tensor],
                  document_ids: Optional[torch.Tensor], deterministic: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim, rope_base, positions, document_ids,
-                    deterministic)
+    return mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, rotary_dim, rope_base, positions,
+                    document_ids, deterministic)
 
 
 @_mosa_bwd_op.register_fake
-def _mosa_bwd_fake(dy, x, w_qkv, w_o, w_router, indices, scores, o, rotary_dim, rope_base, positions, document_ids,
-                   deterministic):
+def _mosa_bwd_fake(dy, x, w_qkv, w_o, w_router, indices, scores, saved, rotary_dim, rope_base, positions,
+                   document_ids, deterministic):
     last = w_router.new_empty(w_router.shape) if w_router is not None else scores.new_empty(scores.shape)
     return x.new_empty(x.shape), w_qkv.new_empty(w_qkv.shape), w_o.new_empty(w_o.shape), last
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_qkv, w_o, w_router, indices, scores, rotary_dim, rope_base, positions, document_ids, deterministic = inputs
+    x, w_qkv, w_o, w_router, indices, scores, rotary_dim, rope_base, positions, document_ids, deterministic, _ = inputs
     ctx.save_for_backward(x, w_qkv, w_o, w_router, indices, scores, output[1], positions, document_ids)
     ctx.rotary_dim, ctx.rope_base, ctx.deterministic = rotary_dim, rope_base, deterministic
 
 
 def _input_gradients(ctx, dy, backward_op):
-    """Gradients of the forward op's 11 inputs from `backward_op` (the custom op, or mosa_bwd in eager mode)."""
-    x, w_qkv, w_o, w_router, indices, scores, o, positions, document_ids = ctx.saved_tensors
-    dx, dw_qkv, dw_o, last = backward_op(dy.contiguous(), x, w_qkv, w_o, w_router, indices, scores, o,
+    """Gradients of the forward op's 12 inputs from `backward_op` (the custom op, or mosa_bwd in eager mode)."""
+    x, w_qkv, w_o, w_router, indices, scores, saved, positions, document_ids = ctx.saved_tensors
+    dx, dw_qkv, dw_o, last = backward_op(dy.contiguous(), x, w_qkv, w_o, w_router, indices, scores, saved,
                                          ctx.rotary_dim, ctx.rope_base, positions, document_ids, ctx.deterministic)
     if w_router is None:
-        return dx, dw_qkv, dw_o, None, None, last, None, None, None, None, None
-    return dx, dw_qkv, dw_o, last, None, None, None, None, None, None, None
+        return dx, dw_qkv, dw_o, None, None, last, None, None, None, None, None, None
+    return dx, dw_qkv, dw_o, last, None, None, None, None, None, None, None, None
 
 
-def _backward(ctx, dy, _d_o):
+def _backward(ctx, dy, _d_saved):
     return _input_gradients(ctx, dy, _mosa_bwd_op)
 
 
@@ -837,11 +861,11 @@ class _EagerMosaFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_qkv, w_o, w_router, indices, scores, rotary_dim, rope_base, positions, document_ids,
-                deterministic):
-        y, o = mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, positions, document_ids,
-                        deterministic)
+                deterministic, split):
+        y, saved = mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, positions, document_ids,
+                            deterministic, split)
         _setup_context(ctx, (x, w_qkv, w_o, w_router, indices, scores, rotary_dim, rope_base, positions,
-                             document_ids, deterministic), (y, o))
+                             document_ids, deterministic, split), (y, saved))
         return y
 
     @staticmethod
@@ -886,7 +910,9 @@ def fused_mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_b
         document_ids = (torch.zeros_like(default) if document_ids is None
                         else document_ids.to(torch.int32)).contiguous()
     args = (x.contiguous(), w_qkv.contiguous(), w_o.contiguous(), router_weight, indices.contiguous(),
-            scores.contiguous(), int(rotary_dim), float(rope_base), positions, document_ids, bool(deterministic))
+            scores.contiguous(), int(rotary_dim), float(rope_base), positions, document_ids, bool(deterministic),
+            # chosen here, outside the op, so torch.compile bakes the path into the graph (and guards on it)
+            _split_path(indices.shape[-1]))
     if torch.compiler.is_compiling():
         return _mosa_fwd_op(*args)[0]
     return _EagerMosaFunction.apply(*args)
