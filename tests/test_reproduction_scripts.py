@@ -49,12 +49,12 @@ def test_the_validation_windows_do_not_depend_on_the_batch_size(batch_size):
         run_queue.commands(run_queue.parse_spec("d:dense:1"), queue_args(eval_batch_size=7))
 
 
-def fake_run(name, attention, lr, seed, losses, documents, tokens=None, val_books=None, sparsity=1):
-    """One results line as run_queue.py writes it, with per-window losses."""
+def fake_run(name, attention, lr, seed, losses, documents, tokens=None, val_books=None, sparsity=1, options=None):
+    """One results line as run_queue.py writes it, with per-window losses (options: more run spec keys)."""
     evaluation = {"loss": sum(losses) / len(losses), "ppl": math.exp(sum(losses) / len(losses)),
                   "window_losses": losses, "window_documents": documents, "document_labels": ["BOOK A", "BOOK B"]}
     routings = ["topk"] if attention == "dense" else ["topk", "causal"]
-    options = {"lr": str(lr)} | ({"tokens": str(tokens)} if tokens else {})
+    options = {"lr": str(lr)} | ({"tokens": str(tokens)} if tokens else {}) | (options or {})
     other = {}
     if val_books is not None:
         other["val_books"] = [{**evaluation, "routing": routings[-1], "window_losses": val_books,
@@ -93,6 +93,34 @@ def test_report_compares_with_the_40m_token_dense_and_pairs_seeds(tmp_path):
     whole = report.per_book_table(runs, whole_split=True)
     assert f"| BOOK B | 2 | {math.exp(4.3):.1f} | {math.exp(4.2):.1f} ({math.exp(-0.1) - 1:+.0%})" in whole
     assert "80M" not in whole  # families without a whole-split evaluation are left out
+
+
+def test_report_compares_each_shape_with_its_own_dense(tmp_path):
+    """A smaller model shape is compared with the dense of that shape (at its best rate, whatever the tokens), in
+    the headline and equal-tokens tables, never with the Tiny dense."""
+    report = load("make_report_v2")
+    small = {"num_layers": "4", "hidden_size": "256"}
+    runs = report.load_runs(write_results(tmp_path, [
+        fake_run("d1", "dense", 1e-3, 0, [4.0, 4.2, 4.4], [0, 0, 1]),
+        fake_run("m", "mosa", 1e-3, 0, [3.8, 4.0, 4.2], [0, 0, 1], sparsity=64),
+        fake_run("sd1", "dense", 1e-3, 0, [5.0, 5.0, 5.0], [0, 0, 1], tokens=50e6, options=small),
+        fake_run("sd2", "dense", 2e-3, 0, [4.5, 4.5, 4.5], [0, 0, 1], tokens=50e6, options=small),
+        fake_run("sm", "mosa", 2e-3, 0, [4.0, 4.0, 4.0], [0, 0, 1], tokens=50e6, options=small, sparsity=64),
+    ]))
+    best = report.best_runs(runs)
+    assert report.reference_dense(best)["name"] == "d1"
+    assert report.reference_dense(best, best_of(best, "sm"))["name"] == "sd2"
+    equal_tokens = report.equal_tokens_table(runs)
+    small_row = [line for line in equal_tokens.splitlines() if "num_layers=4" in line]
+    assert len(small_row) == 1 and f"| (0.002) {math.exp(4.5):.2f} | 0.002 |" in small_row[0]
+    assert f"{math.exp(-0.5) - 1:+.1%}" in small_row[0]
+    headline = [line for line in report.headline_table(runs).splitlines() if line.startswith("| MoSA") and
+                "num_layers=4" in line]
+    assert f"| {math.exp(-0.5) - 1:+.1%}" in headline[0]
+
+
+def best_of(best, name):
+    return next(run for run in best.values() if run["name"] == name)
 
 
 def test_dense_spread_table_compares_with_every_dense_run(tmp_path):

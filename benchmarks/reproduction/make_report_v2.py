@@ -104,10 +104,20 @@ def best_runs(runs: list[dict]) -> dict[str, dict]:
     return best
 
 
-def reference_dense(best: dict[str, dict]) -> dict | None:
-    """The dense baseline every family is compared with: dense at the default shape and token budget, at its best
-    rate (a dense run given more tokens, e.g. for equal time, is a family of its own and never the reference)."""
-    return best.get(KINDS["dense"])
+def shape_of(run: dict) -> tuple:
+    """The model shape's overrides of the preset (none for the Tiny shape)."""
+    return tuple((key, run.get("options", {})[key]) for key in SHAPE_KEYS if key in run.get("options", {}))
+
+
+def reference_dense(best: dict[str, dict], run: dict | None = None) -> dict | None:
+    """The dense baseline `run` is compared with: dense of run's model shape at its best rate; at the default
+    shape, dense at the default token budget (a dense run given more tokens, e.g. for equal time, is a family of its
+    own and never the reference); at another shape, that shape's dense run of the fewest tokens."""
+    shape = () if run is None else shape_of(run)
+    if not shape:
+        return best.get(KINDS["dense"])
+    same = [r for r in best.values() if r["attention"] == "dense" and shape_of(r) == shape]
+    return min(same, key=lambda r: r["summary"]["tokens"]) if same else None
 
 
 def sweep_table(runs: list[dict]) -> str:
@@ -134,13 +144,13 @@ def sweep_table(runs: list[dict]) -> str:
 
 def headline_table(runs: list[dict]) -> str:
     best = best_runs(runs)
-    dense = reference_dense(best)
-    rows = ["| family | best lr | val ppl, causal | val ppl, top-k (non-causal) | causal vs best dense (paired, "
-            "95% interval) | train tokens/s (GPU) | params | tokens / param | passes over the corpus |",
+    rows = ["| family | best lr | val ppl, causal | val ppl, top-k (non-causal) | causal vs best dense of its shape "
+            "(paired, 95% interval) | train tokens/s (GPU) | params | tokens / param | passes over the corpus |",
             "|---|---|---|---|---|---|---|---|---|"]
     for name, run in best.items():
         causal = run["eval"].get("causal") if run["attention"] != "dense" else run["eval"]["topk"]
         causal_ppl = f"{causal['ppl']:.2f}" if causal else "no causal mode"
+        dense = reference_dense(best, run)
         versus = "-"
         if dense is not None and causal and run is not dense:
             versus = ratio_cell(causal, dense["eval"]["topk"])
@@ -173,10 +183,10 @@ def heldout_table(runs: list[dict]) -> str:
     sets = sorted({name for r in best.values() for name in r.get("other", {}) if name != "leak"})
     if not sets:
         return "(no held-out measurements yet)"
-    dense = reference_dense(best)
-    rows = ["| family | " + " | ".join(f"{s}: ppl (vs best dense)" for s in sets) + " |",
+    rows = ["| family | " + " | ".join(f"{s}: ppl (vs best dense of its shape)" for s in sets) + " |",
             "|---" * (len(sets) + 1) + "|"]
     for name, run in best.items():
+        dense = reference_dense(best, run)
         cells = []
         for s in sets:
             results = {e.get("routing"): e for e in run.get("other", {}).get(s, []) if "routing" in e}
@@ -224,7 +234,7 @@ def dense_spread_table(runs: list[dict]) -> str:
                      if values else "")
     rows.append(f"| dense (lr {dense['lr']:g}, every seed and repeat) | " + " | ".join(cells) + " |")
     for family_name, run in best.items():
-        if run["family"] == dense["family"]:
+        if run["family"] == dense["family"] or shape_of(run):  # other shapes: not against this shape's dense
             continue
         cells = []
         for name in sets:
@@ -256,7 +266,7 @@ def per_book_table(runs: list[dict], whole_split: bool = False) -> str:
     reference = None if dense is None else evaluation(dense)
     if reference is None or "window_documents" not in reference:
         return "(no dense run with per-window results yet)"
-    families = {name: evaluation(run) for name, run in best.items()}
+    families = {name: evaluation(run) for name, run in best.items() if not shape_of(run)}  # the Tiny shape
     families = {name: e for name, e in families.items()
                 if e is not None and e.get("window_documents") == reference["window_documents"]}
     rows = ["| book | windows | " + " | ".join(families) + " |", "|---" * (len(families) + 2) + "|"]
@@ -283,16 +293,17 @@ def seeds_table(runs: list[dict]) -> str:
     """Families trained at one rate with several seeds: each seed's headline perplexity and, seed by seed, the
     paired difference to the reference dense model of the same seed (the spread between training runs, which the
     window bootstrap of one pair does not see)."""
-    reference = reference_dense(best_runs(runs))
-    dense_by_seed = {} if reference is None else {
-        r["seed"]: r for r in runs if r["family"] == reference["family"] and r["lr"] == reference["lr"]}
-    rows = ["| family | lr | seed | val ppl (headline routing) | vs dense of the same seed and its best rate "
+    best = best_runs(runs)
+    rows = ["| family | lr | seed | val ppl (headline routing) | vs dense of the same seed, shape and its best rate "
             "(paired, 95% interval) |", "|---|---|---|---|---|"]
     for name, lr in dict.fromkeys((r["family"], r["lr"]) for r in runs if r["seed"]):
         seeded = sorted((r for r in runs if r["family"] == name and r["lr"] == lr), key=lambda r: r["seed"])
         for run in seeded:
             mine = run["eval"][headline_routing(run)]
-            dense = dense_by_seed.get(run["seed"])
+            reference = reference_dense(best, run)
+            dense = None if reference is None else next(
+                (r for r in runs if r["family"] == reference["family"] and r["lr"] == reference["lr"]
+                 and r["seed"] == run["seed"]), None)
             versus = "-" if dense is None or run["attention"] == "dense" else ratio_cell(mine, dense["eval"]["topk"])
             rows.append(f"| {name} | {lr:g} | {run['seed']} | {mine['ppl']:.2f} | {versus} |")
     return "\n".join(rows) if len(rows) > 2 else "(no second seed yet)"
@@ -341,20 +352,21 @@ def equal_time_table(runs: list[dict]) -> str:
 
 
 def equal_tokens_table(runs: list[dict]) -> str:
-    """Issue 15 item 6: every sparse run (seed 0, lr 1e-3) beside the dense run of the same tokens and rate (seed
-    0), paired on the same validation windows: how the gap changes with training tokens and passes."""
-    dense = {(r["summary"]["tokens"], r["lr"]): r for r in runs if r["attention"] == "dense" and not r["seed"]}
-    rows = ["| family | lr | tokens | passes | dense ppl | ppl, causal (top-k) | causal vs dense of the same tokens "
-            "(paired, 95% interval) |", "|---|---|---|---|---|---|---|"]
-    for run in runs:
-        match = dense.get((run["summary"]["tokens"], run["lr"]))
-        if run["attention"] == "dense" or run["seed"] or match is None or "causal" not in run["eval"]:
+    """Issue 15 item 6: every sparse family at its best rate (seed 0) beside the best dense run of the same tokens
+    and model shape, paired on the same validation windows: how the gap changes with training tokens and passes,
+    and on the smaller shape."""
+    best = best_runs(runs).values()
+    dense = {(r["summary"]["tokens"], shape_of(r)): r for r in best if r["attention"] == "dense"}
+    rows = ["| family | tokens | passes | best dense (lr): ppl | family's best lr | ppl, causal (top-k) | causal vs "
+            "dense of the same tokens and shape (paired, 95% interval) |", "|---|---|---|---|---|---|---|"]
+    for run in best:
+        match = dense.get((run["summary"]["tokens"], shape_of(run)))
+        if run["attention"] == "dense" or match is None or "causal" not in run["eval"]:
             continue
-        if run["lr"] != 1e-3:
-            continue  # every family's best rate at 40M tokens; the other rates are in the sweep table
-        rows.append(f"| {run['family']} | {run['lr']:g} | {run['summary']['tokens'] / 1e6:.0f}M | {passes(run)} | "
-                    f"{match['eval']['topk']['ppl']:.2f} | {run['eval']['causal']['ppl']:.2f} "
-                    f"({run['eval']['topk']['ppl']:.2f}) | {ratio_cell(run['eval']['causal'], match['eval']['topk'])} |")
+        rows.append(f"| {run['family']} | {run['summary']['tokens'] / 1e6:.0f}M | {passes(run)} | "
+                    f"({match['lr']:g}) {match['eval']['topk']['ppl']:.2f} | {run['lr']:g} | "
+                    f"{run['eval']['causal']['ppl']:.2f} ({run['eval']['topk']['ppl']:.2f}) | "
+                    f"{ratio_cell(run['eval']['causal'], match['eval']['topk'])} |")
     return "\n".join(rows)
 
 
