@@ -69,6 +69,13 @@ def learning_rate(train_command: str) -> float | None:
 
 
 def family(run: dict) -> str:
+    """The run's family: its series (`series`) and, when not the default, its training tokens."""
+    tokens = int(float(run.get("options", {}).get("tokens", DEFAULT_TOKENS)))
+    return series(run) + (f", {tokens / 1e6:g}M tokens" if tokens != DEFAULT_TOKENS else "")
+
+
+def series(run: dict) -> str:
+    """Kind of attention, sparsity, training routing and model shape: what a family is apart from its tokens."""
     options = run.get("options", {})
     name = KINDS[run["attention"]]
     if run["attention"] != "dense":
@@ -81,9 +88,6 @@ def family(run: dict) -> str:
     shape = [f"{key}={options[key]}" for key in SHAPE_KEYS if key in options]
     if shape:
         name += f", {' '.join(shape)}"
-    tokens = int(float(options.get("tokens", DEFAULT_TOKENS)))
-    if tokens != DEFAULT_TOKENS:
-        name += f", {tokens / 1e6:g}M tokens"
     return name
 
 
@@ -370,16 +374,49 @@ def equal_tokens_table(runs: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def short_series(run: dict) -> str:
+    """`series` with a smaller shape named by its layers and width, for plot legends."""
+    name, options = series(run), run.get("options", {})
+    if shape_of(run):
+        name = (name.split(", num_layers=")[0] + f", {options.get('num_layers', '?')} layers x "
+                f"{options.get('hidden_size', '?')}")
+    return name
+
+
 def plot_sweep(runs: list[dict], out: Path) -> Path | None:
+    """Validation loss against learning rate for every family swept over at least two rates (seed 0), headline
+    routing, bootstrap intervals over the validation windows."""
     from torch_mosa.train.plots import plot_loss_vs_lr
 
-    points = [{"family": r["family"] if r["attention"] == "dense" else f"{r['family']} ({headline_routing(r)})",
+    seed0 = [r for r in runs if r["lr"] is not None and not r["seed"]]
+    swept = {f for f in {r["family"] for r in seed0} if len({r["lr"] for r in seed0 if r["family"] == f}) > 1}
+    points = [{"family": (short_series(r) if r["attention"] == "dense"
+                          else f"{short_series(r)} ({headline_routing(r)})"),
                "lr": r["lr"],
                "val_loss": r["eval"][headline_routing(r)]["loss"],
                "val_loss_interval": bootstrap_interval(r["eval"][headline_routing(r)]["window_losses"])
                if "window_losses" in r["eval"][headline_routing(r)] else None}
-              for r in runs if r["lr"] is not None and not r["seed"]]
+              for r in seed0 if r["family"] in swept]
     return plot_loss_vs_lr(points, out / "reproduction_v2_lr_sweep.png") if points else None
+
+
+def plot_tokens(runs: list[dict], out: Path) -> Path | None:
+    """Issue 15 item 6 as a picture: headline-routing validation perplexity against training tokens for dense and
+    causal-trained MoSA 64, each (series, tokens) at its best rate, seed 0, with the bootstrap 95% interval of each
+    perplexity over its validation windows (the paired differences in the tables are far tighter)."""
+    from torch_mosa.train.plots import plot_ppl_vs_tokens
+
+    points = []
+    for run in best_runs(runs).values():
+        name = short_series(run)
+        if not (name.startswith(KINDS["dense"]) or name.startswith("MoSA (sparsity 64), causal-trained")):
+            continue
+        evaluation = run["eval"][headline_routing(run)]
+        interval = (tuple(math.exp(v) for v in bootstrap_interval(evaluation["window_losses"]))
+                    if "window_losses" in evaluation else None)
+        points.append({"series": name, "tokens": run["summary"]["tokens"], "ppl": evaluation["ppl"],
+                       "ppl_interval": interval})
+    return plot_ppl_vs_tokens(points, out / "reproduction_v2_tokens.png") if points else None
 
 
 def main() -> None:
@@ -405,9 +442,9 @@ def main() -> None:
                 ("Equal tokens, more tokens", equal_tokens_table(runs))]
     for title, table in sections:
         print(f"### {title}\n\n{table}\n")
-    plot = plot_sweep(runs, args.plots)
-    if plot is not None:
-        print(f"(plot: {plot.relative_to(ROOT) if plot.is_relative_to(ROOT) else plot})")
+    for plot in (plot_sweep(runs, args.plots), plot_tokens(runs, args.plots)):
+        if plot is not None:
+            print(f"(plot: {plot.relative_to(ROOT) if plot.is_relative_to(ROOT) else plot})")
 
 
 if __name__ == "__main__":

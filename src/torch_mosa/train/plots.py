@@ -71,8 +71,10 @@ def plot_loss_vs_lr(runs: list[dict], out_path: str | Path) -> Path:
     family's best rate marked. A run with "val_loss_interval" (low, high) gets it as an error bar."""
     plt = _pyplot()
     families = list(dict.fromkeys(r["family"] for r in runs))
-    legend_beside = len(families) > 4  # many families: beside the axes, where it cannot cover the points
-    figure, axes = plt.subplots(figsize=(10 if legend_beside else 6, 4.5))
+    legend_below = len(families) > 4  # many families: below the axes, where it cannot cover the points
+    figure, axes = plt.subplots(figsize=(9, 6 + 0.2 * len(families)) if legend_below else (6, 4.5))
+    if len(families) > 10:  # the default cycle repeats after 10 colours
+        axes.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     for family in families:
         points = sorted(((r["lr"], r["val_loss"], r.get("val_loss_interval")) for r in runs if r["family"] == family),
                         key=lambda p: p[:2])
@@ -85,14 +87,41 @@ def plot_loss_vs_lr(runs: list[dict], out_path: str | Path) -> Path:
             (line,) = axes.plot(lrs, losses, "o-", label=family)
         axes.plot(*min(zip(lrs, losses), key=lambda p: p[1]), "*", markersize=14, color=line.get_color())
     axes.set_xscale("log")
+    rates = sorted({r["lr"] for r in runs})
+    axes.set_xticks(rates, [f"{lr:g}" for lr in rates])  # the swept rates themselves, not log-axis decades
+    axes.minorticks_off()
     axes.set_xlabel("peak learning rate")
     axes.set_ylabel("validation loss (nats/token)")
     axes.set_title("Learning-rate sweep (star: each family's best)")
     axes.grid(alpha=0.3)
-    if legend_beside:
-        axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", borderaxespad=0.0)
+    if legend_below:
+        axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize="small")
     else:
         axes.legend()
+    return _save(figure, out_path, plt)
+
+
+def plot_ppl_vs_tokens(points: list[dict], out_path: str | Path) -> Path:
+    """Validation perplexity (log axis) against training tokens, one line per series. points: dicts with
+    "series", "tokens", "ppl" and optionally "ppl_interval" (low, high), drawn as an error bar."""
+    plt = _pyplot()
+    names = list(dict.fromkeys(p["series"] for p in points))
+    figure, axes = plt.subplots(figsize=(8, 6))
+    for name in names:
+        mine = sorted((p for p in points if p["series"] == name), key=lambda p: p["tokens"])
+        tokens, ppl = [p["tokens"] / 1e6 for p in mine], [p["ppl"] for p in mine]
+        if all(p.get("ppl_interval") for p in mine):
+            below = [v - p["ppl_interval"][0] for v, p in zip(ppl, mine)]
+            above = [p["ppl_interval"][1] - v for v, p in zip(ppl, mine)]
+            axes.errorbar(tokens, ppl, yerr=[below, above], fmt="o-", capsize=3, label=name)
+        else:
+            axes.plot(tokens, ppl, "o-", label=name)
+    axes.set_yscale("log")
+    axes.set_xlabel("training tokens (millions)")
+    axes.set_ylabel("validation perplexity")
+    axes.set_title("Perplexity against training tokens (each point at its best learning rate)")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize="small")  # below: off the points
     return _save(figure, out_path, plt)
 
 
