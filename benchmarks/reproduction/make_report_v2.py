@@ -206,9 +206,10 @@ def heldout_table(runs: list[dict]) -> str:
 
 
 def dense_spread_table(runs: list[dict]) -> str:
-    """Each family at its best rate against every run of the reference dense configuration (its rate, every seed
-    and every repeat of a seed), on the validation windows and each held-out set: the dense runs' mean perplexity with their range, and
-    each family's change against that mean with the range of its changes against the single dense runs.
+    """Each family of the Tiny shape at its best rate against every run of the reference dense configuration (its
+    rate, every seed and every repeat of a seed), on the validation windows and each held-out set: the dense runs'
+    mean perplexity with their range, and each family's change against that mean with the range of its changes
+    against the single dense runs.
 
     The window-bootstrap intervals of the other tables measure the windows' noise for one pair of runs. They do not
     capture the spread between training runs, which on held-out text is far larger (docs/reproduction.md, session 8)."""

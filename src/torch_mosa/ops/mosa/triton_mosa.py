@@ -46,14 +46,16 @@ MAX_FUSED_K = 128  # 16-bit inputs; float32 tiles of 128 rows overflow shared me
 MAX_FUSED_K_FP32 = 64
 BLOCK_H = 64
 # The weight-gradient kernel's tiles in 16 bits: hidden columns per program, rows per step, warps, pipeline stages
-# (None: the row kernels' setting). float32 keeps 64 x 64 x 4 warps. benchmarks/experiments/weights_tiles.py sweeps them.
+# (None: the row kernels' setting); float32 keeps 64 x 64 x 4 warps. benchmarks/experiments/weights_tiles.py swept
+# 36 settings on an H100 (session 11): none beat these by more than 1.5%.
 WEIGHTS_TILES = dict(BH=64, BLOCK_R=64, num_warps=4, num_stages=None)
 # The split path (module docstring): the projection (`_mosa_qkv_kernel`) and the backward's dX rows
 # (`_mosa_bwd_dx_kernel`) as grouped GEMMs of their own, the row kernels left with the attention.
 # SPLIT_PROJECTION None chooses by k (`_split_path`), True / False force one path. The path sets the shape of what
-# the forward keeps, so it is an argument of the custom op, chosen outside it (torch.compile guards on the switch). SPLIT_TILES: rows per tile,
-# warps, pipeline stages of the two GEMM kernels in 16 bits (float32 takes half the rows and 32-wide hidden chunks):
-# 128 x 8 x 4 was as fast as 64 x 4 x 3 at k = 64 and faster at k = 16 (split_projection.py, H100).
+# the forward keeps, so it is an argument of the custom op, chosen outside it (torch.compile guards on the switch).
+# SPLIT_TILES: rows per tile, warps, pipeline stages of the two GEMM kernels in 16 bits (float32 takes half the
+# rows and 32-wide hidden chunks): 128 x 8 x 4 was as fast as 64 x 4 x 3 at k = 64 and faster at k = 16
+# (split_projection.py, H100).
 SPLIT_PROJECTION: Optional[bool] = None
 SPLIT_MIN_K = 16
 SPLIT_TILES = {"qkv": (128, 8, 4), "dx": (128, 8, 4)}
