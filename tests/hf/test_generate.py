@@ -7,6 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import torch_mosa.hf as mosa_hf  # noqa: E402
+from torch_mosa.hf.modeling import CACHE_KEY  # noqa: E402
 
 from .conftest import VOCAB  # noqa: E402
 
@@ -31,7 +32,7 @@ def test_greedy_equals_torch_mosa_generate(exported):
                           return_dict_in_generate=True)
     assert torch.equal(out.sequences, ours)
     assert len(set(ours[:, 12:].flatten().tolist())) > 8  # real continuations, not one repeated token
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_KEY)  # `cache` from transformers 5.24, `past_key_values` before
     assert isinstance(cache, mosa_hf.MoSACache) and cache.get_seq_length() == 12 + 19
     # the cache HF generate filled is torch_mosa's: dense heads hold every real token (the padding too, in caches
     # that count it), sparse heads only their selections; pairs over 2 layers, as the paper counts them
@@ -103,5 +104,5 @@ def test_refused_generation_modes_and_lengths(exported_mosa):
         loaded.generate(input_ids, max_new_tokens=60)
     with pytest.raises(ValueError, match="LEFT-padded"):
         cache = mosa_hf.MoSACache(loaded.model, 1, 16)
-        loaded(input_ids, attention_mask=torch.tensor([[1] * 6 + [0] * 2]), past_key_values=cache)
-        loaded(input_ids[:, :1], past_key_values=cache)
+        loaded(input_ids, attention_mask=torch.tensor([[1] * 6 + [0] * 2]), cache=cache)
+        loaded(input_ids[:, :1], cache=cache)

@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import torch_mosa.hf as mosa_hf  # noqa: E402
+from torch_mosa.hf.modeling import CACHE_KEY  # noqa: E402
 from torch_mosa.inference.decode import prefilled_cache  # noqa: E402
 
 from .conftest import VOCAB, micro_lm  # noqa: E402
@@ -51,7 +52,7 @@ def test_auto_model_logits_equal_torch_mosa(exported, routing):
         expected, _ = prefilled_cache(model, input_ids, model.config.max_seq_len, mask)
         with torch.no_grad():
             out = loaded(input_ids, attention_mask=mask)
-        assert isinstance(out.past_key_values, mosa_hf.MoSACache)
+        assert isinstance(getattr(out, CACHE_KEY), mosa_hf.MoSACache)
         torch.testing.assert_close(out.logits, expected, rtol=0, atol=1e-6)
 
 
@@ -62,10 +63,34 @@ def test_cached_forward_equals_full_forward_and_continues():
     expected, _ = model(input_ids, routing="causal")
     with torch.no_grad():
         first = wrapped(input_ids[:, :20], use_cache=True)
-        rest = wrapped(input_ids[:, 20:], past_key_values=first.past_key_values)
-    assert isinstance(first.past_key_values, mosa_hf.MoSACache)
-    assert first.past_key_values.get_seq_length() == 30 and len(first.past_key_values) == 2
+        cache = getattr(first, CACHE_KEY)
+        rest = wrapped(input_ids[:, 20:], cache=cache)
+    assert isinstance(cache, mosa_hf.MoSACache)
+    assert cache.get_seq_length() == 30 and len(cache) == 2
     torch.testing.assert_close(torch.cat([first.logits, rest.logits], dim=1), expected, rtol=0, atol=1e-5)
+
+
+def test_the_cache_under_either_name():
+    """transformers 5.24 renamed the cache argument past_key_values -> cache; the forward takes either (the same
+    object under both is fine, two different ones are an error) and returns it in the field of the installed
+    release (CACHE_KEY)."""
+    model = micro_lm("mosa")
+    wrapped = mosa_hf.MoSAForCausalLM.from_mosa(model)
+    input_ids = torch.randint(0, VOCAB, (1, 12))
+    expected, _ = model(input_ids, routing="causal")
+    logits = []
+    for name in ("cache", "past_key_values"):
+        cache = mosa_hf.MoSACache(wrapped.model, 1, 16)
+        with torch.no_grad():
+            first = wrapped(input_ids[:, :8], **{name: cache})
+            rest = wrapped(input_ids[:, 8:], cache=cache, past_key_values=cache)
+        assert getattr(first, CACHE_KEY) is cache and cache.get_seq_length() == 12
+        logits.append(torch.cat([first.logits, rest.logits], dim=1))
+    for got in logits:
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        wrapped(input_ids, cache=mosa_hf.MoSACache(wrapped.model, 1, 16),
+                past_key_values=mosa_hf.MoSACache(wrapped.model, 1, 16))
 
 
 def test_labels_give_the_shifted_loss():
@@ -83,7 +108,7 @@ def test_labels_give_the_shifted_loss():
     torch.testing.assert_close(cached.loss, model(input_ids, targets=targets, routing="causal")[1])
     wrapped.train()
     out = wrapped(input_ids, labels=labels, routing="topk")
-    assert out.past_key_values is None and out.loss.requires_grad
+    assert getattr(out, CACHE_KEY) is None and out.loss.requires_grad
     out.loss.backward()
     assert wrapped.model.lm_head.weight.grad is not None
 
@@ -93,14 +118,14 @@ def test_forward_errors_name_the_argument():
     input_ids = torch.randint(0, VOCAB, (1, 8))
     with pytest.raises(ValueError, match="inputs_embeds"):
         wrapped(input_ids, inputs_embeds=torch.zeros(1, 8, 64))
-    with pytest.raises(TypeError, match="past_key_values"):
-        wrapped(input_ids, past_key_values=transformers.DynamicCache())
+    with pytest.raises(TypeError, match=r"cache \(cache, past_key_values\) must be a torch_mosa.hf.MoSACache"):
+        wrapped(input_ids, cache=transformers.DynamicCache())
     with pytest.raises(ValueError, match="routing='topk' cannot use a KV cache"):
-        wrapped(input_ids, past_key_values=mosa_hf.MoSACache(wrapped.model, 1, 16), routing="topk")
+        wrapped(input_ids, cache=mosa_hf.MoSACache(wrapped.model, 1, 16), routing="topk")
     with pytest.raises(ValueError, match="labels"):
         wrapped(input_ids, labels=input_ids[:, :4])
     with pytest.raises(ValueError, match="batch size"):
-        wrapped(torch.randint(0, VOCAB, (2, 8)), past_key_values=mosa_hf.MoSACache(wrapped.model, 1, 16))
+        wrapped(torch.randint(0, VOCAB, (2, 8)), cache=mosa_hf.MoSACache(wrapped.model, 1, 16))
     with pytest.raises(ValueError, match="max_seq_len"):
         mosa_hf.MoSACache(wrapped.model, 1, 65)
 

@@ -22,7 +22,7 @@ class MoSAConfig(PretrainedConfig):
     """
 
     model_type = "mosa"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the KV cache (renamed in transformers 5.24)
     attribute_map = {"num_hidden_layers": "num_layers", "max_position_embeddings": "max_seq_len",
                      "intermediate_size": "ffn_size"}
 

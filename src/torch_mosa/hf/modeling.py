@@ -22,6 +22,9 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _GENERATION_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+# transformers 5.24 renamed the KV cache's argument, output field and generate() keyword from `past_key_values` to
+# `cache` (the old name still works there, deprecated and logged at every use); both releases are supported
+CACHE_KEY = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class ModelFolderError(OSError, ValueError):
@@ -30,11 +33,12 @@ class ModelFolderError(OSError, ValueError):
 
 
 class MoSAForCausalLM(PreTrainedModel, GenerationMixin):
-    """`model(input_ids [B, T], attention_mask=None, labels=None, past_key_values=None, use_cache=None, routing=None)`
-    -> CausalLMOutputWithPast(loss, logits [B, T, vocab], past_key_values).
+    """`model(input_ids [B, T], attention_mask=None, labels=None, cache=None, use_cache=None, routing=None)`
+    -> CausalLMOutputWithPast(loss, logits [B, T, vocab], cache). Before transformers 5.24 the cache argument and
+    output field are named `past_key_values` (`CACHE_KEY`); either name is accepted.
 
     labels follow transformers: the same tokens as input_ids (shifted inside), -100 ignored. A forward with a cache
-    (`use_cache`, the default in eval mode, or a MoSACache in `past_key_values`) runs causal routing: the prefill when
+    (`use_cache`, the default in eval mode, or a MoSACache in `cache`) runs causal routing: the prefill when
     the cache is empty, token-by-token decoding after. `routing` overrides `config.routing` for one call ("topk" works
     without a cache only). Positions follow the token order, left padding included, as in `MoSALM.generate`.
     Packed rows (training, evaluation): `position_ids` that restart at 0 with every document, as transformers'
@@ -97,15 +101,20 @@ class MoSAForCausalLM(PreTrainedModel, GenerationMixin):
         return (model, info) if return_info else model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                past_key_values: MoSACache | None = None, labels: torch.Tensor | None = None,
-                use_cache: bool | None = None, routing: str | None = None, **kwargs) -> CausalLMOutputWithPast:
+                cache: MoSACache | None = None, labels: torch.Tensor | None = None,
+                use_cache: bool | None = None, routing: str | None = None,
+                past_key_values: MoSACache | None = None, **kwargs) -> CausalLMOutputWithPast:
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("inputs_embeds is not supported by MoSA models: pass input_ids")
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("give the KV cache as cache or as past_key_values (its name before transformers 5.24), "
+                             "not both")
+        past_key_values = cache if cache is not None else past_key_values
         document_ids = self._packed_documents(kwargs.get("position_ids"), kwargs.get("document_ids"))
         if document_ids is not None:  # packed rows: no padding, no cache (training and evaluation)
             if use_cache or past_key_values is not None:
                 raise ValueError("packed input (position_ids restarting per document, or document_ids) takes no KV "
-                                 "cache: pass use_cache=False and no past_key_values")
+                                 "cache: pass use_cache=False and no cache (past_key_values)")
             if attention_mask is not None and not bool(attention_mask.bool().all()):
                 raise ValueError("packed input holds no padding: its attention_mask must be all ones (or None)")
             attention_mask, use_cache = None, False
@@ -116,7 +125,8 @@ class MoSAForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(labels.shape)}")
         if past_key_values is not None and not isinstance(past_key_values, MoSACache):
-            raise TypeError(f"past_key_values must be a torch_mosa.hf.MoSACache, got {type(past_key_values).__name__}")
+            raise TypeError(f"the KV cache (cache, past_key_values) must be a torch_mosa.hf.MoSACache, got "
+                            f"{type(past_key_values).__name__}")
         if past_key_values is not None and routing != "causal":
             raise ValueError(f"routing={routing!r} cannot use a KV cache: only causal routing decides a token's heads "
                              "when it arrives")
@@ -136,7 +146,7 @@ class MoSAForCausalLM(PreTrainedModel, GenerationMixin):
                 logits = past_key_values.decode(self.model, input_ids, attention_mask)
             loss = None if targets is None else F.cross_entropy(
                 logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KEY: past_key_values})
 
     @staticmethod
     def _packed_documents(position_ids, document_ids):
@@ -154,16 +164,17 @@ class MoSAForCausalLM(PreTrainedModel, GenerationMixin):
         if generation_mode not in _GENERATION_MODES:
             raise ValueError(f"MoSA models generate by greedy decoding or sampling (num_beams=1, no assistant model), "
                              f"got generation mode {generation_mode!s}")
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(CACHE_KEY)
         if cache is not None:
             if not isinstance(cache, MoSACache):
-                raise TypeError(f"past_key_values must be a torch_mosa.hf.MoSACache, got {type(cache).__name__}")
+                raise TypeError(f"the KV cache (cache, past_key_values) must be a torch_mosa.hf.MoSACache, got "
+                                f"{type(cache).__name__}")
             return
         if generation_config.use_cache is False:
             return
         # generate() sizes caches for max_length - 1 tokens (the last one is never fed back); torch_mosa's generate
         # sizes them for all max_length, and equal buffer sizes give bit-identical attention sums, hence the +1.
-        model_kwargs["past_key_values"] = MoSACache(
+        model_kwargs[CACHE_KEY] = MoSACache(
             self.model, batch_size * generation_config.num_return_sequences, max_cache_length + 1, self.device)
 
 
