@@ -43,7 +43,8 @@ def main() -> None:
     scores = torch.sigmoid(torch.randn(batch, heads, k))
 
     def custom_ops():
-        tm._mosa_fwd_op(x, w_qkv, w_o, w_router, indices, scores, 8, 1e4, None, None, False)[0].sum().backward()
+        tm._mosa_fwd_op(x, w_qkv, w_o, w_router, indices, scores, 8, 1e4, None, None, False,
+                        tm._split_path(k))[0].sum().backward()
 
     def library_eager():
         tm.fused_mosa_attention(x, w_qkv, w_o, indices, scores, 8, 1e4, w_router).sum().backward()
