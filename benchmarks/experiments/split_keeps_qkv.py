@@ -24,8 +24,7 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from torch_mosa.bench.cases import (CASES, TRAIN_MODEL_IDS, TRAIN_MODELS, run_case, time_training_step,
-                                        training_step)
+    from torch_mosa.bench.cases import CASES, TRAIN_MODEL_IDS, TRAIN_MODELS, run_case, train_step_tokens_per_second
     from torch_mosa.ops.mosa import triton_mosa as tm
 
     rows = []
@@ -44,10 +43,8 @@ def main() -> int:
         name = TRAIN_MODEL_IDS[model_id]
         for split in ([None] if model_id == "dense" else [False, True]):
             tm.SPLIT_PROJECTION = split
-            step, config = training_step(TRAIN_MODELS[name], batch=64)
-            rate, mib = time_training_step(step, 64 * config.max_seq_len)
+            rate, mib = train_step_tokens_per_second(TRAIN_MODELS[name], batch=64)
             tm.SPLIT_PROJECTION = None
-            del step
             torch._dynamo.reset()
             torch.cuda.empty_cache()
             dense_rate = dense_rate or rate

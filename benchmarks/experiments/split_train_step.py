@@ -28,7 +28,7 @@ def main() -> int:
     import torch
 
     from torch_mosa.bench.cases import (CASES, TRAIN_MODEL_IDS, TRAIN_MODELS, _layers, case_inputs,
-                                        time_training_step, training_step)
+                                        train_step_tokens_per_second)
     from torch_mosa.ops.dispatch import fast_path
     from torch_mosa.ops.mosa import triton_mosa as tm
 
@@ -39,10 +39,8 @@ def main() -> int:
         settings = [None] if model_id == "dense" else [False, True, False]
         for setting in settings:
             tm.SPLIT_PROJECTION = setting
-            step, config = training_step(TRAIN_MODELS[name], batch=64)
-            rate, mib = time_training_step(step, 64 * config.max_seq_len, args.steps)
+            rate, mib = train_step_tokens_per_second(TRAIN_MODELS[name], batch=64, steps=args.steps)
             tm.SPLIT_PROJECTION = None
-            del step
             torch._dynamo.reset()
             torch.cuda.empty_cache()
             if model_id == "dense":

@@ -74,8 +74,9 @@ def family(run: dict) -> str:
     return series(run) + (f", {tokens / 1e6:g}M tokens" if tokens != DEFAULT_TOKENS else "")
 
 
-def series(run: dict) -> str:
-    """Kind of attention, sparsity, training routing and model shape: what a family is apart from its tokens."""
+def series(run: dict, short: bool = False) -> str:
+    """Kind of attention, sparsity, training routing and model shape: what a family is apart from its tokens.
+    short: a smaller shape named by its layers and width only (plot legends)."""
     options = run.get("options", {})
     name = KINDS[run["attention"]]
     if run["attention"] != "dense":
@@ -86,7 +87,9 @@ def series(run: dict) -> str:
     if options.get("routing") == "causal":
         name += ", causal-trained"
     shape = [f"{key}={options[key]}" for key in SHAPE_KEYS if key in options]
-    if shape:
+    if shape and short:
+        name += f", {options.get('num_layers', '?')} layers x {options.get('hidden_size', '?')}"
+    elif shape:
         name += f", {' '.join(shape)}"
     return name
 
@@ -375,15 +378,6 @@ def equal_tokens_table(runs: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def short_series(run: dict) -> str:
-    """`series` with a smaller shape named by its layers and width, for plot legends."""
-    name, options = series(run), run.get("options", {})
-    if shape_of(run):
-        name = (name.split(", num_layers=")[0] + f", {options.get('num_layers', '?')} layers x "
-                f"{options.get('hidden_size', '?')}")
-    return name
-
-
 def plot_sweep(runs: list[dict], out: Path) -> Path | None:
     """Validation loss against learning rate for every family swept over at least two rates (seed 0), headline
     routing, bootstrap intervals over the validation windows."""
@@ -391,8 +385,8 @@ def plot_sweep(runs: list[dict], out: Path) -> Path | None:
 
     seed0 = [r for r in runs if r["lr"] is not None and not r["seed"]]
     swept = {f for f in {r["family"] for r in seed0} if len({r["lr"] for r in seed0 if r["family"] == f}) > 1}
-    points = [{"family": (short_series(r) if r["attention"] == "dense"
-                          else f"{short_series(r)} ({headline_routing(r)})"),
+    points = [{"family": (series(r, short=True) if r["attention"] == "dense"
+                          else f"{series(r, short=True)} ({headline_routing(r)})"),
                "lr": r["lr"],
                "val_loss": r["eval"][headline_routing(r)]["loss"],
                "val_loss_interval": bootstrap_interval(r["eval"][headline_routing(r)]["window_losses"])
@@ -409,7 +403,7 @@ def plot_tokens(runs: list[dict], out: Path) -> Path | None:
 
     points = []
     for run in best_runs(runs).values():
-        name = short_series(run)
+        name = series(run, short=True)
         if not (name.startswith(KINDS["dense"]) or name.startswith("MoSA (sparsity 64), causal-trained")):
             continue
         evaluation = run["eval"][headline_routing(run)]

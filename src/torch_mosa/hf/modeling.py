@@ -109,10 +109,10 @@ class MoSAForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("give the KV cache as cache or as past_key_values (its name before transformers 5.24), "
                              "not both")
-        past_key_values = cache if cache is not None else past_key_values
+        cache = cache if cache is not None else past_key_values
         document_ids = self._packed_documents(kwargs.get("position_ids"), kwargs.get("document_ids"))
         if document_ids is not None:  # packed rows: no padding, no cache (training and evaluation)
-            if use_cache or past_key_values is not None:
+            if use_cache or cache is not None:
                 raise ValueError("packed input (position_ids restarting per document, or document_ids) takes no KV "
                                  "cache: pass use_cache=False and no cache (past_key_values)")
             if attention_mask is not None and not bool(attention_mask.bool().all()):
@@ -124,29 +124,28 @@ class MoSAForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(labels.shape)}")
-        if past_key_values is not None and not isinstance(past_key_values, MoSACache):
-            raise TypeError(f"the KV cache (cache, past_key_values) must be a torch_mosa.hf.MoSACache, got "
-                            f"{type(past_key_values).__name__}")
-        if past_key_values is not None and routing != "causal":
-            raise ValueError(f"routing={routing!r} cannot use a KV cache: only causal routing decides a token's heads "
-                             "when it arrives")
+        if cache is not None:
+            check_cache(cache)
+            if routing != "causal":
+                raise ValueError(f"routing={routing!r} cannot use a KV cache: only causal routing decides a token's "
+                                 "heads when it arrives")
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training and routing == "causal"
-        if past_key_values is None and use_cache:
-            past_key_values = MoSACache(self.model, input_ids.shape[0], self.config.max_seq_len, input_ids.device)
+        if cache is None and use_cache:
+            cache = MoSACache(self.model, input_ids.shape[0], self.config.max_seq_len, input_ids.device)
 
         # transformers' labels are the inputs; MoSALM's targets are the next tokens
         targets = None if labels is None else F.pad(labels[:, 1:], (0, 1), value=-100)
-        if past_key_values is None:
+        if cache is None:
             logits, loss = self.model(input_ids, targets, attention_mask, routing, document_ids=document_ids)
         else:
-            if past_key_values.get_seq_length() == 0:
-                logits = past_key_values.prefill(self.model, input_ids, attention_mask)
+            if cache.get_seq_length() == 0:
+                logits = cache.prefill(self.model, input_ids, attention_mask)
             else:
-                logits = past_key_values.decode(self.model, input_ids, attention_mask)
+                logits = cache.decode(self.model, input_ids, attention_mask)
             loss = None if targets is None else F.cross_entropy(
                 logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KEY: past_key_values})
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KEY: cache})
 
     @staticmethod
     def _packed_documents(position_ids, document_ids):
@@ -166,9 +165,7 @@ class MoSAForCausalLM(PreTrainedModel, GenerationMixin):
                              f"got generation mode {generation_mode!s}")
         cache = model_kwargs.get(CACHE_KEY)
         if cache is not None:
-            if not isinstance(cache, MoSACache):
-                raise TypeError(f"the KV cache (cache, past_key_values) must be a torch_mosa.hf.MoSACache, got "
-                                f"{type(cache).__name__}")
+            check_cache(cache)
             return
         if generation_config.use_cache is False:
             return
@@ -176,6 +173,13 @@ class MoSAForCausalLM(PreTrainedModel, GenerationMixin):
         # sizes them for all max_length, and equal buffer sizes give bit-identical attention sums, hence the +1.
         model_kwargs[CACHE_KEY] = MoSACache(
             self.model, batch_size * generation_config.num_return_sequences, max_cache_length + 1, self.device)
+
+
+def check_cache(cache) -> None:
+    """A KV cache handed to the model (as `cache`, or `past_key_values` before transformers 5.24) must be ours."""
+    if not isinstance(cache, MoSACache):
+        raise TypeError(f"the KV cache (cache, past_key_values) must be a torch_mosa.hf.MoSACache, got "
+                        f"{type(cache).__name__}")
 
 
 def check_weights_folder(directory: str | os.PathLike) -> None:
