@@ -45,27 +45,29 @@ def test_training_steps_alone():
     assert "| case |" not in report and "| MoSA 4 + 17, sparsity 32 | 64 | 100,000 | 0.50x | 1 |" in report
 
 
-@pytest.mark.parametrize("compile_layers", [False, True])
-def test_layer_paths_and_compilation(monkeypatch, compile_layers):
+@pytest.mark.parametrize("compile_layers,cuda_graphs", [(False, False), (True, False), (False, True)])
+def test_layer_paths_and_compilation(monkeypatch, compile_layers, cuda_graphs):
     """Each path times the right layer with the fast path switched as named; with compile_layers every path's layer
-    is compiled afresh (dynamo reset first: the switch is read once while tracing)."""
+    is compiled afresh (dynamo reset first: the switch is read once while tracing); cuda_graphs reaches the timer."""
     from torch_mosa.bench import cases
     from torch_mosa.layers.dense import DenseAttention
     from torch_mosa.layers.hybrid import HybridAttention
     from torch_mosa.ops.dispatch import fast_path_enabled
 
     timed, resets = [], []
-    monkeypatch.setattr(cases, "time_layer",
-                        lambda layer, x, grad_y: timed.append((layer, fast_path_enabled())) or (1.0, 2.0))
+    monkeypatch.setattr(cases, "time_layer", lambda layer, x, grad_y, cuda_graph: timed.append(
+        (layer, fast_path_enabled(), cuda_graph)) or (1.0, 2.0))
     monkeypatch.setattr(torch, "compile", lambda module: ("compiled", module))
     monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
     case = cases.Case("tiny", 32, 3, 1, 4, 16, 2, True, 2)
-    result = cases.run_case(case, ("dense", "reference", "fast"), compile_layers=compile_layers, device="cpu")
+    result = cases.run_case(case, ("dense", "reference", "fast"), compile_layers=compile_layers, device="cpu",
+                            cuda_graphs=cuda_graphs)
     assert result == {"dense": (1.0, 2.0), "reference": (1.0, 2.0), "fast": (1.0, 2.0)}
-    layers = [layer[1] if compile_layers else layer for layer, _ in timed]
+    layers = [layer[1] if compile_layers else layer for layer, _, _ in timed]
     assert [type(m) for m in layers] == [DenseAttention, HybridAttention, HybridAttention]
-    assert [fast for _, fast in timed] == [False, False, True]
-    assert [isinstance(layer, tuple) and layer[0] == "compiled" for layer, _ in timed] == [compile_layers] * 3
+    assert [fast for _, fast, _ in timed] == [False, False, True]
+    assert [graphed for _, _, graphed in timed] == [cuda_graphs] * 3
+    assert [isinstance(layer, tuple) and layer[0] == "compiled" for layer, _, _ in timed] == [compile_layers] * 3
     assert len(resets) == (3 if compile_layers else 0)
 
 
@@ -85,3 +87,47 @@ def test_packed_document_ids_for_the_training_step():
     layout = document_layout(ids)  # contiguous, non-decreasing
     assert (layout.document_count() == 7).all() and (layout.lengths >= 1).all()
     assert torch.equal(ids, packed_document_ids(5, 64, 7))  # a fixed seed
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphed_layer_step_matches_eager(dtype):
+    """`graph_step` over a hybrid layer's forward + backward on the fast path: the capture succeeds (no host
+    synchronisation in the step), and each replay recomputes the gradients of whatever the input holds, equal to an
+    eager step's up to the fp32 atomics' summation order."""
+    from torch_mosa.bench.cases import graph_step
+    from torch_mosa.layers.hybrid import HybridAttention
+    from torch_mosa.ops.dispatch import fast_path
+
+    torch.manual_seed(0)
+    layer = HybridAttention(96, 32, num_mosa_heads=13, num_dense_heads=2, k=16, include_first=True).cuda().to(dtype)
+    x = torch.randn(3, 200, 96, device="cuda", dtype=dtype, requires_grad=True)
+    grad_y = torch.randn_like(x)
+    leaves = [x, *layer.parameters()]
+
+    def step():
+        layer(x).backward(grad_y)
+
+    with fast_path(True):
+        replay = graph_step(step, leaves)
+        graphed = [t.grad for t in leaves]  # the graph's own buffers, rewritten by every replay
+        for _ in range(2):  # a new input each time: the replay must follow it
+            with torch.no_grad():
+                x.copy_(torch.randn_like(x))
+            replay()
+            expected = torch.autograd.grad(layer(x), leaves, grad_y)  # eager, leaves' .grad untouched
+            for got, want in zip(graphed, expected):
+                bound = 1e-5 if dtype == torch.float32 else 2e-2
+                error = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
+                assert error < bound, error
+
+
+@pytest.mark.cuda
+def test_graphed_training_step_runs():
+    """A whole MoSA training step (eager model, bf16 autocast, fused capturable AdamW) captures as a CUDA graph and
+    its replays train: `mosa bench --train-step --cuda-graph-steps` times exactly this."""
+    from torch_mosa.bench.cases import train_step_tokens_per_second
+
+    tokens_per_s, mib = train_step_tokens_per_second(dict(attention="mosa", sparsity=64), batch=2, steps=2,
+                                                     compile_model=False, cuda_graph=True)
+    assert tokens_per_s > 0 and mib > 0

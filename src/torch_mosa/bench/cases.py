@@ -68,8 +68,33 @@ def host_ms_per_step(layer, x, grad_y, steps: int = 30) -> float:
     return issued
 
 
-def time_layer(layer, x, grad_y, warmup_ms=50, rep_ms=200) -> tuple[float, float]:
-    """Median ms of forward+backward, and peak MiB of one forward+backward."""
+def graph_step(step, leaves, warmup: int = 3):
+    """Capture `step()` (a forward + backward, optionally an optimizer step) as a CUDA graph -> its replay.
+
+    Warm-up runs first on a side stream (compilation, autotuning and caches happen outside the capture, as
+    torch.cuda.graph requires). The gradients of `leaves` are set to None before the capture, so the captured
+    backward allocates them from the graph's pool and every replay rewrites them instead of accumulating. Any host
+    synchronisation inside `step` fails the capture, so this also checks that a step needs none.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            for t in leaves:
+                t.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for t in leaves:
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def time_layer(layer, x, grad_y, warmup_ms=50, rep_ms=200, cuda_graph: bool = False) -> tuple[float, float]:
+    """Median ms of forward+backward, and peak MiB of one forward+backward (run eagerly). cuda_graph: the step is
+    captured once (`graph_step`) and its replays are timed, which takes the host's launches out of the time."""
     import triton.testing
 
     params = [p for p in layer.parameters()]
@@ -85,19 +110,24 @@ def time_layer(layer, x, grad_y, warmup_ms=50, rep_ms=200) -> tuple[float, float
     step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2 ** 20
-    ms = triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, grad_to_none=[x, *params],
-                                 return_mode="median")
+    if cuda_graph:  # a replay rewrites the same gradient buffers: nothing to reset between replays
+        ms = triton.testing.do_bench(graph_step(step, [x, *params]), warmup=warmup_ms, rep=rep_ms,
+                                     return_mode="median")
+    else:
+        ms = triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, grad_to_none=[x, *params],
+                                     return_mode="median")
     for t in [x, *params]:
         t.grad = None
     return ms, peak
 
 
 def run_case(case: Case, paths=("dense", "reference", "fast"), reference_max_seq_len=131072,
-             compile_layers: bool = False, device="cuda") -> dict:
+             compile_layers: bool = False, device="cuda", cuda_graphs: bool = False) -> dict:
     """{path: (ms, MiB) or None when skipped} for one case. compile_layers: every path's layer is timed through
     torch.compile (compiled afresh per path, since the fast-path switch is read once while tracing), which takes
-    the host's Python and launch overhead out of the eager step: SPEC §6 case C is bound by the host in eager
-    mode (benchmarks/mosa_layer.md, session 7)."""
+    the host's Python overhead out of the eager step: SPEC §6 case C is bound by the host in eager mode
+    (benchmarks/mosa_layer.md, session 7). cuda_graphs: every path's step is timed as a CUDA graph replay
+    (`time_layer`), which also takes the launches out: case D stays bound by the host even compiled (session 12)."""
     device = torch.device(device)
     torch.manual_seed(0)
     mosa, dense = _layers(case, device)
@@ -112,18 +142,18 @@ def run_case(case: Case, paths=("dense", "reference", "fast"), reference_max_seq
             if compile_layers:
                 torch._dynamo.reset()
                 layer = torch.compile(layer)
-            results[path] = time_layer(layer, x, grad_y)
+            results[path] = time_layer(layer, x, grad_y, cuda_graph=cuda_graphs)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results
 
 
 def run_cases(names, paths=("dense", "reference", "fast"), reference_max_seq_len=131072, log=print,
-              compile_layers: bool = False) -> list:
+              compile_layers: bool = False, cuda_graphs: bool = False) -> list:
     rows = []
     for name in names:
         for case in CASES[name]:
-            result = run_case(case, paths, reference_max_seq_len, compile_layers)
+            result = run_case(case, paths, reference_max_seq_len, compile_layers, cuda_graphs=cuda_graphs)
             rows.append((case, result))
             log(format_row(case, result))
     return rows
@@ -160,15 +190,16 @@ def packed_document_ids(batch: int, seq_len: int, documents: int, seed: int = 0)
 
 
 def training_step(model_kwargs: dict, batch: int = 64, compile_model: bool = True, preset: str = "tiny",
-                  documents: int = 0):
+                  documents: int = 0, capturable: bool = False):
     """-> (step, config): `step()` runs one full training step of a preset model on random tokens [batch,
     max_seq_len] on CUDA (autocast bf16, fused AdamW, optionally torch.compile). documents > 0 packs that many
-    documents of random lengths into each row, so the per-document routing and masks run too."""
+    documents of random lengths into each row, so the per-document routing and masks run too. capturable: the
+    optimizer keeps its step count on the GPU, so the whole step can be captured as a CUDA graph."""
     device = torch.device("cuda")
     torch.manual_seed(0)
     config = MoSAConfig.from_preset(preset, **model_kwargs)
     model = MoSALM(config).to(device)
-    optimizer = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4, fused=True)
+    optimizer = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4, fused=True, capturable=capturable)
     forward = torch.compile(model) if compile_model else model
     tokens = torch.randint(0, config.vocab_size, (batch, config.max_seq_len + 1), device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -181,22 +212,28 @@ def training_step(model_kwargs: dict, batch: int = 64, compile_model: bool = Tru
             _, loss = forward(inputs, targets, **packed)
         loss.backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)  # inside a captured step too: the gradients live in the graph's pool
 
     return step, config
 
 
 def train_step_tokens_per_second(model_kwargs: dict, batch: int = 64, steps: int = 10, compile_model: bool = True,
-                                 fast: bool = True, preset: str = "tiny", documents: int = 0) -> tuple[float, float]:
-    """Full training steps of a preset model (`training_step`): (tokens/s from the median step, peak MiB)."""
-    step, config = training_step(model_kwargs, batch, compile_model, preset, documents)
-    return time_training_step(step, batch * config.max_seq_len, steps, fast)
+                                 fast: bool = True, preset: str = "tiny", documents: int = 0,
+                                 cuda_graph: bool = False) -> tuple[float, float]:
+    """Full training steps of a preset model (`training_step`): (tokens/s from the median step, peak MiB).
+    cuda_graph: the step (forward, backward and optimizer) is captured once and its replays are timed."""
+    step, config = training_step(model_kwargs, batch, compile_model, preset, documents, capturable=cuda_graph)
+    return time_training_step(step, batch * config.max_seq_len, steps, fast, cuda_graph)
 
 
-def time_training_step(step, tokens_per_step: int, steps: int = 10, fast: bool = True) -> tuple[float, float]:
-    """(tokens/s from the median of `steps` timed steps after 3 untimed ones, peak MiB over the timed steps)."""
+def time_training_step(step, tokens_per_step: int, steps: int = 10, fast: bool = True,
+                       cuda_graph: bool = False) -> tuple[float, float]:
+    """(tokens/s from the median of `steps` timed steps after 3 untimed ones, peak MiB over the timed steps).
+    cuda_graph: `step` is captured first (`graph_step`; it sets its own gradients to None) and replayed."""
     times = []
     with fast_path(fast):
+        if cuda_graph:
+            step = graph_step(step, [])
         for _ in range(3):
             step()
         torch.cuda.synchronize()

@@ -26,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-layers", action="store_true",
                    help="time the layer cases through torch.compile (dense and MoSA alike), without the eager "
                         "step's Python and launch overhead")
+    p.add_argument("--cuda-graph-steps", action="store_true",
+                   help="time every layer forward+backward and every training step (--train-step) as a CUDA graph "
+                        "replay, dense and MoSA alike: no host launch overhead in the time (small batches and case "
+                        "D are bound by the host otherwise)")
     p.add_argument("--train-step", action="store_true",
                    help="also time whole Tiny training steps (compiled, bf16 autocast, fused AdamW): dense, MoSA "
                         "sparsity 64 and 16, and the 4 + 17 sparsity-32 model")
@@ -68,13 +72,15 @@ def run(args: argparse.Namespace) -> int:
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
         raise ValueError(f"--cases must be among {sorted(CASES)}, got {unknown}")
-    rows = run_cases(args.cases, tuple(args.paths), args.reference_max_seq_len, compile_layers=args.compile_layers)
+    rows = run_cases(args.cases, tuple(args.paths), args.reference_max_seq_len, compile_layers=args.compile_layers,
+                     cuda_graphs=args.cuda_graph_steps)
     train_rows = []
     if args.train_step:
         for name in train_model_names(args.train_models):
             model_kwargs = TRAIN_MODELS[name]
             tokens_per_s, mib = train_step_tokens_per_second(model_kwargs, batch=args.train_batch,
-                                                             compile_model=not args.no_compile)
+                                                             compile_model=not args.no_compile,
+                                                             cuda_graph=args.cuda_graph_steps)
             train_rows.append((name, args.train_batch, tokens_per_s, mib))
             print(f"train step {name}: {tokens_per_s:,.0f} tokens/s, {mib:.0f} MiB", flush=True)
             torch.cuda.empty_cache()  # the next model starts from a clean cache
@@ -82,12 +88,17 @@ def run(args: argparse.Namespace) -> int:
                 packed_name = f"{name}, packed {args.train_documents} documents/row"
                 tokens_per_s, mib = train_step_tokens_per_second(model_kwargs, batch=args.train_batch,
                                                                  compile_model=not args.no_compile,
-                                                                 documents=args.train_documents)
+                                                                 documents=args.train_documents,
+                                                                 cuda_graph=args.cuda_graph_steps)
                 train_rows.append((packed_name, args.train_batch, tokens_per_s, mib))
                 print(f"train step {packed_name}: {tokens_per_s:,.0f} tokens/s, {mib:.0f} MiB", flush=True)
                 torch.cuda.empty_cache()
     notes = ["layers compiled with torch.compile (each path afresh), timed after compilation"] \
         if args.compile_layers and rows else []
+    if args.cuda_graph_steps:
+        notes.append("every timed step (layer forward+backward; training step with its optimizer) captured once as a "
+                     "CUDA graph after warm-up and replayed, dense and MoSA alike; peak memory of the layers from "
+                     "one eager step")
     return _emit(markdown_report(rows, train_rows, command=_command(), notes=notes), args.out)
 
 
