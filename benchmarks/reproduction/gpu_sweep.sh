@@ -6,6 +6,9 @@
 # the first queue on that GPU (the next on the one after), so a sweep can share a machine with other work; two
 # sweeps on one machine share the unpacked shards (each is unpacked once, under a temporary name, then renamed).
 # Every queue stops at SECONDS (its unfinished run is lost; finished runs are in OUT already).
+# HELDOUT_XZ=DIR (optional): held-out sets packed as DIR/NAME/{meta.json,tokenizer_meta.json,*.bin.xz} (no tokenizer,
+# to travel small) are unpacked to /tmp/heldout/NAME with DATA_XZ_DIR's tokenizer.json; pass them to run_queue.py
+# as `--heldout NAME=/tmp/heldout/NAME` in RUN_QUEUE_ARGS.
 set -u
 data_xz=${1:?DATA_XZ_DIR}; out=${2:?OUT}; seconds=${3:?SECONDS}; shift 3
 [ $# -ge 1 ] || { echo "give at least one queue of run specs" >&2; exit 2; }
@@ -17,17 +20,30 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 data=/tmp/gutenberg
 mkdir -p "$data" "$out"
 cp "$data_xz"/*.json "$data"/
-python3 - "$data_xz" "$data" <<'PY'
+python3 - "$data_xz" "$data" "${HELDOUT_XZ:-}" <<'PY'
 import lzma, os, shutil, sys, pathlib
-src, dst = map(pathlib.Path, sys.argv[1:])
-for f in src.glob("*.xz"):
-    target = dst / f.stem
-    if target.exists():  # unpacked by an earlier sweep on this machine (renamed only once complete)
-        continue
-    partial = dst / (f.stem + f".partial-{os.getpid()}")
-    with lzma.open(f) as i, open(partial, "wb") as o:
-        shutil.copyfileobj(i, o, 1 << 24)
-    os.replace(partial, target)
+src, dst, heldout = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
+
+
+def unpack(src, dst):
+    for f in src.glob("*.xz"):
+        target = dst / f.stem
+        if target.exists():  # unpacked by an earlier sweep on this machine (renamed only once complete)
+            continue
+        partial = dst / (f.stem + f".partial-{os.getpid()}")
+        with lzma.open(f) as i, open(partial, "wb") as o:
+            shutil.copyfileobj(i, o, 1 << 24)
+        os.replace(partial, target)
+
+
+unpack(src, dst)
+for held in sorted(pathlib.Path(heldout).iterdir()) if heldout else []:
+    target = pathlib.Path("/tmp/heldout") / held.name
+    target.mkdir(parents=True, exist_ok=True)
+    for f in [*held.glob("*.json"), src / "tokenizer.json"]:
+        shutil.copy(f, target / f.name)
+    unpack(held, target)
+    print(f"held-out set {held.name}: {target}")
 PY
 nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 left=$((seconds - SECONDS))

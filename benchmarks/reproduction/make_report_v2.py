@@ -2,11 +2,12 @@
 
     python benchmarks/reproduction/make_report_v2.py [--results DIR] [--plots DIR]
 
-Reads DIR/issue15-*-results-*.jsonl (one line per run, written by run_queue.py: commands, summary.json, the
-validation evaluations with every window's loss, and the held-out and leak measurements under `other`) and prints
-markdown: the learning-rate sweep of every family, the headline at each family's best rate (causal routing first;
-top-k is marked non-causal), paired per-window differences against the best dense model with bootstrap 95%
-intervals, held-out sets, the leak, and equal GPU time. Writes the sweep plot (one shared axis) to --plots.
+Reads DIR/issue15-*-results-*.jsonl[.xz] (committed xz-compressed: the tree travels to the GPU machine beside the
+data, within 64 MiB; one line per run, written by run_queue.py: commands, summary.json, the validation evaluations
+with every window's loss, and the held-out and leak measurements under `other`) and prints markdown: the learning-
+rate sweep of every family, the headline at each family's best rate (causal routing first; top-k is marked non-
+causal), paired per-window differences against the best dense model with bootstrap 95% intervals, held-out sets, the
+leak, and equal GPU time. Writes the sweep plot (one shared axis) to --plots.
 
 A family is everything of a run but its learning rate and seed: attention, sparsity, sparse head count, training
 routing, fixed offsets, shape and tokens. Each family's best rate is the one of lowest validation loss under causal
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import lzma
 import shlex
 import sys
 from pathlib import Path
@@ -39,12 +41,14 @@ def load_runs(results: Path) -> list[dict]:
     and leak measurements) replaces the earlier one (calls sort by their number), which it keeps in its
     `repeats` list (training is not bitwise reproducible: repeats measure the spread between runs)."""
     runs = {}
-    paths = sorted(results.glob("issue15-*-results-*.jsonl"), key=lambda p: (_call_number(p.name), p.name))
+    paths = sorted([*results.glob("issue15-*-results-*.jsonl"), *results.glob("issue15-*-results-*.jsonl.xz")],
+                   key=lambda p: (_call_number(p.name), p.name))
     devices_file = results / "issue15-devices.json"  # the GPU of calls made before run_queue.py recorded it
     devices = json.loads(devices_file.read_text()) if devices_file.exists() else {}
     for path in paths:
         call = path.name.split("-results-")[0]
-        for line in path.read_text().splitlines():
+        text = lzma.decompress(path.read_bytes()).decode() if path.suffix == ".xz" else path.read_text()
+        for line in text.splitlines():
             run = json.loads(line)
             run.setdefault("device", devices.get(call, "unknown GPU"))
             run["eval"] = {e["routing"]: e for e in run["eval"]}
@@ -426,7 +430,7 @@ def main() -> None:
     CORPUS_TOKENS = args.corpus_tokens
     runs = load_runs(args.results)
     if not runs:
-        raise SystemExit(f"no issue15-*-results-*.jsonl in {args.results}")
+        raise SystemExit(f"no issue15-*-results-*.jsonl[.xz] in {args.results}")
     sections = [("Learning-rate sweep", sweep_table(runs)), ("Each family at its best rate", headline_table(runs)),
                 ("Seeds", seeds_table(runs)), ("Per validation book", per_book_table(runs)),
                 ("Per validation book, whole split", per_book_table(runs, whole_split=True)),
