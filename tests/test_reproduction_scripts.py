@@ -3,6 +3,7 @@ report's choice of baseline, seeds and per-book tables, on synthetic results."""
 
 import importlib.util
 import json
+import lzma
 import math
 from argparse import Namespace
 from pathlib import Path
@@ -128,14 +129,14 @@ def test_dense_spread_table_compares_with_every_dense_run(tmp_path):
     or token budgets), with the range of changes against each dense run."""
     report = load("make_report_v2")
     write_results(tmp_path, [fake_run("d1", "dense", 1e-3, 0, [4.1, 4.1, 4.1], [0, 0, 1])])  # call 1: repeated later
-    later = tmp_path / "issue15-call2-results-0.jsonl"
-    later.write_text("".join(json.dumps(run) + "\n" for run in [
+    later = tmp_path / "issue15-call2-results-0.jsonl.xz"  # committed results are xz-compressed since session 12
+    later.write_bytes(lzma.compress("".join(json.dumps(run) + "\n" for run in [
         fake_run("d1", "dense", 1e-3, 0, [4.0, 4.0, 4.0], [0, 0, 1]),
         fake_run("d1s1", "dense", 1e-3, 1, [4.2, 4.2, 4.2], [0, 0, 1]),
         fake_run("d2", "dense", 2e-3, 0, [5.0, 5.0, 5.0], [0, 0, 1]),
         fake_run("long", "dense", 1e-3, 0, [3.0, 3.0, 3.0], [0, 0, 1], tokens=80e6),
         fake_run("m", "mosa", 1e-3, 0, [3.9, 3.9, 3.9], [0, 0, 1], sparsity=64),
-    ]))
+    ]).encode()))
     runs = report.load_runs(tmp_path)
     assert report.reference_dense(report.best_runs(runs))["eval"]["topk"]["loss"] == pytest.approx(4.0)  # the later
     table = report.dense_spread_table(runs)
