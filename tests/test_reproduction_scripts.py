@@ -101,13 +101,19 @@ def test_report_compares_each_shape_with_its_own_dense(tmp_path):
     the headline and equal-tokens tables, never with the Tiny dense."""
     report = load("make_report_v2")
     small = {"num_layers": "4", "hidden_size": "256"}
+    small_dense = fake_run("sd1", "dense", 1e-3, 0, [5.0, 5.0, 5.0], [0, 0, 1], tokens=50e6, options=small)
+    small_dense["summary"]["tokens_per_s"] = 4e6  # the small shape trains faster: never the Tiny's equal-time speed
     runs = report.load_runs(write_results(tmp_path, [
         fake_run("d1", "dense", 1e-3, 0, [4.0, 4.2, 4.4], [0, 0, 1]),
         fake_run("m", "mosa", 1e-3, 0, [3.8, 4.0, 4.2], [0, 0, 1], sparsity=64),
-        fake_run("sd1", "dense", 1e-3, 0, [5.0, 5.0, 5.0], [0, 0, 1], tokens=50e6, options=small),
+        small_dense,
         fake_run("sd2", "dense", 2e-3, 0, [4.5, 4.5, 4.5], [0, 0, 1], tokens=50e6, options=small),
         fake_run("sm", "mosa", 2e-3, 0, [4.0, 4.0, 4.0], [0, 0, 1], tokens=50e6, options=small, sparsity=64),
     ]))
+    equal_time = {line.split(" | ")[0]: line for line in report.equal_time_table(runs).splitlines()}
+    assert "| 40 s | 40.0M | d1: " in equal_time["| MoSA (sparsity 64)"]  # at the Tiny dense's 1e6 tokens/s
+    small_row = next(line for name, line in equal_time.items() if "num_layers=4" in name)
+    assert "| 50 s | 200.0M | not run yet |" in small_row  # at the small dense's 4e6 tokens/s
     best = report.best_runs(runs)
     assert report.reference_dense(best)["name"] == "d1"
     assert report.reference_dense(best, best_of(best, "sm"))["name"] == "sd2"

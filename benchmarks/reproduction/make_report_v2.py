@@ -341,7 +341,8 @@ def leak_table(runs: list[dict]) -> str:
 
 
 def equal_time_table(runs: list[dict]) -> str:
-    """Each family's best run against dense given the same training time: the dense tokens that time buys."""
+    """Each family's best run against dense given the same training time: the dense tokens that time buys, at the
+    speed of the fastest dense run of the same model shape on the same kind of GPU."""
     best = best_runs(runs)
     dense = [r for r in runs if r["attention"] == "dense"]
     if not dense:
@@ -352,12 +353,13 @@ def equal_time_table(runs: list[dict]) -> str:
         if run["attention"] == "dense":
             continue
         seconds = run["summary"]["tokens"] / run["summary"]["tokens_per_s"]
-        same_gpu = [r["summary"]["tokens_per_s"] for r in dense if r["device"] == run["device"]]
+        same_gpu = [r["summary"]["tokens_per_s"] for r in dense
+                    if r["device"] == run["device"] and shape_of(r) == shape_of(run)]
         if not same_gpu:  # speeds are compared on one kind of GPU only
             rows.append(f"| {name} | {run['device']} | {seconds:.0f} s | no dense run on this GPU yet | - |")
             continue
         tokens = seconds * max(same_gpu)
-        near = [r for r in dense if abs(r["summary"]["tokens"] / tokens - 1) < 0.1]
+        near = [r for r in dense if abs(r["summary"]["tokens"] / tokens - 1) < 0.1 and shape_of(r) == shape_of(run)]
         found = ", ".join(f"{r['name']}: {r['eval']['topk']['ppl']:.2f}" for r in near) or "not run yet"
         rows.append(f"| {name} | {run['device']} | {seconds:.0f} s | {tokens / 1e6:.1f}M | {found} |")
     return "\n".join(rows)
