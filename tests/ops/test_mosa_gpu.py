@@ -183,6 +183,34 @@ def test_layer_fast_path_matches_reference(dtype):
     assert all(error <= bound for error in errors.values()), errors
 
 
+def test_layer_under_autocast_reads_float32_weights(mosa_kernel_path):
+    """The training setting: float32 parameters, bf16 autocast. The op takes the float32 weights as they are (no
+    16-bit copy) and returns float32 gradients; against the float64 layer on bf16-rounded weights and input."""
+    torch.manual_seed(3)
+    layer = MoSAAttention(256, 23, 64, sparsity=16, include_first=True).cuda()
+    torch.nn.init.normal_(layer.router.weight, std=0.05)
+    x = torch.randn(2, 777, 256, device="cuda")
+    grad_y = torch.randn_like(x)
+    inp = x.clone().requires_grad_()
+    with fast_path(True), torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(inp)
+    y.float().backward(grad_y)
+    actual = [y.detach(), inp.grad] + [p.grad.clone() for p in layer.parameters()]
+    assert all(g.dtype == torch.float32 for g in actual[2:])
+    exact = MoSAAttention(256, 23, 64, sparsity=16, include_first=True).cuda().double()
+    with torch.no_grad():
+        for mine, theirs in zip(exact.parameters(), layer.parameters()):
+            mine.copy_(theirs.to(torch.bfloat16).double())
+    inp64 = x.to(torch.bfloat16).double().requires_grad_()
+    with fast_path(False):
+        y64 = exact(inp64)
+    y64.backward(grad_y.double())
+    expected = [y64.detach(), inp64.grad] + [p.grad for p in exact.parameters()]
+    errors = {name: relative_error(a, e) for name, a, e in zip(("y", "dx", "router", "w_qkv", "w_o"), actual, expected)}
+    print(errors)
+    assert errors["router"] <= BF16_ROUTER_BOUND and all(v <= 2e-2 for n, v in errors.items() if n != "router"), errors
+
+
 def test_deterministic_mode_is_bitwise_reproducible(monkeypatch, mosa_kernel_path):
     """Under torch.use_deterministic_algorithms(True) the layer (selection kernel, fused op with per-slot rows and
     a fixed-order combine) gives bitwise identical outputs and gradients run to run, close to the default path."""

@@ -73,7 +73,7 @@ def run_router_op(op, tensors, router_weight, mask, k, include_first, rotary_dim
     """The op with the router's gradient taken inside it: scores = sigmoid(x . router_weight) at the selection."""
     x, w_qkv, w_o, w_router, grad_y = (t.detach().clone().requires_grad_()
                                        for t in (tensors[0], tensors[1], tensors[2], router_weight, tensors[4]))
-    logits = torch.einsum("eh,bth->bet", w_router.detach(), x.detach())
+    logits = torch.einsum("eh,bth->bet", w_router.detach().to(x.dtype), x.detach())
     indices, scores = topk_route_reference(logits, k, include_first, mask)
     y = op(x, w_qkv, w_o, indices, scores, rotary_dim, 10000.0, router_weight=w_router)
     y.backward(grad_y)
@@ -127,6 +127,39 @@ def test_half_precision_matches_reference(nan_allocations, mosa_kernel_path, bat
     for name, a, e in zip(("y", "dx", "dw_qkv", "dw_o", "dscores"), actual, expected):
         assert a.dtype == (torch.float32 if name == "dscores" else torch.float16), name  # the scores are fp32
         assert_close(name, a, e, 1e-2)
+
+
+def test_float32_weights_with_half_inputs(nan_allocations, mosa_kernel_path):
+    """Autocast's case: float32 parameters (w_qkv, w_o, the router) with float16 x. The kernels read the weights in
+    x's dtype and return their gradients in float32 (no 16-bit weight copy per step); the result matches the float64
+    reference of the float16-rounded weights, and the reference path given the same mixed inputs rounds them the
+    same way (bitwise equal to rounding them first)."""
+    tensors, mask = make_case(3, 37, 40, 5, 32, 16, True, True, seed=11)
+    router_weight = torch.randn(5, 40, device=DEVICE) / 40 ** 0.5
+    mixed = [tensors[0].half(), tensors[1], tensors[2], tensors[3], tensors[4].half()]
+    rounded = [t.half() if t.is_floating_point() else t for t in mixed]
+    expected = run_router_op(mosa_attention_reference, [t.double() for t in rounded], router_weight.half().double(),
+                             mask, 16, True, 16)
+    actual = run_router_op(triton_op, mixed, router_weight, mask, 16, True, 16)
+    for name, a, e in zip(("y", "dx", "dw_qkv", "dw_o", "dw_router"), actual, expected):
+        assert a.dtype == (torch.float16 if name in ("y", "dx") else torch.float32), name
+        assert_close(name, a, e, 1e-2)
+    by_reference = run_router_op(mosa_attention_reference, mixed, router_weight, mask, 16, True, 16)
+    pre_rounded = run_router_op(mosa_attention_reference, rounded, router_weight.half(), mask, 16, True, 16)
+    for name, a, e in zip(("y", "dx", "dw_qkv", "dw_o", "dw_router"), by_reference, pre_rounded):
+        assert a.dtype == (torch.float16 if name in ("y", "dx") else torch.float32), name
+        assert torch.equal(a.float(), e.float()), name
+
+
+def test_weights_of_another_dtype_are_refused():
+    tensors, _ = make_case(1, 9, 20, 2, 8, 2, True, False, seed=0)
+    x, w_qkv, w_o, logits = tensors[:4]
+    indices, scores = topk_route_reference(logits, 2, True, None)
+    with pytest.raises(ValueError, match="w_qkv .* must be of x's dtype torch.float32"):
+        triton_op(x, w_qkv.half(), w_o.half(), indices, scores, 4, 10000.0)
+    with pytest.raises(ValueError, match="router_weight must be .* of dtype torch.float16 or torch.float32"):
+        triton_op(x.half(), w_qkv, w_o, indices, scores, 4, 10000.0,
+                  router_weight=torch.zeros(2, 20, device=DEVICE, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("batch,seq_len,hidden,num_heads,head_dim,k,include_first,padded,rotary_dim", CASES[1:4])

@@ -248,9 +248,9 @@ class MoSAAttention(SparseHeads):
                                                     routing, target)
         return indices, scores
 
-    def scores_router_weight(self, dtype: torch.dtype) -> torch.Tensor:
+    def scores_router_weight(self) -> torch.Tensor:
         """Scores are sigmoid(x . router.weight[e]): the op takes the router's gradient from the selected rows."""
-        return self.router.weight.to(dtype)
+        return self.router.weight
 
     def causal_route(self, x: torch.Tensor, attention_mask=None):
         """Causal routing of every token on its own: x [B, T, h] -> joined [B, E, T] bool, scores [B, E, T]

@@ -16,7 +16,7 @@ from torch import nn
 
 from torch_mosa.checks import check_head_sizes
 from torch_mosa.ops.decode import sparse_decode
-from torch_mosa.ops.mosa import mosa_attention
+from torch_mosa.ops.mosa import mosa_attention, weight_dtypes_for
 from torch_mosa.ops.rope import apply_rope, rotary_dim_for
 from torch_mosa.ops.selection.reference import sort_selection
 
@@ -78,7 +78,19 @@ class SparseHeads(nn.Module):
             return x.to(dtype), self.w_qkv.to(dtype), self.w_o.to(dtype)
         return x, self.w_qkv, self.w_o
 
-    def scores_router_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
+    def _op_inputs(self, x: torch.Tensor):
+        """x, w_qkv, w_o and the scores' router weight (or None) for the op: x in autocast's dtype when autocast
+        is on; the weights as they are when the op takes them (float32 parameters under autocast: the op reads them
+        in x's dtype and returns float32 gradients, so no 16-bit copy is made per step and kept for the backward,
+        issue 10), else cast to x's dtype."""
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        allowed = weight_dtypes_for(x.dtype)
+        weights = [w if w is None or w.dtype in allowed else w.to(x.dtype)
+                   for w in (self.w_qkv, self.w_o, self.scores_router_weight())]
+        return (x, *weights)
+
+    def scores_router_weight(self) -> torch.Tensor | None:
         """The router weight w whose sigmoid(x . w[e]) the selection's scores are, or None when the scores are fixed
         (fixed heads: 1 on their stride)."""
         return None
@@ -88,8 +100,7 @@ class SparseHeads(nn.Module):
         `documents`, a DocumentLayout, only to slots of its own document, rotated by in-document positions). With a
         router, the op computes the router's gradient itself from the selected rows (no dense [B, T, E] gradient),
         so the scores enter as values only."""
-        x, w_qkv, w_o = self._weights(x)
-        router_weight = self.scores_router_weight(x.dtype)
+        x, w_qkv, w_o, router_weight = self._op_inputs(x)
         if router_weight is not None:
             scores = scores.detach()
         packed = {} if documents is None else dict(positions=documents.rope_positions, document_ids=documents.ids)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from torch_mosa.ops.dispatch import use_fast_path
-from torch_mosa.ops.mosa.reference import check_mosa_inputs, mosa_attention_reference
+from torch_mosa.ops.mosa.reference import check_mosa_inputs, mosa_attention_reference, weight_dtypes_for
+
+__all__ = ["mosa_attention", "mosa_attention_reference", "weight_dtypes_for"]
 
 
 def mosa_attention(
@@ -23,7 +25,8 @@ def mosa_attention(
 ) -> torch.Tensor:
     """Sum over heads of MoSA head outputs, scattered back to [B, T, h].
 
-    x [B, T, h]; w_qkv [E, h, 3*d]; w_o [E, d, h]; indices [B, E, k] positions in slot order (slot i attends to
+    x [B, T, h]; w_qkv [E, h, 3*d]; w_o [E, d, h] (in x's dtype, or float32 for 16-bit x: read in x's dtype,
+    their gradients returned in float32); indices [B, E, k] positions in slot order (slot i attends to
     slots <= i); scores [B, E, k] router scores of the selected tokens (0 for unused slots, which go last).
     router_weight [E, h] or None: when given, scores must be sigmoid(x[position] . router_weight[e]) (detached) and
     the router's gradient (to router_weight and x) is computed inside the op, from the selected rows only.

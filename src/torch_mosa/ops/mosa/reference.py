@@ -56,7 +56,10 @@ def mosa_attention_composed(x, w_qkv, w_o, indices, scores, rotary_dim: int, rop
 
 def _mosa_attention_composition(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, router_weight, positions,
                                 document_ids, upcast: bool):
-    """upcast: 16-bit inputs are computed in float32 (the oracle); else in their own dtype."""
+    """upcast: 16-bit inputs are computed in float32 (the oracle); else in their own dtype. Wider weights are
+    rounded to x's dtype first, as the kernels read them."""
+    w_qkv, w_o = w_qkv.to(x.dtype), w_o.to(x.dtype)
+    router_weight = router_weight.to(x.dtype) if router_weight is not None else None
     out_dtype = x.dtype
     sum_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     if upcast and x.dtype in (torch.float16, torch.bfloat16):
@@ -94,6 +97,13 @@ def _per_slot(per_token: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return per_token.gather(1, indices.reshape(batch, num_heads * k)).view(batch, num_heads, k)
 
 
+def weight_dtypes_for(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The weight dtypes the op takes with inputs x of `dtype`: x's own, and float32 for 16-bit x. Under autocast
+    the parameters stay float32: the op reads them in x's dtype and returns their gradients in float32, so no
+    16-bit copy of the weights is made, kept for the backward and cast back each step (issue 10)."""
+    return (dtype, torch.float32) if dtype in (torch.float16, torch.bfloat16) else (dtype,)
+
+
 def check_mosa_inputs(x, w_qkv, w_o, indices, scores, rotary_dim: int, router_weight=None, positions=None,
                       document_ids=None) -> None:
     """Shapes and dtypes of the MoSA op's arguments; raises ValueError naming the bad one."""
@@ -111,14 +121,17 @@ def check_mosa_inputs(x, w_qkv, w_o, indices, scores, rotary_dim: int, router_we
         raise ValueError(f"scores must match indices {tuple(indices.shape)}, got shape {tuple(scores.shape)}")
     if indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
-    if w_qkv.dtype != x.dtype or w_o.dtype != x.dtype:
-        raise ValueError(f"w_qkv ({w_qkv.dtype}) and w_o ({w_o.dtype}) must have x's dtype {x.dtype}")
+    weight_dtypes = weight_dtypes_for(x.dtype)
+    if w_qkv.dtype not in weight_dtypes or w_o.dtype not in weight_dtypes:
+        raise ValueError(f"w_qkv ({w_qkv.dtype}) and w_o ({w_o.dtype}) must be of x's dtype {x.dtype}"
+                         + (" or float32 (parameters under autocast)" if len(weight_dtypes) > 1 else ""))
     if rotary_dim % 2 or not 0 <= rotary_dim <= head_dim:
         raise ValueError(f"rotary_dim must be even and in [0, head_dim={head_dim}], got {rotary_dim}")
     if router_weight is not None:
-        if tuple(router_weight.shape) != (num_heads, hidden) or router_weight.dtype != x.dtype:
-            raise ValueError(f"router_weight must be [E={num_heads}, h={hidden}] of dtype {x.dtype}, got "
-                             f"{tuple(router_weight.shape)} {router_weight.dtype}")
+        if tuple(router_weight.shape) != (num_heads, hidden) or router_weight.dtype not in weight_dtypes:
+            raise ValueError(f"router_weight must be [E={num_heads}, h={hidden}] of dtype "
+                             f"{' or '.join(map(str, weight_dtypes))}, got {tuple(router_weight.shape)} "
+                             f"{router_weight.dtype}")
         if scores.requires_grad:
             raise ValueError("with router_weight, scores are sigmoid(x . router_weight) and take no gradient of "
                              "their own: pass them detached")

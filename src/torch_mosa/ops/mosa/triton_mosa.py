@@ -498,7 +498,6 @@ def _mosa_bwd_weights_kernel(x_ptr, dy_ptr, idx_ptr, score_ptr, dlogit_ptr, o_pt
     hm = hs < H
     d = tl.arange(0, BD)
     dm = d < D
-    DT: tl.constexpr = x_ptr.dtype.element_ty
     acc_q = tl.zeros([BH, BD], tl.float32)
     acc_k = tl.zeros([BH, BD], tl.float32)
     acc_v = tl.zeros([BH, BD], tl.float32)
@@ -516,14 +515,16 @@ def _mosa_bwd_weights_kernel(x_ptr, dy_ptr, idx_ptr, score_ptr, dlogit_ptr, o_pt
                 r0, e, hs, hm, d, dm, T, E, K, num_rows, H, D, BLOCK_R, PREC, ROUTER)
     dw_rows = dw_qkv_ptr + e.to(tl.int64) * H * 3 * D + hs[:, None] * (3 * D) + d[None, :]
     w_mask = hm[:, None] & dm[None, :]
-    tl.store(dw_rows, acc_q.to(DT), mask=w_mask)
-    tl.store(dw_rows + D, acc_k.to(DT), mask=w_mask)
-    tl.store(dw_rows + 2 * D, acc_v.to(DT), mask=w_mask)
-    tl.store(dw_o_ptr + e.to(tl.int64) * D * H + d[:, None] * H + hs[None, :], acc_o.to(DT),
+    # each gradient in its weight's dtype: float32 parameters under autocast get float32 gradients directly
+    DW: tl.constexpr = dw_qkv_ptr.dtype.element_ty
+    tl.store(dw_rows, acc_q.to(DW), mask=w_mask)
+    tl.store(dw_rows + D, acc_k.to(DW), mask=w_mask)
+    tl.store(dw_rows + 2 * D, acc_v.to(DW), mask=w_mask)
+    tl.store(dw_o_ptr + e.to(tl.int64) * D * H + d[:, None] * H + hs[None, :], acc_o.to(dw_o_ptr.dtype.element_ty),
              mask=dm[:, None] & hm[None, :])
     if ROUTER:
         dw_router = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, acc_r, 0.0), 1)
-        tl.store(dw_router_ptr + e.to(tl.int64) * H + hs, dw_router.to(DT), mask=hm)
+        tl.store(dw_router_ptr + e.to(tl.int64) * H + hs, dw_router.to(dw_router_ptr.dtype.element_ty), mask=hm)
 
 
 def _block(n: int) -> int:

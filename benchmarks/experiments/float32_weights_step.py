@@ -1,0 +1,70 @@
+"""Float32 weights read by the MoSA kernels under autocast, against the 16-bit weight copies made before (issue 10).
+
+Under bf16 autocast the layer used to cast W_QKV, W_O and the router weight to bf16 on every forward (a [E, h, 3d]
+fp32 read and bf16 write per layer, kept for the backward) and autograd cast their bf16 gradients back to fp32. Since
+session 12 the op takes the fp32 parameters as they are, reads them in x's dtype inside the kernels and stores fp32
+gradients (`SparseHeads._op_inputs`). This script times the compiled Tiny training step (`mosa bench
+--train-step`'s `training_step`) both ways: "copies" patches `_op_inputs` back to casting every weight to x's dtype,
+"fp32" is the library as it is. Order dense, fp32, copies, fp32 (the repeat shows the drift). With --cuda-graphs each
+step is a CUDA graph replay.
+
+On the GPU machine: `PYTHONPATH=src python benchmarks/experiments/float32_weights_step.py [--models s64 s16 4+17]`.
+"""
+
+import argparse
+import contextlib
+import sys
+
+
+@contextlib.contextmanager
+def weight_copies():
+    """The layer as before session 12: every weight cast to x's dtype before the op."""
+    from torch_mosa.layers.sparse import SparseHeads
+
+    original = SparseHeads._op_inputs
+
+    def cast_all(self, x):
+        x, *weights = original(self, x)
+        return (x, *[w if w is None else w.to(x.dtype) for w in weights])
+
+    SparseHeads._op_inputs = cast_all
+    try:
+        yield
+    finally:
+        SparseHeads._op_inputs = original
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=["s64", "s16", "4+17"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--cuda-graphs", action="store_true")
+    args = parser.parse_args()
+    import torch
+
+    from torch_mosa.bench.cases import TRAIN_MODEL_IDS, TRAIN_MODELS, train_step_tokens_per_second
+
+    def time(model_id):
+        rate, mib = train_step_tokens_per_second(TRAIN_MODELS[TRAIN_MODEL_IDS[model_id]], steps=args.steps,
+                                                 cuda_graph=args.cuda_graphs)
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+        return rate, mib
+
+    dense, dense_mib = time("dense")
+    rows = [("dense", "-", dense, dense_mib)]
+    print(f"dense: {dense:,.0f} tokens/s, {dense_mib:.0f} MiB", flush=True)
+    for model_id in args.models:
+        for how in ("fp32", "copies", "fp32"):
+            with weight_copies() if how == "copies" else contextlib.nullcontext():
+                rate, mib = time(model_id)
+            rows.append((model_id, how, rate, mib))
+            print(f"{model_id} {how}: {rate:,.0f} tokens/s ({rate / dense:.3f}x dense), {mib:.0f} MiB", flush=True)
+    print("\n| model | weights | tokens/s | vs dense | peak MiB |\n|---|---|---|---|---|")
+    for model_id, how, rate, mib in rows:
+        print(f"| {model_id} | {how} | {rate:,.0f} | {rate / dense:.3f}x | {mib:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
