@@ -17,21 +17,16 @@ import sys
 
 
 @contextlib.contextmanager
-def weight_copies():
-    """The layer as before session 12: every weight cast to x's dtype before the op."""
-    from torch_mosa.layers.sparse import SparseHeads
+def float32_weights(on: bool):
+    """`layers.sparse.FLOAT32_WEIGHTS_UNDER_AUTOCAST` set to `on` (read while the model is traced)."""
+    from torch_mosa.layers import sparse
 
-    original = SparseHeads._op_inputs
-
-    def cast_all(self, x):
-        x, *weights = original(self, x)
-        return (x, *[w if w is None else w.to(x.dtype) for w in weights])
-
-    SparseHeads._op_inputs = cast_all
+    previous = sparse.FLOAT32_WEIGHTS_UNDER_AUTOCAST
+    sparse.FLOAT32_WEIGHTS_UNDER_AUTOCAST = on
     try:
         yield
     finally:
-        SparseHeads._op_inputs = original
+        sparse.FLOAT32_WEIGHTS_UNDER_AUTOCAST = previous
 
 
 def main() -> int:
@@ -56,7 +51,7 @@ def main() -> int:
     print(f"dense: {dense:,.0f} tokens/s, {dense_mib:.0f} MiB", flush=True)
     for model_id in args.models:
         for how in ("fp32", "copies", "fp32"):
-            with weight_copies() if how == "copies" else contextlib.nullcontext():
+            with float32_weights(how == "fp32"):
                 rate, mib = time(model_id)
             rows.append((model_id, how, rate, mib))
             print(f"{model_id} {how}: {rate:,.0f} tokens/s ({rate / dense:.3f}x dense), {mib:.0f} MiB", flush=True)
