@@ -2,12 +2,15 @@
 PTX, `ptxas -v -arch=sm_90a` (CUDA 13.0 here) reports registers per thread and spill bytes.
 
 Run on any machine with Triton and ptxas: `PYTHONPATH=src python benchmarks/experiments/register_spills.py`.
+`--weights-dtype` instead compares the split path's kernels (the default from k = 16) with bf16 and with fp32 weight
+pointers, as `layers.sparse.FLOAT32_WEIGHTS_UNDER_AUTOCAST` would give them (session 12).
 The shapes are SPEC §6 case A's (h 512, d 64, rotary 32, bf16). Spills are per thread, so configurations with more
 warps spread the same tile over more registers.
 """
 
 import re
 import subprocess
+import sys
 import tempfile
 
 import triton
@@ -23,10 +26,12 @@ POINTERS = dict(x_ptr="*bf16", w_qkv_ptr="*bf16", w_o_ptr="*bf16", idx_ptr="*i64
                 dx_ptr="*fp32", dscore_ptr="*fp32", sm_scale="fp32")
 
 
-def ptxas_usage(kernel, constants: dict, num_warps: int) -> tuple[int, int, int]:
-    """(registers per thread, spill store bytes, spill load bytes) of `kernel` compiled with `constants`."""
+def ptxas_usage(kernel, constants: dict, num_warps: int, pointers=None) -> tuple[int, int, int]:
+    """(registers per thread, spill store bytes, spill load bytes) of `kernel` compiled with `constants`
+    (`pointers` overrides POINTERS' argument types)."""
     names = list(kernel.arg_names)
-    signature = {n: "constexpr" if n in constants else POINTERS.get(n, "i32") for n in names}
+    types = {**POINTERS, **(pointers or {})}
+    signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
     constexprs = {(names.index(n),): v for n, v in constants.items()}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=TARGET,
                               options={"num_warps": num_warps})
@@ -64,5 +69,26 @@ def main() -> None:
             print(f"{name:10} {block_m:4} {warps:5} {64:3} {'-':>5} {'-':>5} {regs:5} {stores:9} {loads:9}")
 
 
+def weights_dtype() -> None:
+    """The split path's kernels (case A tiles) with bf16 against fp32 weights (and fp32 weight gradients)."""
+    fp32 = dict(w_qkv_ptr="*fp32", w_o_ptr="*fp32", w_router_ptr="*fp32", dw_qkv_ptr="*fp32", dw_o_ptr="*fp32",
+                dw_router_ptr="*fp32", dlogit_ptr="*fp32")
+    bf16 = dict(dw_qkv_ptr="*bf16", dw_o_ptr="*bf16", dw_router_ptr="*bf16", dlogit_ptr="*fp32")
+    rows = dict(H=512, D=64, R2=16, BR=16, BP=32, BD=64, BH=64, PREC="tf32", DOCS=False, SLOTS=False, SPLIT=True)
+    kernels = (
+        ("qkv", tm._mosa_qkv_kernel, dict(H=512, D=64, BLOCK_M=128, BD=64, BH=64, PREC="tf32"), 8),
+        ("fwd rows", tm._mosa_fwd_kernel, dict(rows, BLOCK_M=128), 8),
+        ("bwd rows", tm._mosa_bwd_rows_kernel, dict(rows, BLOCK_M=64, ROUTER=True), 4),
+        ("dx", tm._mosa_bwd_dx_kernel, dict(H=512, D=64, BLOCK_M=128, BD=64, BH=64, PREC="tf32", ROUTER=True,
+                                            SLOTS=False), 8),
+        ("weights", tm._mosa_bwd_weights_kernel, dict(H=512, ROWS_BOUND=0, D=64, BLOCK_R=64, BD=64, BH=64,
+                                                      PREC="tf32", ROUTER=True), 4))
+    print(f"{'kernel':10} {'warps':>5} {'weights':>7} {'regs':>5} {'spill st':>9} {'spill ld':>9}")
+    for name, kernel, constants, warps in kernels:
+        for label, pointers in (("bf16", bf16), ("fp32", fp32)):
+            regs, stores, loads = ptxas_usage(kernel, constants, warps, pointers)
+            print(f"{name:10} {warps:5} {label:>7} {regs:5} {stores:9} {loads:9}")
+
+
 if __name__ == "__main__":
-    main()
+    weights_dtype() if "--weights-dtype" in sys.argv[1:] else main()
