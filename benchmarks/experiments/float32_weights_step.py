@@ -1,12 +1,12 @@
-"""Float32 weights read by the MoSA kernels under autocast, against the 16-bit weight copies made before (issue 10).
+"""Float32 weights read by the MoSA kernels under autocast, against 16-bit weight copies made per step (issue 10).
 
-Under bf16 autocast the layer used to cast W_QKV, W_O and the router weight to bf16 on every forward (a [E, h, 3d]
-fp32 read and bf16 write per layer, kept for the backward) and autograd cast their bf16 gradients back to fp32. Since
-session 12 the op takes the fp32 parameters as they are, reads them in x's dtype inside the kernels and stores fp32
-gradients (`SparseHeads._op_inputs`). This script times the compiled Tiny training step (`mosa bench
---train-step`'s `training_step`) both ways: "copies" patches `_op_inputs` back to casting every weight to x's dtype,
-"fp32" is the library as it is. Order dense, fp32, copies, fp32 (the repeat shows the drift). With --cuda-graphs each
-step is a CUDA graph replay.
+Under bf16 autocast the layers cast W_QKV, W_O and the router weight to bf16 on every forward (a [E, h, 3d] fp32
+read and bf16 write per layer, kept for the backward) and autograd casts their bf16 gradients back to fp32. Since
+session 12 the op can take the fp32 parameters as they are, read them in x's dtype inside the kernels and store fp32
+gradients; `layers.sparse.FLOAT32_WEIGHTS_UNDER_AUTOCAST` makes the layers do so. This script times the compiled
+Tiny training step (`mosa bench --train-step`'s `training_step`) both ways: "copies" (the switch off, the default)
+and "fp32" (on). Order dense, then per model fp32, copies, fp32 (the repeat shows the drift). With --cuda-graphs each
+step is a CUDA graph replay. If fp32 wins, turn the switch on by default.
 
 On the GPU machine: `PYTHONPATH=src python benchmarks/experiments/float32_weights_step.py [--models s64 s16 4+17]`.
 """

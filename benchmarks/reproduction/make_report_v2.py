@@ -353,13 +353,13 @@ def equal_time_table(runs: list[dict]) -> str:
         if run["attention"] == "dense":
             continue
         seconds = run["summary"]["tokens"] / run["summary"]["tokens_per_s"]
-        same_gpu = [r["summary"]["tokens_per_s"] for r in dense
-                    if r["device"] == run["device"] and shape_of(r) == shape_of(run)]
+        same_shape = [r for r in dense if shape_of(r) == shape_of(run)]
+        same_gpu = [r["summary"]["tokens_per_s"] for r in same_shape if r["device"] == run["device"]]
         if not same_gpu:  # speeds are compared on one kind of GPU only
             rows.append(f"| {name} | {run['device']} | {seconds:.0f} s | no dense run on this GPU yet | - |")
             continue
         tokens = seconds * max(same_gpu)
-        near = [r for r in dense if abs(r["summary"]["tokens"] / tokens - 1) < 0.1 and shape_of(r) == shape_of(run)]
+        near = [r for r in same_shape if abs(r["summary"]["tokens"] / tokens - 1) < 0.1]
         found = ", ".join(f"{r['name']}: {r['eval']['topk']['ppl']:.2f}" for r in near) or "not run yet"
         rows.append(f"| {name} | {run['device']} | {seconds:.0f} s | {tokens / 1e6:.1f}M | {found} |")
     return "\n".join(rows)
