@@ -112,12 +112,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
-    """Every id in [0, vocab_size), else an error naming the first bad id and where it is.
-
-    Skipped while torch.compile traces (a data-dependent branch would break the graph, and the check would sync the
-    GPU every step): a compiled model meets a bad id in the embedding instead."""
+def value_checks_allowed() -> bool:
+    """False while torch.compile traces or a CUDA graph is being captured. A check of tensor values needs the host
+    to read them: under tracing the data-dependent branch would break the graph (and sync the GPU every step), and
+    inside a capture the read is an illegal synchronisation that invalidates the graph. Compiled or graphed code
+    meets bad values in the kernels instead (an embedding index out of range is a device-side error)."""
     if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
+    """Every id in [0, vocab_size), else an error naming the first bad id and where it is. Skipped where the host
+    may not read the values (`value_checks_allowed`)."""
+    if not value_checks_allowed():
         return
     bad = (ids < 0) | (ids >= vocab_size)
     if bad.any():

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from torch_mosa.checks import value_checks_allowed
+
 # packed selections are widened to a multiple of this many slots (score-0 padding, at most 7 per row and head): a
 # model compiled by torch.compile then meets few distinct widths, and each distinct width is a recompilation
 SELECTION_WIDTH_MULTIPLE = 8
@@ -125,7 +127,7 @@ def check_document_ids(document_ids: torch.Tensor, shape: tuple[int, int] | None
         raise ValueError(f"document_ids must hold integers, got dtype {document_ids.dtype}")
     if shape is not None and tuple(document_ids.shape) != tuple(shape):
         raise ValueError(f"document_ids must have the input's shape {tuple(shape)}, got {tuple(document_ids.shape)}")
-    if torch.compiler.is_compiling():  # a value check would break the graph
+    if not value_checks_allowed():  # traced or captured: the host may not read the values
         return
     if document_ids.shape[1] > 1 and bool((document_ids[:, 1:] < document_ids[:, :-1]).any()):
         raise ValueError("document_ids must be non-decreasing along each row: a document's tokens are contiguous "
