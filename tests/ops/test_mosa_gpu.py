@@ -67,7 +67,7 @@ OP_CASES = [
     (2, 1500, 256, 9, 100, True, True),
     (1, 8191, 1024, 60, 64, False, False),
     (2, 4097, 256, 13, 128, True, False),
-    (2, 1100, 256, 8, 256, True, True),  # k > 128: mosa_attention_composed in the inputs' dtype
+    (2, 1100, 256, 8, 256, True, True),  # k > 128 (and k > 64 in float32): the wide path
     (1, 2100, 256, 5, 1024, False, True),
 ]
 

@@ -277,38 +277,77 @@ def test_argument_checks():
         mosa_attention_triton(x, w_qkv.double(), w_o, indices, scores, rotary_dim=4, rope_base=1e4)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("router", [False, True], ids=["scores-grad", "router-grad-in-op"])
-def test_wide_selections_take_the_composition_in_the_inputs_dtype(monkeypatch, dtype, router):
-    """k above MAX_FUSED_K runs the reference's composition in the inputs' dtype (16-bit GEMMs and SDPA, heads
-    summed in fp32): output and every gradient within 1e-2 of the float64 reference on the same rounded inputs
-    (float32: equal to the float32 reference), left padding included."""
-    from torch_mosa.ops.mosa import reference
+WIDE_DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])  # (interpreter: no bf16)
 
+
+@pytest.mark.parametrize("dtype", WIDE_DTYPES)
+@pytest.mark.parametrize("router", [False, True], ids=["scores-grad", "router-grad-in-op"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+def test_wide_selections_match_reference(nan_allocations, monkeypatch, dtype, router, deterministic):
+    """k above MAX_FUSED_K (the row kernels' tiles) takes the wide path: the split path's kernels around PyTorch's
+    attention (ops/mosa/group_attention.py). Output and every gradient against the float64 reference on the same
+    rounded inputs (float32 1e-5, 16-bit 1e-2), left padding included, with atomics and with the fixed-order
+    combine."""
     calls = []
-    composed = reference.mosa_attention_composed
-    monkeypatch.setattr(triton_mosa, "mosa_attention_composed", lambda *a, **kw: calls.append(1) or composed(*a, **kw))
+    backward = triton_mosa.group_attention_backward
+    monkeypatch.setattr(triton_mosa, "group_attention_backward", lambda *a, **kw: calls.append(1) or backward(*a, **kw))
     k = triton_mosa.MAX_FUSED_K + 9
     tensors, mask = make_case(2, k + 40, 24, 3, 16, k, True, True, seed=11)
     rounded = [t.to(dtype) for t in tensors]
-    router_weight = torch.randn(3, 24, generator=torch.Generator().manual_seed(2), device=DEVICE).to(dtype)
+    router_weight = torch.randn(3, 24, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
 
     def op(*args, **kwargs):
-        return triton_mosa.fused_mosa_attention(*args[:7], kwargs.get("router_weight"))
-
-    def reference_op(*args, **kwargs):
-        return mosa_attention_reference(*args, **kwargs)
+        return triton_mosa.fused_mosa_attention(*args[:7], kwargs.get("router_weight"), deterministic=deterministic)
 
     if router:
         actual = run_router_op(op, rounded, router_weight, mask, k, True, 8)
-        expected = run_router_op(reference_op, [t.double() for t in rounded], router_weight.double(), mask, k,
-                                 True, 8)
+        expected = run_router_op(mosa_attention_reference, [t.double() for t in rounded], router_weight.double(),
+                                 mask, k, True, 8)
     else:
         actual = run_op(op, rounded, mask, k, True, 8)
-        expected = run_op(reference_op, [t.double() for t in rounded], mask, k, True, 8)
+        expected = run_op(mosa_attention_reference, [t.double() for t in rounded], mask, k, True, 8)
     assert calls == [1]
     for name, a, e in zip(("y", "dx", "dw_qkv", "dw_o", "dlast"), actual, expected):
         assert a.dtype == (torch.float32 if name == "dlast" and not router else dtype), name
+        assert_close(name, a, e, FP32_RTOL if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_wide_selections_of_packed_documents_match_reference(nan_allocations, monkeypatch, dtype):
+    """The wide path's attention keeps each slot inside its document and rotates it by its restarted position:
+    packed rows of documents long enough for k > MAX_FUSED_K slots, router gradient in the op, against the float64
+    reference."""
+    from torch_mosa.ops.documents import document_layout
+    from torch_mosa.ops.selection import topk_route_documents
+
+    monkeypatch.setattr(triton_mosa, "MAX_FUSED_K", 24)  # wide from k = 25: small enough for the interpreter
+    monkeypatch.setattr(triton_mosa, "MAX_FUSED_K_FP32", 24)
+    calls = []
+    backward = triton_mosa.group_attention_backward
+    monkeypatch.setattr(triton_mosa, "group_attention_backward", lambda *a, **kw: calls.append(1) or backward(*a, **kw))
+    lengths = [[41, 3, 70], [9, 105]]
+    ids = torch.stack([torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row)) for row in lengths])
+    layout = document_layout(ids.to(DEVICE))
+    batch, seq_len = ids.shape
+    num_heads, hidden, head_dim = 3, 20, 16
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(batch, seq_len, hidden, generator=g).to(DEVICE, dtype)
+    w_qkv = (torch.randn(num_heads, hidden, 3 * head_dim, generator=g) / hidden ** 0.5).to(DEVICE, dtype)
+    w_o = (torch.randn(num_heads, head_dim, hidden, generator=g) / head_dim ** 0.5).to(DEVICE, dtype)
+    w_router = (torch.randn(num_heads, hidden, generator=g) / hidden ** 0.5).to(DEVICE, dtype)
+    grad_y = torch.randn(batch, seq_len, hidden, generator=g).to(DEVICE, dtype)
+    indices, scores = topk_route_documents(torch.einsum("eh,bth->bet", w_router.double(), x.double()), layout, 4,
+                                           None, True)
+    assert indices.shape[-1] > 24 and (scores == 0).any()
+    results = []
+    for op, cast in ((mosa_attention_reference, torch.float64), (triton_op, dtype)):
+        leaves = [t.detach().clone().to(cast).requires_grad_() for t in (x, w_qkv, w_o, w_router)]
+        y = op(leaves[0], leaves[1], leaves[2], indices, scores.to(cast), 8, 10000.0, router_weight=leaves[3],
+               positions=layout.rope_positions, document_ids=layout.ids)
+        y.backward(grad_y.to(cast))
+        results.append([y.detach()] + [leaf.grad for leaf in leaves])
+    assert calls == [1]
+    for name, a, e in zip(("y", "dx", "dw_qkv", "dw_o", "dw_router"), results[1], results[0]):
         assert_close(name, a, e, FP32_RTOL if dtype == torch.float32 else 1e-2)
 
 

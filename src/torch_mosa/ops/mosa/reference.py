@@ -46,9 +46,10 @@ def mosa_attention_composed(x, w_qkv, w_o, indices, scores, rotary_dim: int, rop
                             positions=None, document_ids=None) -> torch.Tensor:
     """The reference's composition computed in the inputs' dtype: for 16-bit inputs the projections are 16-bit
     GEMMs (fp32 accumulation) and the attention is 16-bit SDPA (a flash kernel on a GPU), and only the sum over
-    heads is kept in fp32, where the reference computes everything in float32. The fast path's route for
-    selections wider than the fused kernels take (k > MAX_FUSED_K). Same contract as mosa_attention_reference;
-    equal to it for float32 and float64 inputs."""
+    heads is kept in fp32, where the reference computes everything in float32. Selections wider than the row
+    kernels' tiles took this route until session 13; it stays as the yardstick of the wide path that replaced it
+    (benchmarks/experiments/large_k_composition.py). Same contract as mosa_attention_reference; equal to it for
+    float32 and float64 inputs."""
     with torch.autocast(x.device.type, enabled=False):
         return _mosa_attention_composition(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, router_weight,
                                            positions, document_ids, upcast=False)

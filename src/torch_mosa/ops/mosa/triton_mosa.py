@@ -20,14 +20,17 @@ Inside the tile everything is fused:
             the backward, whose row kernel recomputes O from them. The row kernels keep the attention, the O
             projection and dO, at a quarter of their spills; the price is Q|K|V written and read once per pass, and
             the scatter atomics no longer hidden behind the projections.
+  wide      selections of k > MAX_FUSED_K (64 in float32) do not fit a tile's [k, k] scores: they keep the split
+            path's projection, dX and weight kernels, and run the attention in PyTorch between them
+            (ops/mosa/group_attention.py: SDPA forward, its backward written out); `_mosa_out_kernel` and
+            `_mosa_bwd_out_kernel` do the output projection's two directions on rows of the head-major O and dO.
 
 Per-row memory kept between forward and backward: the attention output O [E, B*k, d] (same size as x for an IsoFLOP
 layer), or on the split path Q|K|V [E, B*k, 3d] (three times that: the backward's dQKV buffer is as large, so the
 peak grows less); the backward keeps dQKV [E, B*k, 3d] for the weight kernel. No [B, E, k, h] tensor is stored.
 RoPE uses the GPT-NeoX rotate-half layout on the first rotary_dim dims, so each of Q and K is held as three column
 segments: the two rotated halves (rotary_dim/2 each) and the pass-through rest. cos/sin come from the same fp32 table
-code as the reference (ops/rope.py). Selections with k > MAX_FUSED_K (64 for float32) take the reference's
-composition in the inputs' dtype instead (`mosa_attention_composed`: 16-bit GEMMs and SDPA, heads summed in fp32).
+code as the reference (ops/rope.py).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ import triton
 import triton.language as tl
 
 from torch_mosa.ops.rope import rope_table
-from torch_mosa.ops.mosa.reference import check_mosa_inputs, mosa_attention_composed
+from torch_mosa.ops.mosa.group_attention import group_attention, group_attention_backward
+from torch_mosa.ops.mosa.reference import check_mosa_inputs
 
 MAX_FUSED_K = 128  # 16-bit inputs; float32 tiles of 128 rows overflow shared memory in the backward (H100)
 MAX_FUSED_K_FP32 = 64
@@ -58,7 +62,9 @@ WEIGHTS_TILES = dict(BH=64, BLOCK_R=64, num_warps=4, num_stages=None)
 # (split_projection.py, H100).
 SPLIT_PROJECTION: Optional[bool] = None
 SPLIT_MIN_K = 16
-SPLIT_TILES = {"qkv": (128, 8, 4), "dx": (128, 8, 4)}
+# "out": the wide path's two output-projection kernels (`_mosa_out_kernel`, `_mosa_bwd_out_kernel`), not swept: the
+# dx kernel's setting, the nearest in shape (rows x d against d x hidden chunks).
+SPLIT_TILES = {"qkv": (128, 8, 4), "dx": (128, 8, 4), "out": (128, 8, 4)}
 
 
 @triton.jit
@@ -443,6 +449,70 @@ def _mosa_bwd_dx_kernel(dqkv_ptr, w_qkv_ptr, w_router_ptr, dscore_ptr, idx_ptr, 
 
 
 @triton.jit
+def _mosa_out_kernel(o_ptr, w_o_ptr, score_ptr, dest_ptr, y_ptr, B, E, K, H: tl.constexpr, D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+                     SLOTS: tl.constexpr):
+    """The wide path's output: y[token] += score * (O row @ W_O[e]) for every selected row, O [E, B*k, d] from
+    `group_attention`; scattered as the forward row kernel does (fp32 atomics, or per-slot rows with SLOTS).
+    Program (tile of BLOCK_M rows, head), tiles fastest."""
+    tile = tl.program_id(0)
+    e = tl.program_id(1)
+    DT: tl.constexpr = o_ptr.dtype.element_ty
+    b, ok, sel, head_row = _flat_rows(tile, B, E, K, e, BLOCK_M)
+    d = tl.arange(0, BD)
+    dm = d < D
+    o = tl.load(o_ptr + head_row[:, None] * D + d[None, :], mask=ok[:, None] & dm[None, :], other=0.0)
+    score = tl.load(score_ptr + sel, mask=ok, other=0.0).to(tl.float32)
+    dest = tl.load(dest_ptr + sel, mask=ok, other=0)
+    keep = ok & (score != 0.0)  # a zero score adds exactly zero
+    w_o_e = w_o_ptr + e.to(tl.int64) * D * H
+    for h0 in range(0, H, BH):
+        hs = h0 + tl.arange(0, BH)
+        hm = hs < H
+        wo = tl.load(w_o_e + d[:, None] * H + hs[None, :], mask=dm[:, None] & hm[None, :], other=0.0)
+        out = tl.dot(o, wo.to(DT), input_precision=PREC) * score[:, None]
+        if SLOTS:
+            tl.store(y_ptr + sel[:, None] * H + hs[None, :], out.to(y_ptr.dtype.element_ty),
+                     mask=ok[:, None] & hm[None, :])
+        else:
+            tl.atomic_add(y_ptr + dest[:, None] * H + hs[None, :], out, mask=keep[:, None] & hm[None, :],
+                          sem="relaxed")
+
+
+@triton.jit
+def _mosa_bwd_out_kernel(o_ptr, w_o_ptr, idx_ptr, score_ptr, dy_ptr, do_ptr, dscore_ptr, B, T, E, K,
+                         H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BD: tl.constexpr,
+                         BH: tl.constexpr, PREC: tl.constexpr, ROUTER: tl.constexpr):
+    """The wide path's backward through the output: dO = score * (dy rows @ W_O[e]^T) stored for
+    `group_attention_backward`, and dscore = rowsum(O * dO / score) (with ROUTER, dlogit = dscore * s (1 - s)), as
+    the backward row kernel computes them. Program (tile of BLOCK_M rows, head), tiles fastest."""
+    tile = tl.program_id(0)
+    e = tl.program_id(1)
+    DT: tl.constexpr = o_ptr.dtype.element_ty
+    b, ok, sel, head_row = _flat_rows(tile, B, E, K, e, BLOCK_M)
+    pos = tl.load(idx_ptr + sel, mask=ok, other=0).to(tl.int64)
+    score = tl.load(score_ptr + sel, mask=ok, other=0.0).to(tl.float32)
+    tok = b.to(tl.int64) * T + pos
+    d = tl.arange(0, BD)
+    dm = d < D
+    rd = ok[:, None] & dm[None, :]
+    o = tl.load(o_ptr + head_row[:, None] * D + d[None, :], mask=rd, other=0.0).to(tl.float32)
+    w_o_e = w_o_ptr + e.to(tl.int64) * D * H
+    dou = tl.zeros([BLOCK_M, BD], tl.float32)
+    for h0 in range(0, H, BH):
+        hs = h0 + tl.arange(0, BH)
+        hm = hs < H
+        g = tl.load(dy_ptr + tok[:, None] * H + hs[None, :], mask=ok[:, None] & hm[None, :], other=0.0)
+        wo = tl.load(w_o_e + d[:, None] * H + hs[None, :], mask=dm[:, None] & hm[None, :], other=0.0)
+        dou = tl.dot(g.to(DT), tl.trans(wo.to(DT)), dou, input_precision=PREC)
+    dscore = tl.sum(o * dou, 1)
+    if ROUTER:
+        dscore = dscore * score * (1.0 - score)
+    tl.store(dscore_ptr + sel, dscore, mask=ok)
+    tl.store(do_ptr + head_row[:, None] * D + d[None, :], (dou * score[:, None]).to(DT), mask=rd)
+
+
+@triton.jit
 def _weights_step(x_ptr, dy_ptr, idx_ptr, score_ptr, dlogit_ptr, o_ptr, dqkv_ptr, acc_q, acc_k, acc_v, acc_o, acc_r,
                   r0, e, hs, hm, d, dm, T, E, K, num_rows, H: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
                   PREC: tl.constexpr, ROUTER: tl.constexpr):
@@ -678,6 +748,13 @@ def _split_path(k: int) -> bool:
     return SPLIT_PROJECTION if SPLIT_PROJECTION is not None else k >= SPLIT_MIN_K
 
 
+def _wide(k: int, dtype: torch.dtype) -> bool:
+    """Whether selections of k tokens are too wide for the row kernels' tiles (a whole group's [k, k] scores in
+    registers: k <= MAX_FUSED_K, 64 in float32, where 128-row tiles overflow shared memory in the backward). They take
+    the wide path: the split path's GEMM kernels around PyTorch's attention (ops/mosa/group_attention.py)."""
+    return k > (MAX_FUSED_K_FP32 if dtype == torch.float32 else MAX_FUSED_K)
+
+
 def _split_launch(kernel: str, rows: int, dtype: torch.dtype) -> dict:
     """Grid rows and launch settings of a split-path GEMM kernel ("qkv" or "dx") over `rows` rows per head."""
     block_m, warps, stages = SPLIT_TILES[kernel]
@@ -712,15 +789,37 @@ def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, 
     batch, seq_len, hidden = x.shape
     num_heads, _, three_d = w_qkv.shape
     head_dim, k = three_d // 3, indices.shape[-1]
-    cfg = _forward_tile_config(batch, k, head_dim, rotary_dim, x.dtype)
-    cos, sin = _rope_tables(seq_len, rotary_dim, rope_base, x.device)
     if deterministic:
         dest, y = indices, torch.empty(batch * num_heads * k, hidden, device=x.device, dtype=x.dtype)
     else:
         dest, acc_rows, tokens = _accumulator_rows(indices, seq_len)
         y = torch.zeros(acc_rows, hidden, device=x.device, dtype=torch.float32)
     docs = document_ids is not None
-    split = _split_path(k) if split is None else split
+    if _wide(k, x.dtype):  # the split path's kernels around PyTorch's attention (ops/mosa/group_attention.py)
+        qkv = saved = _selected_qkv(x, w_qkv, indices)
+        o = group_attention(qkv, indices, rotary_dim, rope_base, positions if docs else None, document_ids)
+        launch = _split_launch("out", batch * k, x.dtype)
+        _mosa_out_kernel[(launch.pop("tiles"), num_heads)](
+            o, w_o, scores, dest, y, batch, num_heads, k, H=hidden, D=head_dim, BD=_block(head_dim),
+            SLOTS=deterministic, **launch)
+    else:
+        saved = _mosa_fwd_rows(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, positions, document_ids,
+                               dest, y, deterministic, _split_path(k) if split is None else split)
+    if deterministic:
+        return _combine_slots(y, indices, x.shape, x.dtype), saved
+    return _write_back(y, dest, tokens, x.shape, x.dtype), saved
+
+
+def _mosa_fwd_rows(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, positions, document_ids, dest, y,
+                   deterministic: bool, split: bool) -> torch.Tensor:
+    """`mosa_fwd`'s row kernel (and on the split path the projection before it) adding into y -> what the backward
+    keeps (O, or Q|K|V on the split path)."""
+    batch, seq_len, hidden = x.shape
+    num_heads, _, three_d = w_qkv.shape
+    head_dim, k = three_d // 3, indices.shape[-1]
+    cfg = _forward_tile_config(batch, k, head_dim, rotary_dim, x.dtype)
+    cos, sin = _rope_tables(seq_len, rotary_dim, rope_base, x.device)
+    docs = document_ids is not None
     if split:
         qkv = saved = _selected_qkv(x, w_qkv, indices)
         o = qkv  # (a placeholder: not written)
@@ -733,9 +832,7 @@ def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, 
         D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
         BH=cfg["BH"], PREC=_dot_precision(x.dtype), DOCS=docs, SLOTS=deterministic, SPLIT=split,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if deterministic:
-        return _combine_slots(y, indices, x.shape, x.dtype), saved
-    return _write_back(y, dest, tokens, x.shape, x.dtype), saved
+    return saved
 
 
 def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, rotary_dim: int, rope_base: float,
@@ -751,34 +848,47 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, rotary_dim: in
     num_heads, _, three_d = w_qkv.shape
     head_dim, k = three_d // 3, indices.shape[-1]
     router = w_router is not None
-    cfg = _tile_config(batch, k, head_dim, rotary_dim, x.dtype)
-    cos, sin = _rope_tables(seq_len, rotary_dim, rope_base, x.device)
     precision = _dot_precision(x.dtype)
     if deterministic:  # per-slot dX rows, summed by token after the kernel (see mosa_fwd)
         dest, dx = indices, torch.empty(batch * num_heads * k, hidden, device=x.device, dtype=x.dtype)
     else:
         dest, acc_rows, tokens = _accumulator_rows(indices, seq_len)
         dx = torch.zeros(acc_rows, hidden, device=x.device, dtype=torch.float32)
-    dqkv = torch.empty(num_heads, batch * k, three_d, device=x.device, dtype=x.dtype)
     dscores = torch.empty(batch, num_heads, k, device=x.device, dtype=torch.float32)
     docs = document_ids is not None
     split = saved.shape[-1] == three_d  # the forward chose (the switch may have changed since)
-    if split:  # the row kernel recomputes O and stores it here for the weight kernel
-        qkv, o = saved, torch.empty(num_heads, batch * k, head_dim, device=x.device, dtype=x.dtype)
+    block_d = _block(head_dim)
+    if _wide(k, x.dtype):  # O recomputed, dO and dscore by kernel, the attention's backward in PyTorch
+        o = group_attention(saved, indices, rotary_dim, rope_base, positions if docs else None, document_ids)
+        do = torch.empty_like(o)
+        launch = _split_launch("out", batch * k, x.dtype)
+        _mosa_bwd_out_kernel[(launch.pop("tiles"), num_heads)](
+            o, w_o, indices, scores, dy, do, dscores, batch, seq_len, num_heads, k, H=hidden, D=head_dim, BD=block_d,
+            ROUTER=router, **launch)
+        dqkv = group_attention_backward(saved, do, indices, rotary_dim, rope_base, positions if docs else None,
+                                        document_ids)
+        num_stages = 2  # what _tile_config gives every selection this wide
     else:
-        qkv, o = saved, saved  # (qkv a placeholder: not read)
-    _mosa_bwd_rows_kernel[(cfg["num_tiles"], num_heads)](
-        x, w_qkv, w_o, w_router if router else x, indices, scores, cos, sin, positions if docs else indices,
-        document_ids if docs else indices, dest, o, qkv, dy, dqkv, dx, dscores,
-        batch, seq_len, num_heads, k, cfg["groups"], head_dim ** -0.5, H=hidden,
-        D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
-        BH=cfg["BH"], PREC=precision, ROUTER=router, DOCS=docs, SLOTS=deterministic, SPLIT=split,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        cfg = _tile_config(batch, k, head_dim, rotary_dim, x.dtype)
+        cos, sin = _rope_tables(seq_len, rotary_dim, rope_base, x.device)
+        dqkv = torch.empty(num_heads, batch * k, three_d, device=x.device, dtype=x.dtype)
+        if split:  # the row kernel recomputes O and stores it here for the weight kernel
+            qkv, o = saved, torch.empty(num_heads, batch * k, head_dim, device=x.device, dtype=x.dtype)
+        else:
+            qkv, o = saved, saved  # (qkv a placeholder: not read)
+        _mosa_bwd_rows_kernel[(cfg["num_tiles"], num_heads)](
+            x, w_qkv, w_o, w_router if router else x, indices, scores, cos, sin, positions if docs else indices,
+            document_ids if docs else indices, dest, o, qkv, dy, dqkv, dx, dscores,
+            batch, seq_len, num_heads, k, cfg["groups"], head_dim ** -0.5, H=hidden,
+            D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
+            BH=cfg["BH"], PREC=precision, ROUTER=router, DOCS=docs, SLOTS=deterministic, SPLIT=split,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_stages = cfg["num_stages"]
     if split:
         launch = _split_launch("dx", batch * k, x.dtype)
         _mosa_bwd_dx_kernel[(launch.pop("tiles"), num_heads)](
             dqkv, w_qkv, w_router if router else x, dscores, indices, dest, dx, batch, num_heads, k, H=hidden,
-            D=head_dim, BD=cfg["BD"], ROUTER=router, SLOTS=deterministic, **launch)
+            D=head_dim, BD=block_d, ROUTER=router, SLOTS=deterministic, **launch)
     dw_qkv = torch.empty_like(w_qkv)
     dw_o = torch.empty_like(w_o)
     dw_router = torch.empty_like(w_router) if router else dw_o
@@ -786,8 +896,8 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, rotary_dim: in
     _mosa_bwd_weights_kernel[(num_heads * triton.cdiv(hidden, tiles["BH"]),)](
         x, dy, indices, scores, dscores, o, dqkv, dw_qkv, dw_o, dw_router,
         batch, seq_len, num_heads, k, batch * k, H=hidden, ROWS_BOUND=batch * k if _interpreting() else 0,
-        D=head_dim, BD=cfg["BD"], PREC=precision, ROUTER=router,
-        **{**tiles, "num_stages": tiles["num_stages"] or cfg["num_stages"]})
+        D=head_dim, BD=block_d, PREC=precision, ROUTER=router,
+        **{**tiles, "num_stages": tiles["num_stages"] or num_stages})
     if deterministic:
         dx = _combine_slots(dx, indices, x.shape, x.dtype)
     else:
@@ -886,8 +996,8 @@ def mosa_attention_triton(x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tenso
     except that score-0 padding slots come last; scores [B, E, k]; router_weight [E, h] or None. Returns
     y [B, T, h] in x.dtype, accumulated in fp32. Differentiable in x, w_qkv, w_o and either scores or, when
     router_weight is given, router_weight (scores are then sigmoid(x[position] . router_weight[e]) and get no
-    gradient); positions, document_ids [B, T] or None describe packed documents. k > MAX_FUSED_K runs the
-    reference's composition in the inputs' dtype (`mosa_attention_composed`).
+    gradient); positions, document_ids [B, T] or None describe packed documents. k > MAX_FUSED_K (64 in float32)
+    takes the wide path (module docstring).
     """
     check_mosa_inputs(x, w_qkv, w_o, indices, scores, rotary_dim, router_weight, positions, document_ids)
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -901,9 +1011,6 @@ def fused_mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_b
     """`mosa_attention_triton` on arguments already checked (the dispatch point checks them once). deterministic:
     heads are summed into tokens by a fixed-order reduction instead of fp32 atomics (bitwise reproducible under
     torch.use_deterministic_algorithms(True); more memory: one output row per selected slot)."""
-    if indices.shape[-1] > (MAX_FUSED_K_FP32 if x.dtype == torch.float32 else MAX_FUSED_K):
-        return mosa_attention_composed(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base,
-                                       router_weight=router_weight, positions=positions, document_ids=document_ids)
     if router_weight is not None:
         router_weight = router_weight.contiguous()
     if positions is not None or document_ids is not None:  # the kernels read both as [B, T] int32 tables
@@ -914,8 +1021,9 @@ def fused_mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_b
                         else document_ids.to(torch.int32)).contiguous()
     args = (x.contiguous(), w_qkv.contiguous(), w_o.contiguous(), router_weight, indices.contiguous(),
             scores.contiguous(), int(rotary_dim), float(rope_base), positions, document_ids, bool(deterministic),
-            # chosen here, outside the op, so torch.compile bakes the path into the graph (and guards on it)
-            _split_path(indices.shape[-1]))
+            # chosen here, outside the op, so torch.compile bakes the path into the graph (and guards on it); the
+            # wide path keeps the split path's Q|K|V
+            _wide(indices.shape[-1], x.dtype) or _split_path(indices.shape[-1]))
     if torch.compiler.is_compiling():
         return _mosa_fwd_op(*args)[0]
     return _EagerMosaFunction.apply(*args)
