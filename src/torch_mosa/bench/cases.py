@@ -178,9 +178,12 @@ TRAIN_MODELS = {
     "MoSA sparsity 64 (4 + 505)": dict(attention="mosa", sparsity=64),
     "MoSA sparsity 16 (4 + 142)": dict(attention="mosa", sparsity=16),
     "MoSA 4 + 17, sparsity 32": dict(attention="mosa", sparsity=32, num_sparse_heads=17),
+    # beyond issue 10's table: k = 256, the wide path (selections wider than the row kernels' tiles)
+    "MoSA sparsity 4": dict(attention="mosa", sparsity=4),
 }
-# `mosa bench --train-models` names for TRAIN_MODELS' entries
-TRAIN_MODEL_IDS = dict(zip(("dense", "s64", "s16", "4+17"), TRAIN_MODELS))
+# `mosa bench --train-models` names for TRAIN_MODELS' entries; the default times the first four (issue 10's table)
+TRAIN_MODEL_IDS = dict(zip(("dense", "s64", "s16", "4+17", "s4"), TRAIN_MODELS))
+DEFAULT_TRAIN_MODEL_IDS = ("dense", "s64", "s16", "4+17")
 
 
 def packed_document_ids(batch: int, seq_len: int, documents: int, seed: int = 0) -> torch.Tensor:
