@@ -231,6 +231,19 @@ def _row_positions(pos, tok, row_ok, rope_pos_ptr, doc_ptr, DOCS: tl.constexpr):
 
 
 @triton.jit
+def _scatter_rows(out_ptr, values, sel, dest, rows_ok, add_ok, hs, hm, H: tl.constexpr, SLOTS: tl.constexpr):
+    """Hidden columns hs of the rows' contributions into their tokens: fp32 atomic adds at the accumulator rows dest
+    (of the rows add_ok allows), or with SLOTS (the deterministic combine) each row's own row sel, stored in
+    out_ptr's dtype and summed by token afterwards in a fixed order."""
+    if SLOTS:
+        tl.store(out_ptr + sel[:, None] * H + hs[None, :], values.to(out_ptr.dtype.element_ty),
+                 mask=rows_ok[:, None] & hm[None, :])
+    else:
+        tl.atomic_add(out_ptr + dest[:, None] * H + hs[None, :], values, mask=add_ok[:, None] & hm[None, :],
+                      sem="relaxed")
+
+
+@triton.jit
 def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr, rope_pos_ptr, doc_ptr,
                      dest_ptr, y_ptr, o_ptr, qkv_ptr, B, T, E, K, GROUPS, sm_scale, H: tl.constexpr,
                      D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
@@ -272,12 +285,7 @@ def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin
         hm = hs < H
         wo = tl.load(w_o_e + d[:, None] * H + hs[None, :], mask=(d < D)[:, None] & hm[None, :], other=0.0)
         out = tl.dot(o, wo.to(DT), input_precision=PREC) * score[:, None]
-        if SLOTS:  # deterministic combine: the row's own output row, summed by token afterwards in a fixed order
-            tl.store(y_ptr + sel[:, None] * H + hs[None, :], out.to(y_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & hm[None, :])
-        else:
-            tl.atomic_add(y_ptr + dest[:, None] * H + hs[None, :], out, mask=keep[:, None] & hm[None, :],
-                          sem="relaxed")
+        _scatter_rows(y_ptr, out, sel, dest, row_ok, keep, hs, hm, H, SLOTS)
 
 
 @triton.jit
@@ -399,12 +407,7 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
             if ROUTER:
                 w_router = tl.load(w_router_ptr + e.to(tl.int64) * H + hs, mask=hm, other=0.0).to(tl.float32)
                 dx += dscore[:, None] * w_router[None, :]
-            if SLOTS:  # as the forward: the row's own dX row, summed by token afterwards
-                tl.store(dx_ptr + sel[:, None] * H + hs[None, :], dx.to(dx_ptr.dtype.element_ty),
-                         mask=row_ok[:, None] & hm[None, :])
-            else:
-                tl.atomic_add(dx_ptr + dest[:, None] * H + hs[None, :], dx,
-                              mask=row_ok[:, None] & hm[None, :], sem="relaxed")
+            _scatter_rows(dx_ptr, dx, sel, dest, row_ok, row_ok, hs, hm, H, SLOTS)
 
 
 @triton.jit
@@ -440,12 +443,7 @@ def _mosa_bwd_dx_kernel(dqkv_ptr, w_qkv_ptr, w_router_ptr, dscore_ptr, idx_ptr, 
         if ROUTER:
             w_router = tl.load(w_router_ptr + e.to(tl.int64) * H + hs, mask=hm, other=0.0).to(tl.float32)
             dx += dlogit[:, None] * w_router[None, :]
-        if SLOTS:
-            tl.store(dx_ptr + sel[:, None] * H + hs[None, :], dx.to(dx_ptr.dtype.element_ty),
-                     mask=ok[:, None] & hm[None, :])
-        else:
-            tl.atomic_add(dx_ptr + dest[:, None] * H + hs[None, :], dx, mask=ok[:, None] & hm[None, :],
-                          sem="relaxed")
+        _scatter_rows(dx_ptr, dx, sel, dest, ok, ok, hs, hm, H, SLOTS)
 
 
 @triton.jit
@@ -471,12 +469,7 @@ def _mosa_out_kernel(o_ptr, w_o_ptr, score_ptr, dest_ptr, y_ptr, B, E, K, H: tl.
         hm = hs < H
         wo = tl.load(w_o_e + d[:, None] * H + hs[None, :], mask=dm[:, None] & hm[None, :], other=0.0)
         out = tl.dot(o, wo.to(DT), input_precision=PREC) * score[:, None]
-        if SLOTS:
-            tl.store(y_ptr + sel[:, None] * H + hs[None, :], out.to(y_ptr.dtype.element_ty),
-                     mask=ok[:, None] & hm[None, :])
-        else:
-            tl.atomic_add(y_ptr + dest[:, None] * H + hs[None, :], out, mask=keep[:, None] & hm[None, :],
-                          sem="relaxed")
+        _scatter_rows(y_ptr, out, sel, dest, ok, keep, hs, hm, H, SLOTS)
 
 
 @triton.jit
