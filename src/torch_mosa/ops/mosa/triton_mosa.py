@@ -22,7 +22,7 @@ Inside the tile everything is fused:
             the scatter atomics no longer hidden behind the projections.
   wide      selections of k > MAX_FUSED_K (64 in float32) do not fit a tile's [k, k] scores: they keep the split
             path's projection, dX and weight kernels, and run the attention in PyTorch between them
-            (ops/mosa/group_attention.py: SDPA forward, its backward written out); `_mosa_out_kernel` and
+            (ops/mosa/group_attention.py: SDPA's flash kernels, or the backward written out); `_mosa_out_kernel` and
             `_mosa_bwd_out_kernel` do the output projection's two directions on rows of the head-major O and dO.
 
 Per-row memory kept between forward and backward: the attention output O [E, B*k, d] (same size as x for an IsoFLOP
@@ -790,7 +790,7 @@ def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, 
     docs = document_ids is not None
     if _wide(k, x.dtype):  # the split path's kernels around PyTorch's attention (ops/mosa/group_attention.py)
         qkv = saved = _selected_qkv(x, w_qkv, indices)
-        o = group_attention(qkv, indices, rotary_dim, rope_base, positions if docs else None, document_ids)
+        o = group_attention(qkv, indices, rotary_dim, rope_base, positions if docs else None, document_ids).o
         launch = _split_launch("out", batch * k, x.dtype)
         _mosa_out_kernel[(launch.pop("tiles"), num_heads)](
             o, w_o, scores, dest, y, batch, num_heads, k, H=hidden, D=head_dim, BD=_block(head_dim),
@@ -852,14 +852,15 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, rotary_dim: in
     split = saved.shape[-1] == three_d  # the forward chose (the switch may have changed since)
     block_d = _block(head_dim)
     if _wide(k, x.dtype):  # O recomputed, dO and dscore by kernel, the attention's backward in PyTorch
-        o = group_attention(saved, indices, rotary_dim, rope_base, positions if docs else None, document_ids)
+        attention = group_attention(saved, indices, rotary_dim, rope_base, positions if docs else None,
+                                    document_ids, for_backward=True)
+        o = attention.o
         do = torch.empty_like(o)
         launch = _split_launch("out", batch * k, x.dtype)
         _mosa_bwd_out_kernel[(launch.pop("tiles"), num_heads)](
             o, w_o, indices, scores, dy, do, dscores, batch, seq_len, num_heads, k, H=hidden, D=head_dim, BD=block_d,
             ROUTER=router, **launch)
-        dqkv = group_attention_backward(saved, do, indices, rotary_dim, rope_base, positions if docs else None,
-                                        document_ids)
+        dqkv = group_attention_backward(attention, do, rotary_dim, rope_base, deterministic)
         num_stages = 2  # what _tile_config gives every selection this wide
     else:
         cfg = _tile_config(batch, k, head_dim, rotary_dim, x.dtype)
