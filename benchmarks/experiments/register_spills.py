@@ -3,7 +3,8 @@ PTX, `ptxas -v -arch=sm_90a` (CUDA 13.0 here) reports registers per thread and s
 
 Run on any machine with Triton and ptxas: `PYTHONPATH=src python benchmarks/experiments/register_spills.py`.
 `--weights-dtype` instead compares the split path's kernels (the default from k = 16) with bf16 and with fp32 weight
-pointers, as `layers.sparse.FLOAT32_WEIGHTS_UNDER_AUTOCAST` would give them (session 12).
+pointers, as session 12's switch `FLOAT32_WEIGHTS_UNDER_AUTOCAST` gave them (removed in session 13: slower on an H100;
+the op now rounds wider weights to x's dtype before its kernels).
 The shapes are SPEC §6 case A's (h 512, d 64, rotary 32, bf16). Spills are per thread, so configurations with more
 warps spread the same tile over more registers.
 """

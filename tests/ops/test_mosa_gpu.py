@@ -183,13 +183,9 @@ def test_layer_fast_path_matches_reference(dtype):
     assert all(error <= bound for error in errors.values()), errors
 
 
-def test_layer_under_autocast_reads_float32_weights(monkeypatch, mosa_kernel_path):
-    """The training setting: float32 parameters, bf16 autocast, with FLOAT32_WEIGHTS_UNDER_AUTOCAST the op takes the
-    float32 weights as they are (no 16-bit copy) and returns float32 gradients; against the float64 layer on
+def test_layer_under_autocast_matches_float64(mosa_kernel_path):
+    """The training setting: float32 parameters under bf16 autocast, float32 gradients; against the float64 layer on
     bf16-rounded weights and input."""
-    from torch_mosa.layers import sparse
-
-    monkeypatch.setattr(sparse, "FLOAT32_WEIGHTS_UNDER_AUTOCAST", True)
     torch.manual_seed(3)
     layer = MoSAAttention(256, 23, 64, sparsity=16, include_first=True).cuda()
     torch.nn.init.normal_(layer.router.weight, std=0.05)

@@ -16,17 +16,9 @@ from torch import nn
 
 from torch_mosa.checks import check_head_sizes
 from torch_mosa.ops.decode import sparse_decode
-from torch_mosa.ops.mosa import mosa_attention, weight_dtypes_for
+from torch_mosa.ops.mosa import mosa_attention
 from torch_mosa.ops.rope import apply_rope, rotary_dim_for
 from torch_mosa.ops.selection.reference import sort_selection
-
-# Under autocast, pass float32 parameters to the MoSA op as they are (the op reads them in x's dtype and returns
-# float32 gradients: no 16-bit weight copy per step, none kept for the backward, no gradient cast back) instead of
-# casting them to x's dtype first. Off until measured on a GPU: it removes about 1.9 ms of casts from a 59 ms Tiny
-# sparsity-64 step (session 11's profile) but makes the kernels read 4-byte weight tiles, several tiles per head.
-# benchmarks/experiments/float32_weights_step.py is the A/B; session 12 could not run it (no device time left).
-FLOAT32_WEIGHTS_UNDER_AUTOCAST = False
-
 
 def membership_selection(joined: torch.Tensor, token_scores: torch.Tensor, width: int | None = None):
     """Membership [B, E, T] and per-token scores [B, E, T] -> indices, scores [B, E, width] for the MoSA op: each
@@ -86,15 +78,11 @@ class SparseHeads(nn.Module):
         return x, self.w_qkv, self.w_o
 
     def _op_inputs(self, x: torch.Tensor):
-        """x, w_qkv, w_o and the scores' router weight (or None) for the op: x in autocast's dtype when autocast
-        is on; the weights cast to x's dtype, or with FLOAT32_WEIGHTS_UNDER_AUTOCAST as they are when the op takes
-        them (float32 parameters with 16-bit x)."""
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        allowed = weight_dtypes_for(x.dtype) if FLOAT32_WEIGHTS_UNDER_AUTOCAST else (x.dtype,)
-        weights = [w if w is None or w.dtype in allowed else w.to(x.dtype)
-                   for w in (self.w_qkv, self.w_o, self.scores_router_weight())]
-        return (x, *weights)
+        """x, w_qkv, w_o and the scores' router weight (or None) for the op, in autocast's dtype when autocast is
+        on. (Passing the float32 parameters uncast, which the op accepts, was slower: KERNEL_NOTES.md, session 13.)"""
+        x, w_qkv, w_o = self._weights(x)
+        router_weight = self.scores_router_weight()
+        return x, w_qkv, w_o, None if router_weight is None else router_weight.to(x.dtype)
 
     def scores_router_weight(self) -> torch.Tensor | None:
         """The router weight w whose sigmoid(x . w[e]) the selection's scores are, or None when the scores are fixed

@@ -99,9 +99,9 @@ def _per_slot(per_token: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def weight_dtypes_for(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
-    """The weight dtypes the op takes with inputs x of `dtype`: x's own, and float32 for 16-bit x. Under autocast
-    the parameters stay float32: the op reads them in x's dtype and returns their gradients in float32, so no
-    16-bit copy of the weights is made, kept for the backward and cast back each step (issue 10)."""
+    """The weight dtypes the op takes with inputs x of `dtype`: x's own, and float32 for 16-bit x (float32
+    parameters with autocast's 16-bit activations). Wider weights are rounded to x's dtype inside the op, which
+    returns their gradients in float32."""
     return (dtype, torch.float32) if dtype in (torch.float16, torch.bfloat16) else (dtype,)
 
 

@@ -1005,8 +1005,13 @@ def fused_mosa_attention(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_b
     """`mosa_attention_triton` on arguments already checked (the dispatch point checks them once). deterministic:
     heads are summed into tokens by a fixed-order reduction instead of fp32 atomics (bitwise reproducible under
     torch.use_deterministic_algorithms(True); more memory: one output row per selected slot)."""
+    # float32 weights with 16-bit x are rounded to x's dtype here, differentiably (their gradients come back in
+    # float32), so the kernels read 16-bit tiles: 4-byte tiles were slower in the Tiny training step (H100, session
+    # 13: 0.655-0.662x dense against 0.671x at sparsity 64, 0.698-0.702x against 0.724x at sparsity 16), and a CUDA
+    # test of the fused path with them met an illegal memory access that no run isolated (KERNEL_NOTES.md)
+    w_qkv, w_o = w_qkv.to(x.dtype), w_o.to(x.dtype)
     if router_weight is not None:
-        router_weight = router_weight.contiguous()
+        router_weight = router_weight.to(x.dtype).contiguous()
     if positions is not None or document_ids is not None:  # the kernels read both as [B, T] int32 tables
         batch, seq_len = x.shape[:2]
         default = torch.arange(seq_len, device=x.device, dtype=torch.int32).expand(batch, -1)
