@@ -369,6 +369,21 @@ def test_custom_op_registration(mosa_kernel_path):
                                                                   "test_autograd_registration"))
 
 
+def test_custom_op_registration_of_the_wide_path(monkeypatch):
+    """opcheck on a selection too wide for the row kernels: the fake keeps Q|K|V (the wide path's saved tensor)
+    whichever path flag the caller passed."""
+    monkeypatch.setattr(triton_mosa, "MAX_FUSED_K", 2)
+    monkeypatch.setattr(triton_mosa, "MAX_FUSED_K_FP32", 2)
+    tensors, _ = make_case(2, 11, 16, 2, 16, 3, False, False, seed=6)
+    x, w_qkv, w_o, logits, _ = tensors
+    indices, scores = topk_route_reference(logits, 3, False)
+    for split in (False, True):
+        args = (x.requires_grad_(), w_qkv.requires_grad_(), w_o.requires_grad_(), None, indices,
+                scores.detach().requires_grad_(), 8, 10000.0, None, None, False, split)
+        torch.library.opcheck(_mosa_fwd_op, args, test_utils=("test_schema", "test_faketensor",
+                                                              "test_autograd_registration"))
+
+
 def test_backward_follows_the_path_the_forward_took(monkeypatch):
     """The forward keeps O (fused path) or Q|K|V (split path) for the backward, which tells them apart by width, so
     switching `SPLIT_PROJECTION` between a forward and its backward changes nothing."""

@@ -749,7 +749,7 @@ def _wide(k: int, dtype: torch.dtype) -> bool:
 
 
 def _split_launch(kernel: str, rows: int, dtype: torch.dtype) -> dict:
-    """Grid rows and launch settings of a split-path GEMM kernel ("qkv" or "dx") over `rows` rows per head."""
+    """Grid rows and launch settings of a split-path GEMM kernel ("qkv", "dx" or "out") over `rows` rows per head."""
     block_m, warps, stages = SPLIT_TILES[kernel]
     wide = dtype == torch.float32
     if wide:
@@ -778,7 +778,8 @@ def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, 
     on the fused path, the un-rotated Q|K|V [E, B*k, 3d] on the split path (`_split_path`; `mosa_bwd` tells
     them apart by width). positions, document_ids: the [B, T] int32 tables of packed documents (both or neither).
     deterministic: each slot writes its own output row (x.dtype) and `_combine_slots` sums them, instead of fp32
-    atomics. split: the path (None: `_split_path(k)`)."""
+    atomics. split: the path (None: `_split_path(k)`); selections too wide for the row kernels (`_wide`) take the
+    wide path whatever it says, and keep Q|K|V as the split path does."""
     batch, seq_len, hidden = x.shape
     num_heads, _, three_d = w_qkv.shape
     head_dim, k = three_d // 3, indices.shape[-1]
@@ -916,8 +917,9 @@ def _mosa_fwd_op(x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, w_rout
 def _mosa_fwd_fake(x, w_qkv, w_o, w_router, indices, scores, rotary_dim, rope_base, positions, document_ids,
                    deterministic, split):
     num_heads, _, three_d = w_qkv.shape
+    keeps_qkv = split or _wide(indices.shape[-1], x.dtype)
     return x.new_empty(x.shape), x.new_empty(num_heads, x.shape[0] * indices.shape[-1],
-                                             three_d if split else three_d // 3)
+                                             three_d if keeps_qkv else three_d // 3)
 
 
 @torch.library.custom_op("torch_mosa::mosa_attention_bwd", mutates_args=())
