@@ -108,7 +108,7 @@ def time_layer(layer, x, grad_y, warmup_ms=50, rep_ms=200, cuda_graph: bool = Fa
     for t in [x, *params]:
         t.grad = None
     # the graphs of the paths timed before hold their private memory pools until collected: free them first, or
-    # they count in this path's peak (session 13's graph run read 1.08x dense in case A against 0.98x without them)
+    # they count in this path's peak (likely why session 13's graph run read 1.08x dense in case A, 0.98x without)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -20,6 +20,7 @@ from torch_mosa.ops.mosa import mosa_attention
 from torch_mosa.ops.rope import apply_rope, rotary_dim_for
 from torch_mosa.ops.selection.reference import sort_selection
 
+
 def membership_selection(joined: torch.Tensor, token_scores: torch.Tensor, width: int | None = None):
     """Membership [B, E, T] and per-token scores [B, E, T] -> indices, scores [B, E, width] for the MoSA op: each
     head's members in position order, then its other tokens with score 0. `width` (default T) must be at least the
