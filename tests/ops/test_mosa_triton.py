@@ -312,6 +312,30 @@ def test_wide_selections_match_reference(nan_allocations, monkeypatch, dtype, ro
         assert_close(name, a, e, FP32_RTOL if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("rotary_dim", [0, 6, 16])
+def test_rope_rows_kernel_rotates_as_the_reference_and_back(rotary_dim):
+    """The wide path's RoPE kernel on rows of a wider buffer: rotated as ops.rope.apply_rope rotates (float32),
+    and its inverse undoes it (rotation by minus the angle)."""
+    from torch_mosa.ops.rope import apply_rope
+
+    g = torch.Generator().manual_seed(rotary_dim)
+    rows, head_dim, seq_len = 37, 16, 50
+    buffer = torch.randn(rows, 3 * head_dim, generator=g).to(DEVICE)
+    positions = torch.randint(0, seq_len, (rows,), generator=g).to(DEVICE, torch.int32)
+    tables = triton_mosa._rope_tables(seq_len, rotary_dim, 1e4, buffer.device)
+    rotated = torch.empty(rows, head_dim, device=DEVICE)
+    triton_mosa._rotate_rows(buffer[:, head_dim:], rotated, positions, *tables, rotary_dim, head_dim, 3 * head_dim,
+                             head_dim)
+    expected = apply_rope(buffer[:, head_dim:2 * head_dim], positions.long(), rotary_dim, 1e4)
+    torch.testing.assert_close(rotated, expected, rtol=1e-5, atol=1e-5)
+    back = torch.zeros(rows, 3 * head_dim, device=DEVICE)
+    triton_mosa._rotate_rows(rotated, back[:, head_dim:], positions, *tables, rotary_dim, head_dim, head_dim,
+                             3 * head_dim, inverse=True)
+    torch.testing.assert_close(back[:, head_dim:2 * head_dim], buffer[:, head_dim:2 * head_dim], rtol=1e-5,
+                               atol=1e-5)
+    assert (back[:, :head_dim] == 0).all() and (back[:, 2 * head_dim:] == 0).all()  # nothing outside its columns
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_wide_selections_of_packed_documents_match_reference(nan_allocations, monkeypatch, dtype):
     """The wide path's attention keeps each slot inside its document and rotates it by its restarted position:

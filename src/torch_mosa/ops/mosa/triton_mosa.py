@@ -22,8 +22,9 @@ Inside the tile everything is fused:
             the scatter atomics no longer hidden behind the projections.
   wide      selections of k > MAX_FUSED_K (64 in float32) do not fit a tile's [k, k] scores: they keep the split
             path's projection, dX and weight kernels, and run the attention in PyTorch between them
-            (ops/mosa/group_attention.py: SDPA's flash kernels, or the backward written out); `_mosa_out_kernel` and
-            `_mosa_bwd_out_kernel` do the output projection's two directions on rows of the head-major O and dO.
+            (ops/mosa/group_attention.py: SDPA's flash kernels, or the backward written out) on Q and K rotated by
+            `_rope_rows_kernel` (and dQ, dK rotated back by it); `_mosa_out_kernel` and `_mosa_bwd_out_kernel` do
+            the output projection's two directions on rows of the head-major O and dO.
 
 Per-row memory kept between forward and backward: the attention output O [E, B*k, d] (same size as x for an IsoFLOP
 layer), or on the split path Q|K|V [E, B*k, 3d] (three times that: the backward's dQKV buffer is as large, so the
@@ -43,8 +44,8 @@ import triton
 import triton.language as tl
 
 from torch_mosa.ops.rope import rope_table
-from torch_mosa.ops.mosa.group_attention import group_attention, group_attention_backward
-from torch_mosa.ops.mosa.reference import check_mosa_inputs
+from torch_mosa.ops.mosa.group_attention import document_mask, group_attention, group_attention_backward
+from torch_mosa.ops.mosa.reference import _per_slot, check_mosa_inputs
 
 MAX_FUSED_K = 128  # 16-bit inputs; float32 tiles of 128 rows overflow shared memory in the backward (H100)
 MAX_FUSED_K_FP32 = 64
@@ -506,6 +507,39 @@ def _mosa_bwd_out_kernel(o_ptr, w_o_ptr, idx_ptr, score_ptr, dy_ptr, do_ptr, dsc
 
 
 @triton.jit
+def _rope_rows_kernel(src_ptr, dst_ptr, pos_ptr, cos_ptr, sin_ptr, ROWS, SRC_STRIDE, DST_STRIDE, D: tl.constexpr,
+                      R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
+                      INVERSE: tl.constexpr):
+    """The wide path's RoPE: d columns of ROWS rows (row strides SRC_STRIDE, DST_STRIDE) copied from src to dst,
+    the first rotary_dim rotated by each row's position (pos_ptr) in fp32 as the row kernels rotate, or with
+    INVERSE rotated back (the transpose: a gradient with respect to the rotated values -> the un-rotated ones)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = rows < ROWS
+    src = src_ptr + rows.to(tl.int64)[:, None] * SRC_STRIDE
+    dst = dst_ptr + rows.to(tl.int64)[:, None] * DST_STRIDE
+    DT: tl.constexpr = dst_ptr.dtype.element_ty
+    if R2 > 0:
+        pos = tl.load(pos_ptr + rows, mask=ok, other=0).to(tl.int64)
+        r = tl.arange(0, BR)
+        rm = ok[:, None] & (r < R2)[None, :]
+        cos = tl.load(cos_ptr + pos[:, None] * R2 + r[None, :], mask=rm, other=0.0)
+        sin = tl.load(sin_ptr + pos[:, None] * R2 + r[None, :], mask=rm, other=0.0)
+        a = tl.load(src + r[None, :], mask=rm, other=0.0).to(tl.float32)
+        b = tl.load(src + (R2 + r)[None, :], mask=rm, other=0.0).to(tl.float32)
+        if INVERSE:
+            a, b = a * cos + b * sin, b * cos - a * sin
+        else:
+            a, b = a * cos - b * sin, b * cos + a * sin
+        tl.store(dst + r[None, :], a.to(DT), mask=rm)
+        tl.store(dst + (R2 + r)[None, :], b.to(DT), mask=rm)
+    P: tl.constexpr = D - 2 * R2
+    if P > 0:
+        p = tl.arange(0, BP)
+        pm = ok[:, None] & (p < P)[None, :]
+        tl.store(dst + (2 * R2 + p)[None, :], tl.load(src + (2 * R2 + p)[None, :], mask=pm, other=0.0), mask=pm)
+
+
+@triton.jit
 def _weights_step(x_ptr, dy_ptr, idx_ptr, score_ptr, dlogit_ptr, o_ptr, dqkv_ptr, acc_q, acc_k, acc_v, acc_o, acc_r,
                   r0, e, hs, hm, d, dm, T, E, K, num_rows, H: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
                   PREC: tl.constexpr, ROUTER: tl.constexpr):
@@ -772,6 +806,51 @@ def _selected_qkv(x: torch.Tensor, w_qkv: torch.Tensor, indices: torch.Tensor) -
     return qkv
 
 
+def _rotate_rows(src: torch.Tensor, dst: torch.Tensor, rope_positions: torch.Tensor, cos, sin, rotary_dim: int,
+                 head_dim: int, src_stride: int, dst_stride: int, inverse: bool = False) -> None:
+    """`_rope_rows_kernel` over rope_positions.numel() rows: the first head_dim columns of src and dst (tensors or
+    views whose rows follow each other at these strides), rope_positions one int32 per row."""
+    rows = rope_positions.numel()
+    block_m = min(128, _block(rows))
+    _rope_rows_kernel[(triton.cdiv(rows, block_m),)](
+        src, dst, rope_positions, cos, sin, rows, src_stride, dst_stride, D=head_dim, R2=rotary_dim // 2,
+        BLOCK_M=block_m, BR=_block(rotary_dim // 2), BP=_block(head_dim - rotary_dim), INVERSE=inverse, num_warps=4)
+
+
+def _wide_attention(qkv: torch.Tensor, indices: torch.Tensor, rotary_dim: int, rope_base: float, seq_len: int,
+                    positions=None, document_ids=None, for_backward: bool = False):
+    """The wide path's attention on the split path's un-rotated Q|K|V [E, B*k, 3d]: Q and K rotated by
+    `_rope_rows_kernel`, then `group_attention` -> (its GroupAttention, the rows' RoPE positions [E*B*k] int32,
+    the cos and sin tables), the last two for rotating the gradients back."""
+    batch, num_heads, k = indices.shape
+    head_dim = qkv.shape[-1] // 3
+    rope_positions = (indices if positions is None else _per_slot(positions, indices)).transpose(0, 1)
+    rope_positions = rope_positions.to(torch.int32).contiguous()
+    tables = _rope_tables(seq_len, rotary_dim, rope_base, qkv.device)
+    q = torch.empty(num_heads, batch, k, head_dim, device=qkv.device, dtype=qkv.dtype)
+    key = torch.empty_like(q)
+    for column, rotated in ((0, q), (head_dim, key)):
+        _rotate_rows(qkv[..., column:], rotated, rope_positions, *tables, rotary_dim, head_dim, 3 * head_dim,
+                     head_dim)
+    v = qkv.view(num_heads, batch, k, 3 * head_dim)[..., 2 * head_dim:]
+    allowed = None if document_ids is None else document_mask(_per_slot(document_ids, indices).transpose(0, 1))
+    return group_attention(q, key, v, allowed, for_backward), rope_positions, tables
+
+
+def _wide_attention_backward(attention, do: torch.Tensor, rope_positions, tables, rotary_dim: int,
+                             deterministic: bool) -> torch.Tensor:
+    """dQ|dK|dV [E, B*k, 3d] with respect to the un-rotated Q|K|V, given dO [E, B*k, d] (`_wide_attention`'s
+    outputs for the rest)."""
+    num_heads, batch, k, head_dim = attention.q.shape
+    dq, dk, dv = group_attention_backward(attention, do.view(num_heads, batch, k, head_dim), deterministic)
+    dqkv = torch.empty(num_heads, batch * k, 3 * head_dim, device=do.device, dtype=do.dtype)
+    for column, grad in ((0, dq), (head_dim, dk)):
+        _rotate_rows(grad.contiguous(), dqkv[..., column:], rope_positions, *tables, rotary_dim, head_dim, head_dim,
+                     3 * head_dim, inverse=True)
+    dqkv.view(num_heads, batch, k, 3 * head_dim)[..., 2 * head_dim:] = dv
+    return dqkv
+
+
 def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, positions=None, document_ids=None,
              deterministic: bool = False, split: Optional[bool] = None):
     """-> y [B, T, h] in x.dtype, and what the backward needs per selected row: the attention output O [E, B*k, d]
@@ -791,7 +870,9 @@ def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, 
     docs = document_ids is not None
     if _wide(k, x.dtype):  # the split path's kernels around PyTorch's attention (ops/mosa/group_attention.py)
         qkv = saved = _selected_qkv(x, w_qkv, indices)
-        o = group_attention(qkv, indices, rotary_dim, rope_base, positions if docs else None, document_ids).o
+        attention = _wide_attention(qkv, indices, rotary_dim, rope_base, seq_len, positions if docs else None,
+                                    document_ids)[0]
+        o = attention.o.view(num_heads, batch * k, head_dim)
         launch = _split_launch("out", batch * k, x.dtype)
         _mosa_out_kernel[(launch.pop("tiles"), num_heads)](
             o, w_o, scores, dest, y, batch, num_heads, k, H=hidden, D=head_dim, BD=_block(head_dim),
@@ -853,15 +934,16 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, rotary_dim: in
     split = saved.shape[-1] == three_d  # the forward chose (the switch may have changed since)
     block_d = _block(head_dim)
     if _wide(k, x.dtype):  # O recomputed, dO and dscore by kernel, the attention's backward in PyTorch
-        attention = group_attention(saved, indices, rotary_dim, rope_base, positions if docs else None,
-                                    document_ids, for_backward=True)
-        o = attention.o
+        attention, rope_positions, tables = _wide_attention(saved, indices, rotary_dim, rope_base, seq_len,
+                                                            positions if docs else None, document_ids,
+                                                            for_backward=True)
+        o = attention.o.view(num_heads, batch * k, head_dim)
         do = torch.empty_like(o)
         launch = _split_launch("out", batch * k, x.dtype)
         _mosa_bwd_out_kernel[(launch.pop("tiles"), num_heads)](
             o, w_o, indices, scores, dy, do, dscores, batch, seq_len, num_heads, k, H=hidden, D=head_dim, BD=block_d,
             ROUTER=router, **launch)
-        dqkv = group_attention_backward(attention, do, rotary_dim, rope_base, deterministic)
+        dqkv = _wide_attention_backward(attention, do, rope_positions, tables, rotary_dim, deterministic)
         num_stages = 2  # what _tile_config gives every selection this wide
     else:
         cfg = _tile_config(batch, k, head_dim, rotary_dim, x.dtype)
