@@ -77,13 +77,13 @@ def _mosa_attention_composition(x, w_qkv, w_o, indices, scores, rotary_dim, rope
         router_scores = torch.sigmoid(torch.einsum("bekh,eh->bek", x_selected, router_weight)) * (scores != 0)
         scores = scores.detach() + (router_scores - router_scores.detach())
     q, key, v = torch.einsum("bekh,ehd->bekd", x_selected, w_qkv).split(head_dim, dim=-1)
-    rope_positions = indices if positions is None else _per_slot(positions, indices)
+    rope_positions = indices if positions is None else per_slot_values(positions, indices)
     q = apply_rope(q, rope_positions, rotary_dim, rope_base)
     key = apply_rope(key, rope_positions, rotary_dim, rope_base)
     if document_ids is None:
         attended = F.scaled_dot_product_attention(q, key, v, is_causal=True)
     else:
-        slot_document = _per_slot(document_ids, indices)
+        slot_document = per_slot_values(document_ids, indices)
         allowed = torch.ones(k, k, dtype=torch.bool, device=x.device).tril() \
             & (slot_document[..., :, None] == slot_document[..., None, :])
         attended = F.scaled_dot_product_attention(q, key, v, attn_mask=allowed)
@@ -92,7 +92,7 @@ def _mosa_attention_composition(x, w_qkv, w_o, indices, scores, rotary_dim, rope
     return y.scatter_add_(1, flat_index, head_out.reshape(batch, num_heads * k, hidden).to(sum_dtype)).to(out_dtype)
 
 
-def _per_slot(per_token: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def per_slot_values(per_token: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """[B, T] values -> [B, E, k] the values at each slot's position."""
     batch, num_heads, k = indices.shape
     return per_token.gather(1, indices.reshape(batch, num_heads * k)).view(batch, num_heads, k)

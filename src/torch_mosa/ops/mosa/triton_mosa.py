@@ -45,7 +45,7 @@ import triton.language as tl
 
 from torch_mosa.ops.rope import rope_table
 from torch_mosa.ops.mosa.group_attention import document_mask, group_attention, group_attention_backward
-from torch_mosa.ops.mosa.reference import _per_slot, check_mosa_inputs
+from torch_mosa.ops.mosa.reference import check_mosa_inputs, per_slot_values
 
 MAX_FUSED_K = 128  # 16-bit inputs; float32 tiles of 128 rows overflow shared memory in the backward (H100)
 MAX_FUSED_K_FP32 = 64
@@ -824,7 +824,7 @@ def _wide_attention(qkv: torch.Tensor, indices: torch.Tensor, rotary_dim: int, r
     the cos and sin tables), the last two for rotating the gradients back."""
     batch, num_heads, k = indices.shape
     head_dim = qkv.shape[-1] // 3
-    rope_positions = (indices if positions is None else _per_slot(positions, indices)).transpose(0, 1)
+    rope_positions = (indices if positions is None else per_slot_values(positions, indices)).transpose(0, 1)
     rope_positions = rope_positions.to(torch.int32).contiguous()
     tables = _rope_tables(seq_len, rotary_dim, rope_base, qkv.device)
     q = torch.empty(num_heads, batch, k, head_dim, device=qkv.device, dtype=qkv.dtype)
@@ -833,7 +833,9 @@ def _wide_attention(qkv: torch.Tensor, indices: torch.Tensor, rotary_dim: int, r
         _rotate_rows(qkv[..., column:], rotated, rope_positions, *tables, rotary_dim, head_dim, 3 * head_dim,
                      head_dim)
     v = qkv.view(num_heads, batch, k, 3 * head_dim)[..., 2 * head_dim:]
-    allowed = None if document_ids is None else document_mask(_per_slot(document_ids, indices).transpose(0, 1))
+    allowed = None
+    if document_ids is not None:
+        allowed = document_mask(per_slot_values(document_ids, indices).transpose(0, 1))
     return group_attention(q, key, v, allowed, for_backward), rope_positions, tables
 
 
