@@ -297,6 +297,20 @@ def _dot_weight_t(grad, w_ptrs, w_mask, acc, PREC: tl.constexpr):
 
 
 @triton.jit
+def _output_grad(dy_ptr, tok, row_ok, w_o_e, d, H: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """dO before the score, [BLOCK_M, BD] fp32: the rows' tokens' dy @ W_O[e]^T (w_o_e: head e's [D, H] block)."""
+    dou = tl.zeros([BLOCK_M, BD], tl.float32)
+    for h0 in range(0, H, BH):
+        hs = h0 + tl.arange(0, BH)
+        hm = hs < H
+        g = tl.load(dy_ptr + tok[:, None] * H + hs[None, :], mask=row_ok[:, None] & hm[None, :], other=0.0)
+        wo = tl.load(w_o_e + d[:, None] * H + hs[None, :], mask=(d < D)[:, None] & hm[None, :], other=0.0)
+        dou = tl.dot(g.to(DT), tl.trans(wo.to(DT)), dou, input_precision=PREC)
+    return dou
+
+
+@triton.jit
 def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr,
                           rope_pos_ptr, doc_ptr, dest_ptr, o_ptr, qkv_ptr, dy_ptr, dqkv_ptr, dx_ptr, dscore_ptr,
                           B, T, E, K, GROUPS, sm_scale, H: tl.constexpr,
@@ -340,14 +354,7 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
         o = tl.load(o_ptr + head_row[:, None] * D + d[None, :], mask=d_mask, other=0.0).to(tl.float32)
 
     # dO before the score: dy rows @ W_O^T
-    w_o_e = w_o_ptr + e.to(tl.int64) * D * H
-    dou = tl.zeros([BLOCK_M, BD], tl.float32)
-    for h0 in range(0, H, BH):
-        hs = h0 + tl.arange(0, BH)
-        hm = hs < H
-        g = tl.load(dy_ptr + tok[:, None] * H + hs[None, :], mask=row_ok[:, None] & hm[None, :], other=0.0)
-        wo = tl.load(w_o_e + d[:, None] * H + hs[None, :], mask=(d < D)[:, None] & hm[None, :], other=0.0)
-        dou = tl.dot(g.to(DT), tl.trans(wo.to(DT)), dou, input_precision=PREC)
+    dou = _output_grad(dy_ptr, tok, row_ok, w_o_ptr + e.to(tl.int64) * D * H, d, H, D, BH, BLOCK_M, BD, DT, PREC)
     dscore = tl.sum(o * dou, 1)
     if ROUTER:
         # score = sigmoid(x_row . w_router[e]): d logit = dscore * s (1 - s), fed into dX rows below and kept in
@@ -491,14 +498,7 @@ def _mosa_bwd_out_kernel(o_ptr, w_o_ptr, idx_ptr, score_ptr, dy_ptr, do_ptr, dsc
     dm = d < D
     rd = ok[:, None] & dm[None, :]
     o = tl.load(o_ptr + head_row[:, None] * D + d[None, :], mask=rd, other=0.0).to(tl.float32)
-    w_o_e = w_o_ptr + e.to(tl.int64) * D * H
-    dou = tl.zeros([BLOCK_M, BD], tl.float32)
-    for h0 in range(0, H, BH):
-        hs = h0 + tl.arange(0, BH)
-        hm = hs < H
-        g = tl.load(dy_ptr + tok[:, None] * H + hs[None, :], mask=ok[:, None] & hm[None, :], other=0.0)
-        wo = tl.load(w_o_e + d[:, None] * H + hs[None, :], mask=dm[:, None] & hm[None, :], other=0.0)
-        dou = tl.dot(g.to(DT), tl.trans(wo.to(DT)), dou, input_precision=PREC)
+    dou = _output_grad(dy_ptr, tok, ok, w_o_ptr + e.to(tl.int64) * D * H, d, H, D, BH, BLOCK_M, BD, DT, PREC)
     dscore = tl.sum(o * dou, 1)
     if ROUTER:
         dscore = dscore * score * (1.0 - score)
