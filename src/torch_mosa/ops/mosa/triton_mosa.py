@@ -245,6 +245,19 @@ def _scatter_rows(out_ptr, values, sel, dest, rows_ok, add_ok, hs, hm, H: tl.con
 
 
 @triton.jit
+def _scatter_output(o, w_o_e, score, sel, dest, row_ok, y_ptr, d, H: tl.constexpr, D: tl.constexpr,
+                    BH: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SLOTS: tl.constexpr):
+    """score * (O rows @ W_O[e]) (w_o_e: head e's [D, H] block) added into the rows' tokens by hidden chunks."""
+    keep = row_ok & (score != 0.0)  # a zero score adds exactly zero
+    for h0 in range(0, H, BH):
+        hs = h0 + tl.arange(0, BH)
+        hm = hs < H
+        wo = tl.load(w_o_e + d[:, None] * H + hs[None, :], mask=(d < D)[:, None] & hm[None, :], other=0.0)
+        out = tl.dot(o, wo.to(DT), input_precision=PREC) * score[:, None]
+        _scatter_rows(y_ptr, out, sel, dest, row_ok, keep, hs, hm, H, SLOTS)
+
+
+@triton.jit
 def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr, rope_pos_ptr, doc_ptr,
                      dest_ptr, y_ptr, o_ptr, qkv_ptr, B, T, E, K, GROUPS, sm_scale, H: tl.constexpr,
                      D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
@@ -279,14 +292,8 @@ def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin
     if not SPLIT:  # the split path keeps Q|K|V instead, and its backward recomputes O from them
         tl.store(o_ptr + head_row[:, None] * D + d[None, :], o, mask=row_ok[:, None] & (d < D)[None, :])
     dest = tl.load(dest_ptr + sel, mask=row_ok, other=0)
-    keep = row_ok & (score != 0.0)  # a zero score adds exactly zero
-    w_o_e = w_o_ptr + e.to(tl.int64) * D * H
-    for h0 in range(0, H, BH):
-        hs = h0 + tl.arange(0, BH)
-        hm = hs < H
-        wo = tl.load(w_o_e + d[:, None] * H + hs[None, :], mask=(d < D)[:, None] & hm[None, :], other=0.0)
-        out = tl.dot(o, wo.to(DT), input_precision=PREC) * score[:, None]
-        _scatter_rows(y_ptr, out, sel, dest, row_ok, keep, hs, hm, H, SLOTS)
+    _scatter_output(o, w_o_ptr + e.to(tl.int64) * D * H, score, sel, dest, row_ok, y_ptr, d, H, D, BH, DT, PREC,
+                    SLOTS)
 
 
 @triton.jit
@@ -470,14 +477,7 @@ def _mosa_out_kernel(o_ptr, w_o_ptr, score_ptr, dest_ptr, y_ptr, B, E, K, H: tl.
     o = tl.load(o_ptr + head_row[:, None] * D + d[None, :], mask=ok[:, None] & dm[None, :], other=0.0)
     score = tl.load(score_ptr + sel, mask=ok, other=0.0).to(tl.float32)
     dest = tl.load(dest_ptr + sel, mask=ok, other=0)
-    keep = ok & (score != 0.0)  # a zero score adds exactly zero
-    w_o_e = w_o_ptr + e.to(tl.int64) * D * H
-    for h0 in range(0, H, BH):
-        hs = h0 + tl.arange(0, BH)
-        hm = hs < H
-        wo = tl.load(w_o_e + d[:, None] * H + hs[None, :], mask=dm[:, None] & hm[None, :], other=0.0)
-        out = tl.dot(o, wo.to(DT), input_precision=PREC) * score[:, None]
-        _scatter_rows(y_ptr, out, sel, dest, ok, keep, hs, hm, H, SLOTS)
+    _scatter_output(o, w_o_ptr + e.to(tl.int64) * D * H, score, sel, dest, ok, y_ptr, d, H, D, BH, DT, PREC, SLOTS)
 
 
 @triton.jit
