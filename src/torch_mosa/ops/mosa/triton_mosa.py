@@ -304,9 +304,13 @@ def _dot_weight_t(grad, w_ptrs, w_mask, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _output_grad(dy_ptr, tok, row_ok, w_o_e, d, H: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """dO before the score, [BLOCK_M, BD] fp32: the rows' tokens' dy @ W_O[e]^T (w_o_e: head e's [D, H] block)."""
+def _output_grad(dy_ptr, tok, row_ok, w_o_e, o, score, sel, dscore_ptr, d, H: tl.constexpr, D: tl.constexpr,
+                 BH: tl.constexpr, BLOCK_M: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                 ROUTER: tl.constexpr):
+    """Backward through the output of rows with attention output o (fp32): -> (dO = score * dy rows @ W_O[e]^T
+    in DT, dscore = rowsum(O * dO / score)), dscore also stored at dscore_ptr. With ROUTER the score is
+    sigmoid(x_row . w_router[e]) and dscore becomes d logit = dscore * s (1 - s), which the dX rows and the weight
+    kernel's dW_router take. w_o_e: head e's [D, H] block of W_O."""
     dou = tl.zeros([BLOCK_M, BD], tl.float32)
     for h0 in range(0, H, BH):
         hs = h0 + tl.arange(0, BH)
@@ -314,7 +318,11 @@ def _output_grad(dy_ptr, tok, row_ok, w_o_e, d, H: tl.constexpr, D: tl.constexpr
         g = tl.load(dy_ptr + tok[:, None] * H + hs[None, :], mask=row_ok[:, None] & hm[None, :], other=0.0)
         wo = tl.load(w_o_e + d[:, None] * H + hs[None, :], mask=(d < D)[:, None] & hm[None, :], other=0.0)
         dou = tl.dot(g.to(DT), tl.trans(wo.to(DT)), dou, input_precision=PREC)
-    return dou
+    dscore = tl.sum(o * dou, 1)
+    if ROUTER:
+        dscore = dscore * score * (1.0 - score)
+    tl.store(dscore_ptr + sel, dscore, mask=row_ok)
+    return (dou * score[:, None]).to(DT), dscore
 
 
 @triton.jit
@@ -360,15 +368,8 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
     else:
         o = tl.load(o_ptr + head_row[:, None] * D + d[None, :], mask=d_mask, other=0.0).to(tl.float32)
 
-    # dO before the score: dy rows @ W_O^T
-    dou = _output_grad(dy_ptr, tok, row_ok, w_o_ptr + e.to(tl.int64) * D * H, d, H, D, BH, BLOCK_M, BD, DT, PREC)
-    dscore = tl.sum(o * dou, 1)
-    if ROUTER:
-        # score = sigmoid(x_row . w_router[e]): d logit = dscore * s (1 - s), fed into dX rows below and kept in
-        # dscore_ptr for the weight kernel's dW_router
-        dscore = dscore * score * (1.0 - score)
-    tl.store(dscore_ptr + sel, dscore, mask=row_ok)
-    do = (dou * score[:, None]).to(DT)
+    do, dscore = _output_grad(dy_ptr, tok, row_ok, w_o_ptr + e.to(tl.int64) * D * H, o, score, sel, dscore_ptr, d,
+                              H, D, BH, BLOCK_M, BD, DT, PREC, ROUTER)
 
     # attention backward inside the tile (P is block-diagonal, so whole-tile products stay per group)
     p_dt = p.to(DT)
@@ -498,12 +499,9 @@ def _mosa_bwd_out_kernel(o_ptr, w_o_ptr, idx_ptr, score_ptr, dy_ptr, do_ptr, dsc
     dm = d < D
     rd = ok[:, None] & dm[None, :]
     o = tl.load(o_ptr + head_row[:, None] * D + d[None, :], mask=rd, other=0.0).to(tl.float32)
-    dou = _output_grad(dy_ptr, tok, ok, w_o_ptr + e.to(tl.int64) * D * H, d, H, D, BH, BLOCK_M, BD, DT, PREC)
-    dscore = tl.sum(o * dou, 1)
-    if ROUTER:
-        dscore = dscore * score * (1.0 - score)
-    tl.store(dscore_ptr + sel, dscore, mask=ok)
-    tl.store(do_ptr + head_row[:, None] * D + d[None, :], (dou * score[:, None]).to(DT), mask=rd)
+    do, _ = _output_grad(dy_ptr, tok, ok, w_o_ptr + e.to(tl.int64) * D * H, o, score, sel, dscore_ptr, d, H, D, BH,
+                         BLOCK_M, BD, DT, PREC, ROUTER)
+    tl.store(do_ptr + head_row[:, None] * D + d[None, :], do, mask=rd)
 
 
 @triton.jit
