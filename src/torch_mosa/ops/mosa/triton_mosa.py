@@ -809,7 +809,9 @@ def _rotate_rows(src: torch.Tensor, dst: torch.Tensor, rope_positions: torch.Ten
     """`_rope_rows_kernel` over rope_positions.numel() rows: the first head_dim columns of src and dst (tensors or
     views whose rows follow each other at these strides), rope_positions one int32 per row."""
     rows = rope_positions.numel()
-    block_m = min(128, _block(rows))
+    # 32 rows x 4 warps: 40-70 registers per thread at d 64 (ptxas, sm_90a); 128 rows took 144-255 and spilled
+    # without RoPE. Not yet timed.
+    block_m = min(32, _block(rows))
     _rope_rows_kernel[(triton.cdiv(rows, block_m),)](
         src, dst, rope_positions, cos, sin, rows, src_stride, dst_stride, D=head_dim, R2=rotary_dim // 2,
         BLOCK_M=block_m, BR=_block(rotary_dim // 2), BP=_block(head_dim - rotary_dim), INVERSE=inverse, num_warps=4)
