@@ -78,13 +78,6 @@ class SparseHeads(nn.Module):
             return x.to(dtype), self.w_qkv.to(dtype), self.w_o.to(dtype)
         return x, self.w_qkv, self.w_o
 
-    def _op_inputs(self, x: torch.Tensor):
-        """x, w_qkv, w_o and the scores' router weight (or None) for the op, in autocast's dtype when autocast is
-        on. (Passing the float32 parameters uncast, which the op accepts, was slower: KERNEL_NOTES.md, session 13.)"""
-        x, w_qkv, w_o = self._weights(x)
-        router_weight = self.scores_router_weight()
-        return x, w_qkv, w_o, None if router_weight is None else router_weight.to(x.dtype)
-
     def scores_router_weight(self) -> torch.Tensor | None:
         """The router weight w whose sigmoid(x . w[e]) the selection's scores are, or None when the scores are fixed
         (fixed heads: 1 on their stride)."""
@@ -95,7 +88,8 @@ class SparseHeads(nn.Module):
         `documents`, a DocumentLayout, only to slots of its own document, rotated by in-document positions). With a
         router, the op computes the router's gradient itself from the selected rows (no dense [B, T, E] gradient),
         so the scores enter as values only."""
-        x, w_qkv, w_o, router_weight = self._op_inputs(x)
+        x, w_qkv, w_o = self._weights(x)
+        router_weight = self.scores_router_weight()  # the op rounds it to x's dtype (its gradient stays float32)
         if router_weight is not None:
             scores = scores.detach()
         packed = {} if documents is None else dict(positions=documents.rope_positions, document_ids=documents.ids)

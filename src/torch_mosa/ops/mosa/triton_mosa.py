@@ -610,7 +610,7 @@ def _mosa_bwd_weights_kernel(x_ptr, dy_ptr, idx_ptr, score_ptr, dlogit_ptr, o_pt
                 r0, e, hs, hm, d, dm, T, E, K, num_rows, H, D, BLOCK_R, PREC, ROUTER)
     dw_rows = dw_qkv_ptr + e.to(tl.int64) * H * 3 * D + hs[:, None] * (3 * D) + d[None, :]
     w_mask = hm[:, None] & dm[None, :]
-    # each gradient in its weight's dtype: float32 parameters under autocast get float32 gradients directly
+    # each gradient in its weight's dtype (the op hands the kernels weights of x's dtype: fused_mosa_attention)
     DW: tl.constexpr = dw_qkv_ptr.dtype.element_ty
     tl.store(dw_rows, acc_q.to(DW), mask=w_mask)
     tl.store(dw_rows + D, acc_k.to(DW), mask=w_mask)
