@@ -4,7 +4,7 @@ PTX, `ptxas -v -arch=sm_90a` (CUDA 13.0 here) reports registers per thread and s
 Run on any machine with Triton and ptxas: `PYTHONPATH=src python benchmarks/experiments/register_spills.py`.
 `--weights-dtype` instead compares the split path's kernels (the default from k = 16) with bf16 and with fp32 weight
 pointers, as session 12's switch `FLOAT32_WEIGHTS_UNDER_AUTOCAST` gave them (removed in session 13: slower on an H100;
-the op now rounds wider weights to x's dtype before its kernels).
+the op now rounds wider weights to x's dtype before its kernels). `--wide`: the wide path's kernels (session 13).
 The shapes are SPEC §6 case A's (h 512, d 64, rotary 32, bf16). Spills are per thread, so configurations with more
 warps spread the same tile over more registers.
 """
@@ -91,5 +91,29 @@ def weights_dtype() -> None:
             print(f"{name:10} {warps:5} {label:>7} {regs:5} {stores:9} {loads:9}")
 
 
+def wide_kernels() -> None:
+    """The wide path's kernels (session 13) at case A's widths: the RoPE kernel per tile setting and rotary width,
+    the output kernel (atomics and deterministic) and the backward output kernel."""
+    rope_pointers = dict(src_ptr="*bf16", dst_ptr="*bf16", pos_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32")
+    print(f"{'kernel':10} {'rows':>4} {'warps':>5} {'R2':>3} {'regs':>5} {'spill st':>9} {'spill ld':>9}")
+    for block_m, warps in ((32, 4), (64, 4), (128, 4), (128, 8)):
+        for r2, bp in ((16, 32), (0, 64), (32, 16)):
+            constants = dict(D=64, R2=r2, BLOCK_M=block_m, BR=max(16, r2), BP=bp, INVERSE=False)
+            regs, stores, loads = ptxas_usage(tm._rope_rows_kernel, constants, warps, rope_pointers)
+            print(f"{'rope':10} {block_m:4} {warps:5} {r2:3} {regs:5} {stores:9} {loads:9}")
+    out = dict(H=512, D=64, BLOCK_M=128, BD=64, BH=64, PREC="tf32")
+    for name, kernel, constants, pointers in (
+            ("out", tm._mosa_out_kernel, dict(out, SLOTS=False), {}),
+            ("out slots", tm._mosa_out_kernel, dict(out, SLOTS=True), dict(y_ptr="*bf16")),
+            ("bwd out", tm._mosa_bwd_out_kernel, dict(out, ROUTER=True), dict(do_ptr="*bf16"))):
+        regs, stores, loads = ptxas_usage(kernel, constants, 8, dict(pointers, score_ptr="*fp32"))
+        print(f"{name:10} {128:4} {8:5} {'-':>3} {regs:5} {stores:9} {loads:9}")
+
+
 if __name__ == "__main__":
-    weights_dtype() if "--weights-dtype" in sys.argv[1:] else main()
+    if "--weights-dtype" in sys.argv[1:]:
+        weights_dtype()
+    elif "--wide" in sys.argv[1:]:
+        wide_kernels()
+    else:
+        main()
