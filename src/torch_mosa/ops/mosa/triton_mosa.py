@@ -66,6 +66,12 @@ SPLIT_MIN_K = 16
 # "out": the wide path's two output-projection kernels (`_mosa_out_kernel`, `_mosa_bwd_out_kernel`), not swept: the
 # dx kernel's setting, the nearest in shape (rows x d against d x hidden chunks).
 SPLIT_TILES = {"qkv": (128, 8, 4), "dx": (128, 8, 4), "out": (128, 8, 4)}
+# The order in which the kernels that scatter fp32 atomics into tokens (the forward row kernel, the dx kernel) visit
+# their (tile, head) programs: runs of TILE_GROUP tiles, every head over one run before the next run, a run's tiles
+# fastest. 1: heads fastest (the forward's order since session 1): the atomics of the programs in flight land on a
+# few sequences' rows, which stay in L2, and every run reads all heads' weights; 0: tiles fastest (all tiles of a
+# head, then the next head: a head's weights come from L2, the atomics spread over the whole batch).
+SCATTER_TILE_GROUP = {"fwd": 1, "dx": 0}
 
 
 @triton.jit
@@ -145,6 +151,19 @@ def _flat_rows(tile, B, E, K, e, BLOCK_M: tl.constexpr):
     sel = (b.to(tl.int64) * E + e) * K + rows % K
     head_row = e.to(tl.int64) * B * K + rows
     return b, ok, sel, head_row
+
+
+@triton.jit
+def _tile_and_head(num_tiles, E, TILE_GROUP):
+    """This program's (tile, head) in `SCATTER_TILE_GROUP`'s order: runs of TILE_GROUP tiles (0: all of them),
+    the heads over each run, the run's tiles fastest. The last run may be shorter."""
+    pid = tl.program_id(0)
+    group = num_tiles if TILE_GROUP == 0 else TILE_GROUP
+    run = pid // (group * E)
+    first = run * group
+    tiles_in_run = tl.minimum(group, num_tiles - first)
+    rest = pid - first * E
+    return first + rest % tiles_in_run, rest // tiles_in_run
 
 
 @triton.jit
@@ -259,14 +278,14 @@ def _scatter_output(o, w_o_e, score, sel, dest, row_ok, y_ptr, d, H: tl.constexp
 
 @triton.jit
 def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr, rope_pos_ptr, doc_ptr,
-                     dest_ptr, y_ptr, o_ptr, qkv_ptr, B, T, E, K, GROUPS, sm_scale, H: tl.constexpr,
+                     dest_ptr, y_ptr, o_ptr, qkv_ptr, B, T, E, K, GROUPS, NUM_TILES, TILE_GROUP, sm_scale,
+                     H: tl.constexpr,
                      D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
                      BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
                      DOCS: tl.constexpr, SLOTS: tl.constexpr, SPLIT: tl.constexpr):
     """SPLIT: Q|K|V come from qkv_ptr (`_mosa_qkv_kernel`) instead of the tile's own projection, and O is not
-    stored (the backward recomputes it from the kept Q|K|V)."""
-    e = tl.program_id(0)
-    tile = tl.program_id(1)
+    stored (the backward recomputes it from the kept Q|K|V). Programs in `SCATTER_TILE_GROUP["fwd"]`'s order."""
+    tile, e = _tile_and_head(NUM_TILES, E, TILE_GROUP)
     DT: tl.constexpr = x_ptr.dtype.element_ty
     P: tl.constexpr = D - 2 * R2
     grp, slot, b, row_ok, sel = _tile_rows(tile, B, E, K, e, GROUPS, BLOCK_M)
@@ -428,13 +447,12 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
 
 @triton.jit
 def _mosa_bwd_dx_kernel(dqkv_ptr, w_qkv_ptr, w_router_ptr, dscore_ptr, idx_ptr, dest_ptr, dx_ptr, B, E, K,
-                        H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BD: tl.constexpr,
+                        NUM_TILES, TILE_GROUP, H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BD: tl.constexpr,
                         BH: tl.constexpr, PREC: tl.constexpr, ROUTER: tl.constexpr, SLOTS: tl.constexpr):
     """The split path's dX rows: dQKV [rows, 3D] @ W_QKV[e]^T (+ dlogit * w_router[e] with ROUTER), scatter-added
     into the rows' tokens as the row kernel would (fp32 atomics, or per-slot rows with SLOTS). Program (tile of
-    BLOCK_M rows, head), tiles fastest."""
-    tile = tl.program_id(0)
-    e = tl.program_id(1)
+    BLOCK_M rows, head), in `SCATTER_TILE_GROUP["dx"]`'s order."""
+    tile, e = _tile_and_head(NUM_TILES, E, TILE_GROUP)
     b, ok, sel, head_row = _flat_rows(tile, B, E, K, e, BLOCK_M)
     d = tl.arange(0, BD)
     dm = d < D
@@ -463,14 +481,14 @@ def _mosa_bwd_dx_kernel(dqkv_ptr, w_qkv_ptr, w_router_ptr, dscore_ptr, idx_ptr, 
 
 
 @triton.jit
-def _mosa_out_kernel(o_ptr, w_o_ptr, score_ptr, dest_ptr, y_ptr, B, E, K, H: tl.constexpr, D: tl.constexpr,
+def _mosa_out_kernel(o_ptr, w_o_ptr, score_ptr, dest_ptr, y_ptr, B, E, K, NUM_TILES, TILE_GROUP, H: tl.constexpr,
+                     D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
                      SLOTS: tl.constexpr):
     """The wide path's output: y[token] += score * (O row @ W_O[e]) for every selected row, O [E, B*k, d] from
     `group_attention`; scattered as the forward row kernel does (fp32 atomics, or per-slot rows with SLOTS).
-    Program (tile of BLOCK_M rows, head), tiles fastest."""
-    tile = tl.program_id(0)
-    e = tl.program_id(1)
+    Program (tile of BLOCK_M rows, head), in the forward row kernel's order (`SCATTER_TILE_GROUP["fwd"]`)."""
+    tile, e = _tile_and_head(NUM_TILES, E, TILE_GROUP)
     DT: tl.constexpr = o_ptr.dtype.element_ty
     b, ok, sel, head_row = _flat_rows(tile, B, E, K, e, BLOCK_M)
     d = tl.arange(0, BD)
@@ -876,9 +894,10 @@ def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, 
                                     document_ids)[0]
         o = attention.o.view(num_heads, batch * k, head_dim)
         launch = _split_launch("out", batch * k, x.dtype)
-        _mosa_out_kernel[(launch.pop("tiles"), num_heads)](
-            o, w_o, scores, dest, y, batch, num_heads, k, H=hidden, D=head_dim, BD=_block(head_dim),
-            SLOTS=deterministic, **launch)
+        tiles = launch.pop("tiles")
+        _mosa_out_kernel[(tiles * num_heads,)](
+            o, w_o, scores, dest, y, batch, num_heads, k, tiles, SCATTER_TILE_GROUP["fwd"], H=hidden, D=head_dim,
+            BD=_block(head_dim), SLOTS=deterministic, **launch)
     else:
         saved = _mosa_fwd_rows(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, positions, document_ids,
                                dest, y, deterministic, _split_path(k) if split is None else split)
@@ -903,9 +922,10 @@ def _mosa_fwd_rows(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, positi
     else:
         o = saved = torch.empty(num_heads, batch * k, head_dim, device=x.device, dtype=x.dtype)
         qkv = o  # (a placeholder: not read)
-    _mosa_fwd_kernel[(num_heads, cfg["num_tiles"])](
+    _mosa_fwd_kernel[(num_heads * cfg["num_tiles"],)](
         x, w_qkv, w_o, indices, scores, cos, sin, positions if docs else indices, document_ids if docs else indices,
-        dest, y, o, qkv, batch, seq_len, num_heads, k, cfg["groups"], head_dim ** -0.5, H=hidden,
+        dest, y, o, qkv, batch, seq_len, num_heads, k, cfg["groups"], cfg["num_tiles"], SCATTER_TILE_GROUP["fwd"],
+        head_dim ** -0.5, H=hidden,
         D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
         BH=cfg["BH"], PREC=_dot_precision(x.dtype), DOCS=docs, SLOTS=deterministic, SPLIT=split,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -965,8 +985,10 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, rotary_dim: in
         num_stages = cfg["num_stages"]
     if split:
         launch = _split_launch("dx", batch * k, x.dtype)
-        _mosa_bwd_dx_kernel[(launch.pop("tiles"), num_heads)](
-            dqkv, w_qkv, w_router if router else x, dscores, indices, dest, dx, batch, num_heads, k, H=hidden,
+        tiles = launch.pop("tiles")
+        _mosa_bwd_dx_kernel[(tiles * num_heads,)](
+            dqkv, w_qkv, w_router if router else x, dscores, indices, dest, dx, batch, num_heads, k, tiles,
+            SCATTER_TILE_GROUP["dx"], H=hidden,
             D=head_dim, BD=block_d, ROUTER=router, SLOTS=deterministic, **launch)
     dw_qkv = torch.empty_like(w_qkv)
     dw_o = torch.empty_like(w_o)

@@ -1,0 +1,102 @@
+"""The MoSA op's kernels one by one at SPEC §6 case A and B shapes: GPU time per kernel (torch.profiler over
+forward + backward, bf16, router gradient inside) and, under Nsight Compute, one launch of each for its memory
+traffic (DRAM bytes, L2 hit rate) and throughput, to tell the kernels bound by the scatter's fp32 atomics from
+those bound by their dots.
+
+On the GPU machine (PYTHONPATH=src): `python benchmarks/experiments/op_kernels_ncu.py` prints the per-kernel
+table; `PROFILE=1 ncu --kernel-name regex:_mosa_ --section SpeedOfLight --section MemoryWorkloadAnalysis python
+benchmarks/experiments/op_kernels_ncu.py --cases A` runs forward + backward once for the profiler.
+`--tile-groups` also times the forward and the backward with the scattering kernels' programs in other orders
+(`triton_mosa.SCATTER_TILE_GROUP`: runs of 1, 2, 4 tiles or all of them, every head over a run before the next).
+"""
+
+import argparse
+import collections
+import os
+
+import torch
+import triton.testing
+from torch.profiler import ProfilerActivity, profile
+
+from torch_mosa.ops.mosa import triton_mosa as tm
+
+SHAPES = {"A": (64, 1024, 512, 505, 16), "B": (64, 1024, 512, 142, 64), "C": (16, 1024, 1024, 381, 16)}
+
+
+def op_inputs(batch, seq_len, hidden, heads, k, device="cuda", dtype=torch.bfloat16):
+    x = torch.randn(batch, seq_len, hidden, device=device, dtype=dtype)
+    w_qkv = (torch.randn(heads, hidden, 192, device=device) / hidden ** 0.5).to(dtype)
+    w_o = (torch.randn(heads, 64, hidden, device=device) / 8).to(dtype)
+    w_router = (torch.randn(heads, hidden, device=device) / hidden ** 0.5).to(dtype)
+    logits = torch.rand(batch, heads, seq_len, device=device)
+    top = logits.topk(k, dim=-1)
+    indices, order = top.indices.sort(dim=-1)
+    scores = top.values.gather(-1, order)
+    return x, w_qkv, w_o, w_router, indices, scores, torch.randn_like(x)
+
+
+def step(x, w_qkv, w_o, w_router, indices, scores, dy):
+    y, saved = tm.mosa_fwd(x, w_qkv, w_o, indices, scores, 32, 1e4)
+    return tm.mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, 32, 1e4)
+
+
+def time_tile_groups(inputs) -> None:
+    """Forward and backward ms (median of do_bench) per order of the scattering kernels' programs, the default
+    first and last (its two timings bracket any drift); every setting's output checked against the default's."""
+    x, w_qkv, w_o, w_router, indices, scores, dy = inputs
+    default = dict(tm.SCATTER_TILE_GROUP)
+    y0, saved = tm.mosa_fwd(x, w_qkv, w_o, indices, scores, 32, 1e4)
+    dx0 = tm.mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, 32, 1e4)[0]
+    settings = [default] + [{**default, "fwd": g} for g in (2, 4, 0)] + [{**default, "dx": g} for g in (1, 2, 4)]
+    print("| forward run | dx run | forward ms | backward ms | max diff y | max diff dx |\n|---|---|---|---|---|---|")
+    for setting in settings + [default]:
+        tm.SCATTER_TILE_GROUP.update(setting)
+        y, saved = tm.mosa_fwd(x, w_qkv, w_o, indices, scores, 32, 1e4)
+        dx = tm.mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, 32, 1e4)[0]
+        fwd = triton.testing.do_bench(lambda: tm.mosa_fwd(x, w_qkv, w_o, indices, scores, 32, 1e4),
+                                      return_mode="median")
+        bwd = triton.testing.do_bench(
+            lambda: tm.mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, 32, 1e4), return_mode="median")
+        print(f"| {setting['fwd']} | {setting['dx']} | {fwd:.3f} | {bwd:.3f} | "
+              f"{(y.float() - y0.float()).abs().max().item():.1e} | {(dx.float() - dx0.float()).abs().max().item():.1e} |",
+              flush=True)
+    tm.SCATTER_TILE_GROUP.update(default)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=["A", "B"], choices=sorted(SHAPES))
+    parser.add_argument("--tile-groups", action="store_true")
+    args = parser.parse_args()
+    for name in args.cases:
+        inputs = op_inputs(*SHAPES[name])
+        step(*inputs)
+        torch.cuda.synchronize()
+        if os.environ.get("PROFILE") == "1":
+            step(*inputs)  # the launches Nsight Compute profiles (the first step compiled the kernels)
+            torch.cuda.synchronize()
+            continue
+        for _ in range(3):
+            step(*inputs)
+        steps = 10
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step(*inputs)
+            torch.cuda.synchronize()
+        per_name = collections.defaultdict(float)
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                per_name[event.name] += event.device_time / steps / 1e3
+        print(f"\n## case {name} {SHAPES[name]} (B, T, h, E, k): op forward + backward, "
+              f"{sum(per_name.values()):.3f} ms of kernels")
+        print("| kernel | ms |\n|---|---|")
+        for kernel, ms in sorted(per_name.items(), key=lambda item: -item[1])[:14]:
+            print(f"| {kernel[:80]} | {ms:.3f} |")
+        if args.tile_groups:
+            time_tile_groups(inputs)
+        del inputs
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
