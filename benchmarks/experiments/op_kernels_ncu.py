@@ -6,8 +6,9 @@ those bound by their dots.
 On the GPU machine (PYTHONPATH=src): `python benchmarks/experiments/op_kernels_ncu.py` prints the per-kernel
 table; `PROFILE=1 ncu --kernel-name regex:_mosa_ --section SpeedOfLight --section MemoryWorkloadAnalysis python
 benchmarks/experiments/op_kernels_ncu.py --cases A` runs forward + backward once for the profiler.
-`--tile-groups` also times the forward and the backward with the scattering kernels' programs in other orders
-(`triton_mosa.SCATTER_TILE_GROUP`: runs of 1, 2, 4 tiles or all of them, every head over a run before the next).
+`--tile-groups` also times the forward and the backward with each kernel's programs in other orders
+(`triton_mosa.TILE_GROUP`: runs of 1, 2, 4 tiles or all of them, every head over a run before the next), one kernel
+changed at a time.
 """
 
 import argparse
@@ -41,26 +42,29 @@ def step(x, w_qkv, w_o, w_router, indices, scores, dy):
 
 
 def time_tile_groups(inputs) -> None:
-    """Forward and backward ms (median of do_bench) per order of the scattering kernels' programs, the default
-    first and last (its two timings bracket any drift); every setting's output checked against the default's."""
+    """Forward and backward ms (median of do_bench) per order of each kernel's programs, the default first and last
+    (its two timings bracket any drift); every setting's output and dx checked against the default's."""
     x, w_qkv, w_o, w_router, indices, scores, dy = inputs
-    default = dict(tm.SCATTER_TILE_GROUP)
+    default = dict(tm.TILE_GROUP)
     y0, saved = tm.mosa_fwd(x, w_qkv, w_o, indices, scores, 32, 1e4)
     dx0 = tm.mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, 32, 1e4)[0]
-    settings = [default] + [{**default, "fwd": g} for g in (2, 4, 0)] + [{**default, "dx": g} for g in (1, 2, 4)]
-    print("| forward run | dx run | forward ms | backward ms | max diff y | max diff dx |\n|---|---|---|---|---|---|")
-    for setting in settings + [default]:
-        tm.SCATTER_TILE_GROUP.update(setting)
+    settings = [("default", default)] + [
+        (f"{kernel} {group}", {**default, kernel: group}) for kernel in ("qkv", "fwd", "bwd_rows", "dx")
+        for group in (1, 2, 4, 0) if group != default[kernel]]
+    print(f"default {default}")
+    print("| setting | forward ms | backward ms | max diff y | max diff dx |\n|---|---|---|---|---|")
+    for label, setting in settings + [("default", default)]:
+        tm.TILE_GROUP.update(setting)
         y, saved = tm.mosa_fwd(x, w_qkv, w_o, indices, scores, 32, 1e4)
         dx = tm.mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, 32, 1e4)[0]
         fwd = triton.testing.do_bench(lambda: tm.mosa_fwd(x, w_qkv, w_o, indices, scores, 32, 1e4),
                                       return_mode="median")
         bwd = triton.testing.do_bench(
             lambda: tm.mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, 32, 1e4), return_mode="median")
-        print(f"| {setting['fwd']} | {setting['dx']} | {fwd:.3f} | {bwd:.3f} | "
-              f"{(y.float() - y0.float()).abs().max().item():.1e} | {(dx.float() - dx0.float()).abs().max().item():.1e} |",
-              flush=True)
-    tm.SCATTER_TILE_GROUP.update(default)
+        y_diff = (y.float() - y0.float()).abs().max().item()
+        dx_diff = (dx.float() - dx0.float()).abs().max().item()
+        print(f"| {label} | {fwd:.3f} | {bwd:.3f} | {y_diff:.1e} | {dx_diff:.1e} |", flush=True)
+    tm.TILE_GROUP.update(default)
 
 
 def main() -> None:

@@ -129,16 +129,21 @@ def test_half_precision_matches_reference(nan_allocations, mosa_kernel_path, bat
         assert_close(name, a, e, 1e-2)
 
 
-@pytest.mark.parametrize("fwd_group,dx_group", [(1, 0), (3, 2), (0, 1), (2, 3)])
-def test_scatter_program_orders_match_reference(nan_allocations, monkeypatch, fwd_group, dx_group):
-    """Every (tile, head) program of the scattering kernels runs exactly once whatever SCATTER_TILE_GROUP orders
-    them in: runs of 1 (heads fastest), 2 or 3 tiles (a shorter last run: 4 tiles each) or all (tiles fastest).
-    Split path (k 16), 13 sequences of 16 slots: 4 forward tiles of 4 groups, 4 dx tiles of 64 float32 rows."""
-    monkeypatch.setattr(triton_mosa, "MAX_FUSED_K_FP32", triton_mosa.MAX_FUSED_K)
-    monkeypatch.setattr(triton_mosa, "SCATTER_TILE_GROUP", {"fwd": fwd_group, "dx": dx_group})
+@pytest.mark.parametrize("group", [1, 2, 3, 0])
+@pytest.mark.parametrize("path", ["split", "fused", "wide"])
+def test_program_orders_match_reference(nan_allocations, monkeypatch, group, path):
+    """Every (tile, head) program of every kernel runs exactly once whatever TILE_GROUP orders them in: runs of 1
+    (heads fastest), 2 or 3 tiles (a shorter last run: 4 tiles each) or all (tiles fastest). 13 sequences of 16
+    slots: 4 row-kernel tiles of 4 groups, 4 projection, dx and output tiles of 64 float32 rows (the wide path:
+    its limit lowered to k 8)."""
+    wide_from = 8 if path == "wide" else triton_mosa.MAX_FUSED_K
+    monkeypatch.setattr(triton_mosa, "MAX_FUSED_K", wide_from)
+    monkeypatch.setattr(triton_mosa, "MAX_FUSED_K_FP32", wide_from)
+    monkeypatch.setattr(triton_mosa, "SPLIT_PROJECTION", path != "fused")
+    monkeypatch.setattr(triton_mosa, "TILE_GROUP", {name: group for name in triton_mosa.TILE_GROUP})
     assert triton_mosa._forward_tile_config(13, 16, 16, 8, torch.float32)["num_tiles"] == 4
     assert triton_mosa._split_launch("dx", 13 * 16, torch.float32)["tiles"] == 4
-    tensors, mask = make_case(13, 40, 24, 3, 16, 16, True, False, seed=fwd_group * 4 + dx_group)
+    tensors, mask = make_case(13, 40, 24, 3, 16, 16, True, False, seed=group)
     expected = run_op(mosa_attention_reference, tensors, mask, 16, True, 8)
     actual = run_op(triton_op, tensors, mask, 16, True, 8)
     for name, a, e in zip(("y", "dx", "dw_qkv", "dw_o", "dscores"), actual, expected):

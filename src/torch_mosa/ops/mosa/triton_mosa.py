@@ -66,12 +66,15 @@ SPLIT_MIN_K = 16
 # "out": the wide path's two output-projection kernels (`_mosa_out_kernel`, `_mosa_bwd_out_kernel`), not swept: the
 # dx kernel's setting, the nearest in shape (rows x d against d x hidden chunks).
 SPLIT_TILES = {"qkv": (128, 8, 4), "dx": (128, 8, 4), "out": (128, 8, 4)}
-# The order in which the kernels that scatter fp32 atomics into tokens (the forward row kernel, the dx kernel) visit
-# their (tile, head) programs: runs of TILE_GROUP tiles, every head over one run before the next run, a run's tiles
-# fastest. 1: heads fastest (the forward's order since session 1): the atomics of the programs in flight land on a
-# few sequences' rows, which stay in L2, and every run reads all heads' weights; 0: tiles fastest (all tiles of a
-# head, then the next head: a head's weights come from L2, the atomics spread over the whole batch).
-SCATTER_TILE_GROUP = {"fwd": 1, "dx": 0}
+# The order in which each kernel of (tile of rows, head) programs visits them: runs of TILE_GROUP[kernel] tiles,
+# every head over one run before the next run, a run's tiles fastest. 0: tiles fastest (all tiles of a head, then
+# the next head): a head's weights come from L2, while the rows a kernel gathers from x or dy and the fp32 atomics
+# it scatters into tokens spread over the whole batch. 1: heads fastest (the forward row kernel's order since
+# session 1): the programs in flight touch a few sequences' rows, which stay in L2, and every run reads all heads'
+# weights. Runs of a few tiles trade between the two; benchmarks/experiments/op_kernels_ncu.py --tile-groups
+# times them. Keys: the projection, the forward and backward row kernels, the dx kernel, the wide path's forward
+# and backward output kernels.
+TILE_GROUP = {"qkv": 0, "fwd": 1, "bwd_rows": 0, "dx": 0, "out": 0, "bwd_out": 0}
 
 
 @triton.jit
@@ -154,26 +157,34 @@ def _flat_rows(tile, B, E, K, e, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _tile_and_head(num_tiles, E, TILE_GROUP):
-    """This program's (tile, head) in `SCATTER_TILE_GROUP`'s order: runs of TILE_GROUP tiles (0: all of them),
-    the heads over each run, the run's tiles fastest. The last run may be shorter."""
-    pid = tl.program_id(0)
-    group = num_tiles if TILE_GROUP == 0 else TILE_GROUP
-    run = pid // (group * E)
-    first = run * group
-    tiles_in_run = tl.minimum(group, num_tiles - first)
-    rest = pid - first * E
-    return first + rest % tiles_in_run, rest // tiles_in_run
+def _tile_and_head(NUM_TILES, E, TILE_GROUP: tl.constexpr):
+    """This program's (tile, head) in `TILE_GROUP`'s order, on the grid `_program_grid` gives it: runs of
+    TILE_GROUP tiles (0: all of them), the heads over each run, the run's tiles fastest; the last run may be
+    shorter. Runs of all tiles and of one take a 2-D grid, which needs no division."""
+    if TILE_GROUP == 0:
+        tile = tl.program_id(0)
+        e = tl.program_id(1)
+    elif TILE_GROUP == 1:
+        tile = tl.program_id(1)
+        e = tl.program_id(0)
+    else:
+        pid = tl.program_id(0)
+        first = pid // (TILE_GROUP * E) * TILE_GROUP
+        tiles_in_run = tl.minimum(TILE_GROUP, NUM_TILES - first)
+        rest = pid - first * E
+        tile = first + rest % tiles_in_run
+        e = rest // tiles_in_run
+    return tile, e
 
 
 @triton.jit
-def _mosa_qkv_kernel(x_ptr, w_qkv_ptr, idx_ptr, qkv_ptr, B, T, E, K, H: tl.constexpr, D: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
+def _mosa_qkv_kernel(x_ptr, w_qkv_ptr, idx_ptr, qkv_ptr, B, T, E, K, NUM_TILES, TILE_GROUP: tl.constexpr,
+                     H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                     PREC: tl.constexpr):
     """The split path's projection: qkv[e, rows] = x[selected tokens] @ W_QKV[e], a grouped GEMM with the gather
     in its prologue and three N = d dots (Q, K, V) per hidden chunk, in the inputs' dtype, RoPE not applied.
-    Program (tile of BLOCK_M rows, head), tiles fastest so a head's weights come from L2."""
-    tile = tl.program_id(0)
-    e = tl.program_id(1)
+    Program (tile of BLOCK_M rows, head), in `TILE_GROUP["qkv"]`'s order."""
+    tile, e = _tile_and_head(NUM_TILES, E, TILE_GROUP)
     DT: tl.constexpr = x_ptr.dtype.element_ty
     b, ok, sel, head_row = _flat_rows(tile, B, E, K, e, BLOCK_M)
     pos = tl.load(idx_ptr + sel, mask=ok, other=0).to(tl.int64)
@@ -278,13 +289,13 @@ def _scatter_output(o, w_o_e, score, sel, dest, row_ok, y_ptr, d, H: tl.constexp
 
 @triton.jit
 def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr, rope_pos_ptr, doc_ptr,
-                     dest_ptr, y_ptr, o_ptr, qkv_ptr, B, T, E, K, GROUPS, NUM_TILES, TILE_GROUP, sm_scale,
-                     H: tl.constexpr,
+                     dest_ptr, y_ptr, o_ptr, qkv_ptr, B, T, E, K, GROUPS, NUM_TILES,
+                     TILE_GROUP: tl.constexpr, sm_scale, H: tl.constexpr,
                      D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
                      BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
                      DOCS: tl.constexpr, SLOTS: tl.constexpr, SPLIT: tl.constexpr):
     """SPLIT: Q|K|V come from qkv_ptr (`_mosa_qkv_kernel`) instead of the tile's own projection, and O is not
-    stored (the backward recomputes it from the kept Q|K|V). Programs in `SCATTER_TILE_GROUP["fwd"]`'s order."""
+    stored (the backward recomputes it from the kept Q|K|V). Programs in `TILE_GROUP["fwd"]`'s order."""
     tile, e = _tile_and_head(NUM_TILES, E, TILE_GROUP)
     DT: tl.constexpr = x_ptr.dtype.element_ty
     P: tl.constexpr = D - 2 * R2
@@ -347,16 +358,14 @@ def _output_grad(dy_ptr, tok, row_ok, w_o_e, o, score, sel, dscore_ptr, d, H: tl
 @triton.jit
 def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr,
                           rope_pos_ptr, doc_ptr, dest_ptr, o_ptr, qkv_ptr, dy_ptr, dqkv_ptr, dx_ptr, dscore_ptr,
-                          B, T, E, K, GROUPS, sm_scale, H: tl.constexpr,
+                          B, T, E, K, GROUPS, NUM_TILES, TILE_GROUP: tl.constexpr, sm_scale, H: tl.constexpr,
                           D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
                           BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
                           ROUTER: tl.constexpr, DOCS: tl.constexpr, SLOTS: tl.constexpr, SPLIT: tl.constexpr):
     """SPLIT: Q|K|V come from qkv_ptr (the forward's `_mosa_qkv_kernel` output), O is recomputed from them and
     stored into o_ptr for the weight kernel, and the dX rows are left to `_mosa_bwd_dx_kernel` (this kernel then
-    ends with dQKV, O and dscore stored)."""
-    # tiles fastest: all tiles of a head run before the next head, so the head's weights are read from L2
-    tile = tl.program_id(0)
-    e = tl.program_id(1)
+    ends with dQKV, O and dscore stored). Programs in `TILE_GROUP["bwd_rows"]`'s order."""
+    tile, e = _tile_and_head(NUM_TILES, E, TILE_GROUP)
     DT: tl.constexpr = x_ptr.dtype.element_ty
     P: tl.constexpr = D - 2 * R2
     grp, slot, b, row_ok, sel = _tile_rows(tile, B, E, K, e, GROUPS, BLOCK_M)
@@ -447,11 +456,12 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
 
 @triton.jit
 def _mosa_bwd_dx_kernel(dqkv_ptr, w_qkv_ptr, w_router_ptr, dscore_ptr, idx_ptr, dest_ptr, dx_ptr, B, E, K,
-                        NUM_TILES, TILE_GROUP, H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BD: tl.constexpr,
+                        NUM_TILES, TILE_GROUP: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BD: tl.constexpr,
                         BH: tl.constexpr, PREC: tl.constexpr, ROUTER: tl.constexpr, SLOTS: tl.constexpr):
     """The split path's dX rows: dQKV [rows, 3D] @ W_QKV[e]^T (+ dlogit * w_router[e] with ROUTER), scatter-added
     into the rows' tokens as the row kernel would (fp32 atomics, or per-slot rows with SLOTS). Program (tile of
-    BLOCK_M rows, head), in `SCATTER_TILE_GROUP["dx"]`'s order."""
+    BLOCK_M rows, head), in `TILE_GROUP["dx"]`'s order."""
     tile, e = _tile_and_head(NUM_TILES, E, TILE_GROUP)
     b, ok, sel, head_row = _flat_rows(tile, B, E, K, e, BLOCK_M)
     d = tl.arange(0, BD)
@@ -481,13 +491,14 @@ def _mosa_bwd_dx_kernel(dqkv_ptr, w_qkv_ptr, w_router_ptr, dscore_ptr, idx_ptr, 
 
 
 @triton.jit
-def _mosa_out_kernel(o_ptr, w_o_ptr, score_ptr, dest_ptr, y_ptr, B, E, K, NUM_TILES, TILE_GROUP, H: tl.constexpr,
+def _mosa_out_kernel(o_ptr, w_o_ptr, score_ptr, dest_ptr, y_ptr, B, E, K, NUM_TILES, TILE_GROUP: tl.constexpr,
+                     H: tl.constexpr,
                      D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
                      SLOTS: tl.constexpr):
     """The wide path's output: y[token] += score * (O row @ W_O[e]) for every selected row, O [E, B*k, d] from
     `group_attention`; scattered as the forward row kernel does (fp32 atomics, or per-slot rows with SLOTS).
-    Program (tile of BLOCK_M rows, head), in the forward row kernel's order (`SCATTER_TILE_GROUP["fwd"]`)."""
+    Program (tile of BLOCK_M rows, head), in `TILE_GROUP["out"]`'s order."""
     tile, e = _tile_and_head(NUM_TILES, E, TILE_GROUP)
     DT: tl.constexpr = o_ptr.dtype.element_ty
     b, ok, sel, head_row = _flat_rows(tile, B, E, K, e, BLOCK_M)
@@ -501,13 +512,14 @@ def _mosa_out_kernel(o_ptr, w_o_ptr, score_ptr, dest_ptr, y_ptr, B, E, K, NUM_TI
 
 @triton.jit
 def _mosa_bwd_out_kernel(o_ptr, w_o_ptr, idx_ptr, score_ptr, dy_ptr, do_ptr, dscore_ptr, B, T, E, K,
-                         H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BD: tl.constexpr,
+                         NUM_TILES, TILE_GROUP: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BD: tl.constexpr,
                          BH: tl.constexpr, PREC: tl.constexpr, ROUTER: tl.constexpr):
     """The wide path's backward through the output: dO = score * (dy rows @ W_O[e]^T) stored for
     `group_attention_backward`, and dscore = rowsum(O * dO / score) (with ROUTER, dlogit = dscore * s (1 - s)), as
-    the backward row kernel computes them. Program (tile of BLOCK_M rows, head), tiles fastest."""
-    tile = tl.program_id(0)
-    e = tl.program_id(1)
+    the backward row kernel computes them. Program (tile of BLOCK_M rows, head), in `TILE_GROUP["bwd_out"]`'s
+    order."""
+    tile, e = _tile_and_head(NUM_TILES, E, TILE_GROUP)
     DT: tl.constexpr = o_ptr.dtype.element_ty
     b, ok, sel, head_row = _flat_rows(tile, B, E, K, e, BLOCK_M)
     pos = tl.load(idx_ptr + sel, mask=ok, other=0).to(tl.int64)
@@ -798,6 +810,15 @@ def _wide(k: int, dtype: torch.dtype) -> bool:
     return k > (MAX_FUSED_K_FP32 if dtype == torch.float32 else MAX_FUSED_K)
 
 
+def _program_grid(num_tiles: int, num_heads: int, tile_group: int) -> tuple:
+    """The launch grid of a kernel of (tile, head) programs taken in `tile_group`'s order (`_tile_and_head`)."""
+    if tile_group == 0:
+        return num_tiles, num_heads
+    if tile_group == 1:
+        return num_heads, num_tiles
+    return (num_tiles * num_heads,)
+
+
 def _split_launch(kernel: str, rows: int, dtype: torch.dtype) -> dict:
     """Grid rows and launch settings of a split-path GEMM kernel ("qkv", "dx" or "out") over `rows` rows per head."""
     block_m, warps, stages = SPLIT_TILES[kernel]
@@ -816,9 +837,10 @@ def _selected_qkv(x: torch.Tensor, w_qkv: torch.Tensor, indices: torch.Tensor) -
     k = indices.shape[-1]
     qkv = torch.empty(num_heads, batch * k, three_d, device=x.device, dtype=x.dtype)
     launch = _split_launch("qkv", batch * k, x.dtype)
-    _mosa_qkv_kernel[(launch.pop("tiles"), num_heads)](
-        x, w_qkv, indices, qkv, batch, seq_len, num_heads, k, H=hidden, D=three_d // 3, BD=_block(three_d // 3),
-        **launch)
+    tiles = launch.pop("tiles")
+    _mosa_qkv_kernel[_program_grid(tiles, num_heads, TILE_GROUP["qkv"])](
+        x, w_qkv, indices, qkv, batch, seq_len, num_heads, k, tiles, TILE_GROUP["qkv"], H=hidden, D=three_d // 3,
+        BD=_block(three_d // 3), **launch)
     return qkv
 
 
@@ -895,8 +917,8 @@ def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, 
         o = attention.o.view(num_heads, batch * k, head_dim)
         launch = _split_launch("out", batch * k, x.dtype)
         tiles = launch.pop("tiles")
-        _mosa_out_kernel[(tiles * num_heads,)](
-            o, w_o, scores, dest, y, batch, num_heads, k, tiles, SCATTER_TILE_GROUP["fwd"], H=hidden, D=head_dim,
+        _mosa_out_kernel[_program_grid(tiles, num_heads, TILE_GROUP["out"])](
+            o, w_o, scores, dest, y, batch, num_heads, k, tiles, TILE_GROUP["out"], H=hidden, D=head_dim,
             BD=_block(head_dim), SLOTS=deterministic, **launch)
     else:
         saved = _mosa_fwd_rows(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, positions, document_ids,
@@ -922,9 +944,9 @@ def _mosa_fwd_rows(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, positi
     else:
         o = saved = torch.empty(num_heads, batch * k, head_dim, device=x.device, dtype=x.dtype)
         qkv = o  # (a placeholder: not read)
-    _mosa_fwd_kernel[(num_heads * cfg["num_tiles"],)](
+    _mosa_fwd_kernel[_program_grid(cfg["num_tiles"], num_heads, TILE_GROUP["fwd"])](
         x, w_qkv, w_o, indices, scores, cos, sin, positions if docs else indices, document_ids if docs else indices,
-        dest, y, o, qkv, batch, seq_len, num_heads, k, cfg["groups"], cfg["num_tiles"], SCATTER_TILE_GROUP["fwd"],
+        dest, y, o, qkv, batch, seq_len, num_heads, k, cfg["groups"], cfg["num_tiles"], TILE_GROUP["fwd"],
         head_dim ** -0.5, H=hidden,
         D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
         BH=cfg["BH"], PREC=_dot_precision(x.dtype), DOCS=docs, SLOTS=deterministic, SPLIT=split,
@@ -937,9 +959,10 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, rotary_dim: in
     """-> dx, dw_qkv, dw_o, and dscores (w_router None) or dw_router (scores are sigmoid(x . w_router)); each in
     its input's dtype. saved: `mosa_fwd`'s second output (O, or Q|K|V on the split path).
 
-    The row kernel runs tile-fastest (all tiles of a head before the next head), so a head's weights are read from
-    L2 by its tiles: 2.61 -> 2.17 ms in case A, 1.12 -> 0.92 ms in case C (H100, 2026-11-23,
-    benchmarks/results/grid-order-and-pieces-h100-2026-11-23.log).
+    The row kernel runs tiles fastest (TILE_GROUP["bwd_rows"] = 0: all tiles of a head before the next head), so a
+    head's weights are read from L2 by its tiles: 2.61 -> 2.17 ms in case A, 1.12 -> 0.92 ms in case C against
+    heads fastest (the fused path's row kernel; H100, 2026-11-23, benchmarks/results/grid-order-and-pieces-h100-
+    2026-11-23.log).
     """
     batch, seq_len, hidden = x.shape
     num_heads, _, three_d = w_qkv.shape
@@ -962,9 +985,10 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, rotary_dim: in
         o = attention.o.view(num_heads, batch * k, head_dim)
         do = torch.empty_like(o)
         launch = _split_launch("out", batch * k, x.dtype)
-        _mosa_bwd_out_kernel[(launch.pop("tiles"), num_heads)](
-            o, w_o, indices, scores, dy, do, dscores, batch, seq_len, num_heads, k, H=hidden, D=head_dim, BD=block_d,
-            ROUTER=router, **launch)
+        tiles = launch.pop("tiles")
+        _mosa_bwd_out_kernel[_program_grid(tiles, num_heads, TILE_GROUP["bwd_out"])](
+            o, w_o, indices, scores, dy, do, dscores, batch, seq_len, num_heads, k, tiles, TILE_GROUP["bwd_out"],
+            H=hidden, D=head_dim, BD=block_d, ROUTER=router, **launch)
         dqkv = _wide_attention_backward(attention, do, rope_positions, tables, rotary_dim, deterministic)
         num_stages = 2  # what _tile_config gives every selection this wide
     else:
@@ -975,10 +999,10 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, rotary_dim: in
             qkv, o = saved, torch.empty(num_heads, batch * k, head_dim, device=x.device, dtype=x.dtype)
         else:
             qkv, o = saved, saved  # (qkv a placeholder: not read)
-        _mosa_bwd_rows_kernel[(cfg["num_tiles"], num_heads)](
+        _mosa_bwd_rows_kernel[_program_grid(cfg["num_tiles"], num_heads, TILE_GROUP["bwd_rows"])](
             x, w_qkv, w_o, w_router if router else x, indices, scores, cos, sin, positions if docs else indices,
-            document_ids if docs else indices, dest, o, qkv, dy, dqkv, dx, dscores,
-            batch, seq_len, num_heads, k, cfg["groups"], head_dim ** -0.5, H=hidden,
+            document_ids if docs else indices, dest, o, qkv, dy, dqkv, dx, dscores, batch, seq_len, num_heads, k,
+            cfg["groups"], cfg["num_tiles"], TILE_GROUP["bwd_rows"], head_dim ** -0.5, H=hidden,
             D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
             BH=cfg["BH"], PREC=precision, ROUTER=router, DOCS=docs, SLOTS=deterministic, SPLIT=split,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -986,9 +1010,9 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, rotary_dim: in
     if split:
         launch = _split_launch("dx", batch * k, x.dtype)
         tiles = launch.pop("tiles")
-        _mosa_bwd_dx_kernel[(tiles * num_heads,)](
+        _mosa_bwd_dx_kernel[_program_grid(tiles, num_heads, TILE_GROUP["dx"])](
             dqkv, w_qkv, w_router if router else x, dscores, indices, dest, dx, batch, num_heads, k, tiles,
-            SCATTER_TILE_GROUP["dx"], H=hidden,
+            TILE_GROUP["dx"], H=hidden,
             D=head_dim, BD=block_d, ROUTER=router, SLOTS=deterministic, **launch)
     dw_qkv = torch.empty_like(w_qkv)
     dw_o = torch.empty_like(w_o)
