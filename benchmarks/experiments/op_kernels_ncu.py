@@ -8,7 +8,8 @@ table; `PROFILE=1 ncu --kernel-name regex:_mosa_ --section SpeedOfLight --sectio
 benchmarks/experiments/op_kernels_ncu.py --cases A` runs forward + backward once for the profiler.
 `--tile-groups` also times the forward and the backward with each kernel's programs in other orders
 (`triton_mosa.TILE_GROUP`: runs of 1, 2, 4 tiles or all of them, every head over a run before the next), one kernel
-changed at a time, and the dx kernel with 256-row tiles (half the runs, so half the weight reads at one tile per run).
+changed at a time, the dx kernel with 256-row tiles (half the runs, so half the weight reads at one tile per run),
+and the split forward's output projection in a kernel of its own (`triton_mosa.SPLIT_OUTPUT_KERNEL`) per order.
 """
 
 import argparse
@@ -48,16 +49,20 @@ def time_tile_groups(inputs) -> None:
     default, default_tiles = dict(tm.TILE_GROUP), dict(tm.SPLIT_TILES)
     y0, saved = tm.mosa_fwd(x, w_qkv, w_o, indices, scores, 32, 1e4)
     dx0 = tm.mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, 32, 1e4)[0]
-    settings = [("default", default, default_tiles)] + [
-        (f"{kernel} {group}", {**default, kernel: group}, default_tiles) for kernel in ("qkv", "fwd", "bwd_rows", "dx")
-        for group in (1, 2, 4, 0) if group != default[kernel]] + [
-        (f"dx {group}, 256-row tiles", {**default, "dx": group}, {**default_tiles, "dx": (256, 8, 3)})
-        for group in (1, 2, 0)]
-    print(f"default {default}, split tiles {default_tiles}")
+    default_output = tm.SPLIT_OUTPUT_KERNEL
+    settings = [("default", default, default_tiles, default_output)] + [
+        (f"{kernel} {group}", {**default, kernel: group}, default_tiles, default_output)
+        for kernel in ("qkv", "fwd", "bwd_rows", "dx") for group in (1, 2, 4, 0) if group != default[kernel]] + [
+        (f"dx {group}, 256-row tiles", {**default, "dx": group}, {**default_tiles, "dx": (256, 8, 3)}, default_output)
+        for group in (1, 2, 0)] + [
+        (f"output kernel {not default_output}, out {group}", {**default, "out": group}, default_tiles,
+         not default_output) for group in (1, 2, 0)]
+    print(f"default {default}, split tiles {default_tiles}, output kernel {default_output}")
     print("| setting | forward ms | backward ms | max diff y | max diff dx |\n|---|---|---|---|---|")
-    for label, setting, tiles in settings + [settings[0]]:
+    for label, setting, tiles, output_kernel in settings + [settings[0]]:
         tm.TILE_GROUP.update(setting)
         tm.SPLIT_TILES.update(tiles)
+        tm.SPLIT_OUTPUT_KERNEL = output_kernel
         y, saved = tm.mosa_fwd(x, w_qkv, w_o, indices, scores, 32, 1e4)
         dx = tm.mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, 32, 1e4)[0]
         fwd = triton.testing.do_bench(lambda: tm.mosa_fwd(x, w_qkv, w_o, indices, scores, 32, 1e4),
@@ -69,6 +74,7 @@ def time_tile_groups(inputs) -> None:
         print(f"| {label} | {fwd:.3f} | {bwd:.3f} | {y_diff:.1e} | {dx_diff:.1e} |", flush=True)
     tm.TILE_GROUP.update(default)
     tm.SPLIT_TILES.update(default_tiles)
+    tm.SPLIT_OUTPUT_KERNEL = default_output
 
 
 def main() -> None:

@@ -31,6 +31,9 @@ def ptxas_usage(kernel, constants: dict, num_warps: int, pointers=None) -> tuple
     """(registers per thread, spill store bytes, spill load bytes) of `kernel` compiled with `constants`
     (`pointers` overrides POINTERS' argument types)."""
     names = list(kernel.arg_names)
+    # the order of a kernel's (tile, head) programs (triton_mosa.TILE_GROUP) and the forward row kernel's own output
+    # projection, at their defaults unless given
+    constants = {**{n: v for n, v in (("TILE_GROUP", 0), ("SCATTER", True)) if n in names}, **constants}
     types = {**POINTERS, **(pointers or {})}
     signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
     constexprs = {(names.index(n),): v for n, v in constants.items()}

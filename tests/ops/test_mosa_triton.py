@@ -130,16 +130,17 @@ def test_half_precision_matches_reference(nan_allocations, mosa_kernel_path, bat
 
 
 @pytest.mark.parametrize("group", [1, 2, 3, 0])
-@pytest.mark.parametrize("path", ["split", "fused", "wide"])
+@pytest.mark.parametrize("path", ["split", "split-output-kernel", "fused", "wide"])
 def test_program_orders_match_reference(nan_allocations, monkeypatch, group, path):
     """Every (tile, head) program of every kernel runs exactly once whatever TILE_GROUP orders them in: runs of 1
     (heads fastest), 2 or 3 tiles (a shorter last run: 4 tiles each) or all (tiles fastest). 13 sequences of 16
     slots: 4 row-kernel tiles of 4 groups, 4 projection, dx and output tiles of 64 float32 rows (the wide path:
-    its limit lowered to k 8)."""
+    its limit lowered to k 8). The split path also with its forward's output kernel (SPLIT_OUTPUT_KERNEL)."""
     wide_from = 8 if path == "wide" else triton_mosa.MAX_FUSED_K
     monkeypatch.setattr(triton_mosa, "MAX_FUSED_K", wide_from)
     monkeypatch.setattr(triton_mosa, "MAX_FUSED_K_FP32", wide_from)
     monkeypatch.setattr(triton_mosa, "SPLIT_PROJECTION", path != "fused")
+    monkeypatch.setattr(triton_mosa, "SPLIT_OUTPUT_KERNEL", path == "split-output-kernel")
     monkeypatch.setattr(triton_mosa, "TILE_GROUP", {name: group for name in triton_mosa.TILE_GROUP})
     assert triton_mosa._forward_tile_config(13, 16, 16, 8, torch.float32)["num_tiles"] == 4
     assert triton_mosa._split_launch("dx", 13 * 16, torch.float32)["tiles"] == 4

@@ -66,6 +66,11 @@ SPLIT_MIN_K = 16
 # "out": the wide path's two output-projection kernels (`_mosa_out_kernel`, `_mosa_bwd_out_kernel`), not swept: the
 # dx kernel's setting, the nearest in shape (rows x d against d x hidden chunks).
 SPLIT_TILES = {"qkv": (128, 8, 4), "dx": (128, 8, 4), "out": (128, 8, 4)}
+# SPLIT_OUTPUT_KERNEL: on the split path the forward row kernel stops at the attention output O (stored, [E, B*k, d])
+# and the wide path's `_mosa_out_kernel` projects and scatters it, instead of the row kernel doing both (which holds
+# a tile's [M, M] probabilities beside its output tiles and spills: 484 bytes per thread at case A's tiles, ptxas
+# sm_90a). Off until timed (benchmarks/experiments/op_kernels_ncu.py --tile-groups).
+SPLIT_OUTPUT_KERNEL = False
 # The order in which each kernel of (tile of rows, head) programs visits them: runs of TILE_GROUP[kernel] tiles,
 # every head over one run before the next run, a run's tiles fastest. 0: tiles fastest (all tiles of a head, then
 # the next head): a head's weights come from L2, while the rows a kernel gathers from x or dy and the fp32 atomics
@@ -293,9 +298,10 @@ def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin
                      TILE_GROUP: tl.constexpr, sm_scale, H: tl.constexpr,
                      D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
                      BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                     DOCS: tl.constexpr, SLOTS: tl.constexpr, SPLIT: tl.constexpr):
+                     DOCS: tl.constexpr, SLOTS: tl.constexpr, SPLIT: tl.constexpr, SCATTER: tl.constexpr):
     """SPLIT: Q|K|V come from qkv_ptr (`_mosa_qkv_kernel`) instead of the tile's own projection, and O is not
-    stored (the backward recomputes it from the kept Q|K|V). Programs in `TILE_GROUP["fwd"]`'s order."""
+    stored (the backward recomputes it from the kept Q|K|V). Without SCATTER the kernel stops at O, stored for
+    `_mosa_out_kernel` (`SPLIT_OUTPUT_KERNEL`). Programs in `TILE_GROUP["fwd"]`'s order."""
     tile, e = _tile_and_head(NUM_TILES, E, TILE_GROUP)
     DT: tl.constexpr = x_ptr.dtype.element_ty
     P: tl.constexpr = D - 2 * R2
@@ -319,11 +325,12 @@ def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin
                                          BLOCK_M, PREC, DOCS)
     o = tl.dot(p.to(DT), v.to(DT), input_precision=PREC).to(DT)
     d = tl.arange(0, BD)
-    if not SPLIT:  # the split path keeps Q|K|V instead, and its backward recomputes O from them
+    if not SPLIT or not SCATTER:  # the split path keeps Q|K|V instead, and its backward recomputes O from them
         tl.store(o_ptr + head_row[:, None] * D + d[None, :], o, mask=row_ok[:, None] & (d < D)[None, :])
-    dest = tl.load(dest_ptr + sel, mask=row_ok, other=0)
-    _scatter_output(o, w_o_ptr + e.to(tl.int64) * D * H, score, sel, dest, row_ok, y_ptr, d, H, D, BH, DT, PREC,
-                    SLOTS)
+    if SCATTER:
+        dest = tl.load(dest_ptr + sel, mask=row_ok, other=0)
+        _scatter_output(o, w_o_ptr + e.to(tl.int64) * D * H, score, sel, dest, row_ok, y_ptr, d, H, D, BH, DT,
+                        PREC, SLOTS)
 
 
 @triton.jit
@@ -914,12 +921,8 @@ def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, 
         qkv = saved = _selected_qkv(x, w_qkv, indices)
         attention = _wide_attention(qkv, indices, rotary_dim, rope_base, seq_len, positions if docs else None,
                                     document_ids)[0]
-        o = attention.o.view(num_heads, batch * k, head_dim)
-        launch = _split_launch("out", batch * k, x.dtype)
-        tiles = launch.pop("tiles")
-        _mosa_out_kernel[_program_grid(tiles, num_heads, TILE_GROUP["out"])](
-            o, w_o, scores, dest, y, batch, num_heads, k, tiles, TILE_GROUP["out"], H=hidden, D=head_dim,
-            BD=_block(head_dim), SLOTS=deterministic, **launch)
+        _scatter_attention_output(attention.o.view(num_heads, batch * k, head_dim), w_o, scores, dest, y,
+                                  deterministic)
     else:
         saved = _mosa_fwd_rows(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, positions, document_ids,
                                dest, y, deterministic, _split_path(k) if split is None else split)
@@ -928,19 +931,32 @@ def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, 
     return _write_back(y, dest, tokens, x.shape, x.dtype), saved
 
 
+def _scatter_attention_output(o: torch.Tensor, w_o: torch.Tensor, scores: torch.Tensor, dest: torch.Tensor,
+                              y: torch.Tensor, deterministic: bool) -> None:
+    """y[dest] += score * (O row @ W_O[e]) for every selected row (`_mosa_out_kernel`): O [E, B*k, d]."""
+    batch, num_heads, k = scores.shape
+    head_dim, hidden = w_o.shape[1:]
+    launch = _split_launch("out", batch * k, o.dtype)
+    tiles = launch.pop("tiles")
+    _mosa_out_kernel[_program_grid(tiles, num_heads, TILE_GROUP["out"])](
+        o, w_o, scores, dest, y, batch, num_heads, k, tiles, TILE_GROUP["out"], H=hidden, D=head_dim,
+        BD=_block(head_dim), SLOTS=deterministic, **launch)
+
+
 def _mosa_fwd_rows(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, positions, document_ids, dest, y,
                    deterministic: bool, split: bool) -> torch.Tensor:
-    """`mosa_fwd`'s row kernel (and on the split path the projection before it) adding into y -> what the backward
-    keeps (O, or Q|K|V on the split path)."""
+    """`mosa_fwd`'s row kernel (and on the split path the projection before it, and with `SPLIT_OUTPUT_KERNEL` the
+    output kernel after it) adding into y -> what the backward keeps (O, or Q|K|V on the split path)."""
     batch, seq_len, hidden = x.shape
     num_heads, _, three_d = w_qkv.shape
     head_dim, k = three_d // 3, indices.shape[-1]
     cfg = _forward_tile_config(batch, k, head_dim, rotary_dim, x.dtype)
     cos, sin = _rope_tables(seq_len, rotary_dim, rope_base, x.device)
     docs = document_ids is not None
+    scatter = not (split and SPLIT_OUTPUT_KERNEL)
     if split:
         qkv = saved = _selected_qkv(x, w_qkv, indices)
-        o = qkv  # (a placeholder: not written)
+        o = qkv if scatter else torch.empty(num_heads, batch * k, head_dim, device=x.device, dtype=x.dtype)
     else:
         o = saved = torch.empty(num_heads, batch * k, head_dim, device=x.device, dtype=x.dtype)
         qkv = o  # (a placeholder: not read)
@@ -949,8 +965,10 @@ def _mosa_fwd_rows(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, positi
         dest, y, o, qkv, batch, seq_len, num_heads, k, cfg["groups"], cfg["num_tiles"], TILE_GROUP["fwd"],
         head_dim ** -0.5, H=hidden,
         D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
-        BH=cfg["BH"], PREC=_dot_precision(x.dtype), DOCS=docs, SLOTS=deterministic, SPLIT=split,
+        BH=cfg["BH"], PREC=_dot_precision(x.dtype), DOCS=docs, SLOTS=deterministic, SPLIT=split, SCATTER=scatter,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if not scatter:
+        _scatter_attention_output(o, w_o, scores, dest, y, deterministic)
     return saved
 
 
