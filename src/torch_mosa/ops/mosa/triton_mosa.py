@@ -54,6 +54,14 @@ BLOCK_H = 64
 # (None: the row kernels' setting); float32 keeps 64 x 64 x 4 warps. benchmarks/experiments/weights_tiles.py swept
 # 36 settings on an H100 (session 11): none beat these by more than 1.5%.
 WEIGHTS_TILES = dict(BH=64, BLOCK_R=64, num_warps=4, num_stages=None)
+# WEIGHTS_SPLIT: the weight gradients in two launches of the same kernel, each with its own tiles: dW_QKV with
+# dW_router (x and dQKV rows), then dW_O (dy and O rows). At the tiles above the kernel does about 44 FLOP per byte
+# of rows it loads (48 KB per 64-row step for four [64, 64] x [64, 64] products) and spills 3.9 KB per thread
+# (ptxas sm_90a); alone, dW_QKV at 128 hidden columns does about 79 and neither launch spills at these tiles (208
+# and 218 registers). Off until timed (benchmarks/experiments/op_kernels_ncu.py --tile-groups).
+WEIGHTS_SPLIT = False
+WEIGHTS_SPLIT_TILES = {"qkv": dict(BH=128, BLOCK_R=32, num_warps=8, num_stages=None),
+                       "o": dict(BH=128, BLOCK_R=64, num_warps=8, num_stages=None)}
 # The split path (module docstring): the projection (`_mosa_qkv_kernel`) and the backward's dX rows
 # (`_mosa_bwd_dx_kernel`) as grouped GEMMs of their own, the row kernels left with the attention.
 # SPLIT_PROJECTION None chooses by k (`_split_path`), True / False force one path. The path sets the shape of what
@@ -577,32 +585,40 @@ def _rope_rows_kernel(src_ptr, dst_ptr, pos_ptr, cos_ptr, sin_ptr, ROWS, SRC_STR
 @triton.jit
 def _weights_step(x_ptr, dy_ptr, idx_ptr, score_ptr, dlogit_ptr, o_ptr, dqkv_ptr, acc_q, acc_k, acc_v, acc_o, acc_r,
                   r0, e, hs, hm, d, dm, T, E, K, num_rows, H: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
-                  PREC: tl.constexpr, ROUTER: tl.constexpr):
-    """Add rows r0 .. r0 + BLOCK_R of head e to the weight-gradient accumulators."""
+                  PREC: tl.constexpr, ROUTER: tl.constexpr, DW_QKV: tl.constexpr, DW_O: tl.constexpr):
+    """Add rows r0 .. r0 + BLOCK_R of head e to the weight-gradient accumulators (those of W_QKV and the router
+    with DW_QKV, of W_O with DW_O), loading only what they need."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
     rows = r0 + tl.arange(0, BLOCK_R)
     ok = rows < num_rows
     b = rows // K
     sel = (b.to(tl.int64) * E + e) * K + rows % K
     pos = tl.load(idx_ptr + sel, mask=ok, other=0).to(tl.int64)
-    score = tl.load(score_ptr + sel, mask=ok, other=0.0).to(tl.float32)
+    if DW_O:
+        score = tl.load(score_ptr + sel, mask=ok, other=0.0).to(tl.float32)
     tok = b.to(tl.int64) * T + pos
     xh_mask = ok[:, None] & hm[None, :]
-    xt = tl.load(x_ptr + tok[:, None] * H + hs[None, :], mask=xh_mask, other=0.0)
-    g = tl.load(dy_ptr + tok[:, None] * H + hs[None, :], mask=xh_mask, other=0.0).to(DT)
+    if DW_QKV:
+        xt = tl.load(x_ptr + tok[:, None] * H + hs[None, :], mask=xh_mask, other=0.0)
+    if DW_O:
+        g = tl.load(dy_ptr + tok[:, None] * H + hs[None, :], mask=xh_mask, other=0.0).to(DT)
     head_row = e.to(tl.int64) * num_rows + rows
     rd_mask = ok[:, None] & dm[None, :]
-    dqkv_rows = dqkv_ptr + head_row[:, None] * (3 * D) + d[None, :]
-    dq = tl.load(dqkv_rows, mask=rd_mask, other=0.0)
-    dk = tl.load(dqkv_rows + D, mask=rd_mask, other=0.0)
-    dv = tl.load(dqkv_rows + 2 * D, mask=rd_mask, other=0.0)
-    o = tl.load(o_ptr + head_row[:, None] * D + d[None, :], mask=rd_mask, other=0.0).to(tl.float32)
-    xt_t = tl.trans(xt)
-    acc_q = tl.dot(xt_t, dq, acc_q, input_precision=PREC)
-    acc_k = tl.dot(xt_t, dk, acc_k, input_precision=PREC)
-    acc_v = tl.dot(xt_t, dv, acc_v, input_precision=PREC)
-    acc_o = tl.dot(tl.trans((o * score[:, None]).to(DT)), g, acc_o, input_precision=PREC)
-    if ROUTER:
+    if DW_QKV:
+        dqkv_rows = dqkv_ptr + head_row[:, None] * (3 * D) + d[None, :]
+        dq = tl.load(dqkv_rows, mask=rd_mask, other=0.0)
+        dk = tl.load(dqkv_rows + D, mask=rd_mask, other=0.0)
+        dv = tl.load(dqkv_rows + 2 * D, mask=rd_mask, other=0.0)
+    if DW_O:
+        o = tl.load(o_ptr + head_row[:, None] * D + d[None, :], mask=rd_mask, other=0.0).to(tl.float32)
+    if DW_QKV:
+        xt_t = tl.trans(xt)
+        acc_q = tl.dot(xt_t, dq, acc_q, input_precision=PREC)
+        acc_k = tl.dot(xt_t, dk, acc_k, input_precision=PREC)
+        acc_v = tl.dot(xt_t, dv, acc_v, input_precision=PREC)
+    if DW_O:
+        acc_o = tl.dot(tl.trans((o * score[:, None]).to(DT)), g, acc_o, input_precision=PREC)
+    if DW_QKV and ROUTER:
         # dW_router chunk = X_s^T dlogit as a tensor-core product: dlogit is column 0 of a [BLOCK_R, 16] operand
         # (a row reduction here cost 0.2 ms in case A)
         dlogit = tl.load(dlogit_ptr + sel, mask=ok, other=0.0)
@@ -616,9 +632,10 @@ def _weights_step(x_ptr, dy_ptr, idx_ptr, score_ptr, dlogit_ptr, o_ptr, dqkv_ptr
 def _mosa_bwd_weights_kernel(x_ptr, dy_ptr, idx_ptr, score_ptr, dlogit_ptr, o_ptr, dqkv_ptr, dw_qkv_ptr, dw_o_ptr,
                              dw_router_ptr, B, T, E, K, num_rows, H: tl.constexpr, ROWS_BOUND: tl.constexpr,
                              D: tl.constexpr, BLOCK_R: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                             PREC: tl.constexpr, ROUTER: tl.constexpr):
-    """One program per (head, hidden chunk): dW_QKV[e, chunk] = X_s^T dQKV, dW_O[e, :, chunk] = (s*O)^T dy_s and,
-    with ROUTER, dW_router[e, chunk] = dlogit^T X_s.
+                             PREC: tl.constexpr, ROUTER: tl.constexpr, DW_QKV: tl.constexpr, DW_O: tl.constexpr):
+    """One program per (head, hidden chunk): with DW_QKV, dW_QKV[e, chunk] = X_s^T dQKV and (with ROUTER)
+    dW_router[e, chunk] = dlogit^T X_s; with DW_O, dW_O[e, :, chunk] = (s*O)^T dy_s (both by default; one each in
+    two launches of their own tiles with `WEIGHTS_SPLIT`).
 
     The row loop runs to the run-time row count on the GPU (one compilation for every B*k); ROWS_BOUND > 0 makes
     it a compile-time bound instead, which Triton 3.6's interpreter needs (it cannot loop to a run-time bound).
@@ -630,31 +647,36 @@ def _mosa_bwd_weights_kernel(x_ptr, dy_ptr, idx_ptr, score_ptr, dlogit_ptr, o_pt
     hm = hs < H
     d = tl.arange(0, BD)
     dm = d < D
-    acc_q = tl.zeros([BH, BD], tl.float32)
-    acc_k = tl.zeros([BH, BD], tl.float32)
-    acc_v = tl.zeros([BH, BD], tl.float32)
-    acc_o = tl.zeros([BD, BH], tl.float32)
-    acc_r = tl.zeros([BH, 16], tl.float32)
+    # an accumulator a launch does not use is a [16, 16] placeholder
+    QB: tl.constexpr = BH if DW_QKV else 16
+    QD: tl.constexpr = BD if DW_QKV else 16
+    acc_q = tl.zeros([QB, QD], tl.float32)
+    acc_k = tl.zeros([QB, QD], tl.float32)
+    acc_v = tl.zeros([QB, QD], tl.float32)
+    acc_o = tl.zeros([BD if DW_O else 16, BH if DW_O else 16], tl.float32)
+    acc_r = tl.zeros([QB, 16], tl.float32)
     if ROWS_BOUND > 0:
         for r0 in range(0, ROWS_BOUND, BLOCK_R):
             acc_q, acc_k, acc_v, acc_o, acc_r = _weights_step(
                 x_ptr, dy_ptr, idx_ptr, score_ptr, dlogit_ptr, o_ptr, dqkv_ptr, acc_q, acc_k, acc_v, acc_o, acc_r,
-                r0, e, hs, hm, d, dm, T, E, K, num_rows, H, D, BLOCK_R, PREC, ROUTER)
+                r0, e, hs, hm, d, dm, T, E, K, num_rows, H, D, BLOCK_R, PREC, ROUTER, DW_QKV, DW_O)
     else:
         for r0 in range(0, num_rows, BLOCK_R):
             acc_q, acc_k, acc_v, acc_o, acc_r = _weights_step(
                 x_ptr, dy_ptr, idx_ptr, score_ptr, dlogit_ptr, o_ptr, dqkv_ptr, acc_q, acc_k, acc_v, acc_o, acc_r,
-                r0, e, hs, hm, d, dm, T, E, K, num_rows, H, D, BLOCK_R, PREC, ROUTER)
-    dw_rows = dw_qkv_ptr + e.to(tl.int64) * H * 3 * D + hs[:, None] * (3 * D) + d[None, :]
-    w_mask = hm[:, None] & dm[None, :]
+                r0, e, hs, hm, d, dm, T, E, K, num_rows, H, D, BLOCK_R, PREC, ROUTER, DW_QKV, DW_O)
     # each gradient in its weight's dtype (the op hands the kernels weights of x's dtype: fused_mosa_attention)
-    DW: tl.constexpr = dw_qkv_ptr.dtype.element_ty
-    tl.store(dw_rows, acc_q.to(DW), mask=w_mask)
-    tl.store(dw_rows + D, acc_k.to(DW), mask=w_mask)
-    tl.store(dw_rows + 2 * D, acc_v.to(DW), mask=w_mask)
-    tl.store(dw_o_ptr + e.to(tl.int64) * D * H + d[:, None] * H + hs[None, :], acc_o.to(dw_o_ptr.dtype.element_ty),
-             mask=dm[:, None] & hm[None, :])
-    if ROUTER:
+    if DW_QKV:
+        dw_rows = dw_qkv_ptr + e.to(tl.int64) * H * 3 * D + hs[:, None] * (3 * D) + d[None, :]
+        w_mask = hm[:, None] & dm[None, :]
+        DW: tl.constexpr = dw_qkv_ptr.dtype.element_ty
+        tl.store(dw_rows, acc_q.to(DW), mask=w_mask)
+        tl.store(dw_rows + D, acc_k.to(DW), mask=w_mask)
+        tl.store(dw_rows + 2 * D, acc_v.to(DW), mask=w_mask)
+    if DW_O:
+        tl.store(dw_o_ptr + e.to(tl.int64) * D * H + d[:, None] * H + hs[None, :],
+                 acc_o.to(dw_o_ptr.dtype.element_ty), mask=dm[:, None] & hm[None, :])
+    if DW_QKV and ROUTER:
         dw_router = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, acc_r, 0.0), 1)
         tl.store(dw_router_ptr + e.to(tl.int64) * H + hs, dw_router.to(dw_router_ptr.dtype.element_ty), mask=hm)
 
@@ -1035,12 +1057,18 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, rotary_dim: in
     dw_qkv = torch.empty_like(w_qkv)
     dw_o = torch.empty_like(w_o)
     dw_router = torch.empty_like(w_router) if router else dw_o
-    tiles = dict(BH=BLOCK_H, BLOCK_R=64, num_warps=4, num_stages=None) if x.dtype == torch.float32 else WEIGHTS_TILES
-    _mosa_bwd_weights_kernel[(num_heads * triton.cdiv(hidden, tiles["BH"]),)](
-        x, dy, indices, scores, dscores, o, dqkv, dw_qkv, dw_o, dw_router,
-        batch, seq_len, num_heads, k, batch * k, H=hidden, ROWS_BOUND=batch * k if _interpreting() else 0,
-        D=head_dim, BD=block_d, PREC=precision, ROUTER=router,
-        **{**tiles, "num_stages": tiles["num_stages"] or num_stages})
+    if x.dtype == torch.float32:
+        launches = [(True, True, dict(BH=BLOCK_H, BLOCK_R=64, num_warps=4, num_stages=None))]
+    elif WEIGHTS_SPLIT:
+        launches = [(True, False, WEIGHTS_SPLIT_TILES["qkv"]), (False, True, WEIGHTS_SPLIT_TILES["o"])]
+    else:
+        launches = [(True, True, WEIGHTS_TILES)]
+    for dw_qkv_part, dw_o_part, tiles in launches:
+        _mosa_bwd_weights_kernel[(num_heads * triton.cdiv(hidden, tiles["BH"]),)](
+            x, dy, indices, scores, dscores, o, dqkv, dw_qkv, dw_o, dw_router,
+            batch, seq_len, num_heads, k, batch * k, H=hidden, ROWS_BOUND=batch * k if _interpreting() else 0,
+            D=head_dim, BD=block_d, PREC=precision, ROUTER=router, DW_QKV=dw_qkv_part, DW_O=dw_o_part,
+            **{**tiles, "num_stages": tiles["num_stages"] or num_stages})
     if deterministic:
         dx = _combine_slots(dx, indices, x.shape, x.dtype)
     else:
