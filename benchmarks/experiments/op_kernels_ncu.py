@@ -6,10 +6,11 @@ those bound by their dots.
 On the GPU machine (PYTHONPATH=src): `python benchmarks/experiments/op_kernels_ncu.py` prints the per-kernel
 table; `PROFILE=1 ncu --kernel-name regex:_mosa_ --section SpeedOfLight --section MemoryWorkloadAnalysis python
 benchmarks/experiments/op_kernels_ncu.py --cases A` runs forward + backward once for the profiler.
-`--tile-groups` also times the forward and the backward with each kernel's programs in other orders
-(`triton_mosa.TILE_GROUP`: runs of 1, 2, 4 tiles or all of them, every head over a run before the next), one kernel
-changed at a time, the dx kernel with 256-row tiles (half the runs, so half the weight reads at one tile per run),
-and the split forward's output projection in a kernel of its own (`triton_mosa.SPLIT_OUTPUT_KERNEL`) per order.
+`--variants` also times the forward and the backward with one change at a time: each kernel's programs in other
+orders (`triton_mosa.TILE_GROUP`: runs of 1, 2, 4 tiles or all of them, every head over a run before the next), the
+dx kernel with 256-row tiles (half the runs, so half the weight reads at one tile per run), the split forward's
+output projection in a kernel of its own (`SPLIT_OUTPUT_KERNEL`) per order, and the weight gradients in two
+launches (`WEIGHTS_SPLIT`) per tile setting.
 """
 
 import argparse
@@ -42,45 +43,58 @@ def step(x, w_qkv, w_o, w_router, indices, scores, dy):
     return tm.mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, 32, 1e4)
 
 
-def time_tile_groups(inputs) -> None:
-    """Forward and backward ms (median of do_bench) per order of each kernel's programs, the default first and last
-    (its two timings bracket any drift); every setting's output and dx checked against the default's."""
+def variants() -> list:
+    """(label, {triton_mosa attribute: value}) per setting timed by `--variants`, one change from the defaults each."""
+    order, tiles = tm.TILE_GROUP, tm.SPLIT_TILES
+    settings = [(f"order {kernel} {group}", {"TILE_GROUP": {**order, kernel: group}})
+                for kernel in ("qkv", "fwd", "bwd_rows", "dx") for group in (1, 2, 4, 0) if group != order[kernel]]
+    settings += [(f"order dx {group}, 256-row dx tiles", {"TILE_GROUP": {**order, "dx": group},
+                                                          "SPLIT_TILES": {**tiles, "dx": (256, 8, 3)}})
+                 for group in (1, 2, 0)]
+    settings += [(f"output kernel, order out {group}", {"SPLIT_OUTPUT_KERNEL": True,
+                                                        "TILE_GROUP": {**order, "out": group}}) for group in (1, 2, 0)]
+    split_tiles = tm.WEIGHTS_SPLIT_TILES
+    for qkv_tiles in ((128, 32, 8), (128, 64, 8), (64, 64, 4)):
+        for o_tiles in ((128, 64, 8), (256, 64, 8)):
+            setting = {"qkv": dict(zip(("BH", "BLOCK_R", "num_warps"), qkv_tiles), num_stages=None),
+                       "o": dict(zip(("BH", "BLOCK_R", "num_warps"), o_tiles), num_stages=None)}
+            settings.append((f"weights split, qkv {qkv_tiles}, o {o_tiles}",
+                             {"WEIGHTS_SPLIT": True, "WEIGHTS_SPLIT_TILES": setting}))
+    assert tm.WEIGHTS_SPLIT_TILES is split_tiles
+    return settings
+
+
+def time_variants(inputs) -> None:
+    """Forward and backward ms (median of do_bench) of the op with each of `variants()`, the defaults first and
+    last (their two timings bracket any drift); every setting's output and gradients checked against the defaults'."""
     x, w_qkv, w_o, w_router, indices, scores, dy = inputs
-    default, default_tiles = dict(tm.TILE_GROUP), dict(tm.SPLIT_TILES)
+    settings = variants()
+    defaults = {name: getattr(tm, name) for _, changes in settings for name in changes}
     y0, saved = tm.mosa_fwd(x, w_qkv, w_o, indices, scores, 32, 1e4)
-    dx0 = tm.mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, 32, 1e4)[0]
-    default_output = tm.SPLIT_OUTPUT_KERNEL
-    settings = [("default", default, default_tiles, default_output)] + [
-        (f"{kernel} {group}", {**default, kernel: group}, default_tiles, default_output)
-        for kernel in ("qkv", "fwd", "bwd_rows", "dx") for group in (1, 2, 4, 0) if group != default[kernel]] + [
-        (f"dx {group}, 256-row tiles", {**default, "dx": group}, {**default_tiles, "dx": (256, 8, 3)}, default_output)
-        for group in (1, 2, 0)] + [
-        (f"output kernel {not default_output}, out {group}", {**default, "out": group}, default_tiles,
-         not default_output) for group in (1, 2, 0)]
-    print(f"default {default}, split tiles {default_tiles}, output kernel {default_output}")
-    print("| setting | forward ms | backward ms | max diff y | max diff dx |\n|---|---|---|---|---|")
-    for label, setting, tiles, output_kernel in settings + [settings[0]]:
-        tm.TILE_GROUP.update(setting)
-        tm.SPLIT_TILES.update(tiles)
-        tm.SPLIT_OUTPUT_KERNEL = output_kernel
+    grads0 = tm.mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, 32, 1e4)
+    print(f"defaults {defaults}")
+    print("| setting | forward ms | backward ms | max diff y | max diff dx, dW_QKV, dW_O, dW_router |\n"
+          "|---|---|---|---|---|")
+    for label, changes in [("defaults", {})] + settings + [("defaults", {})]:
+        for name, value in {**defaults, **changes}.items():
+            setattr(tm, name, value)
         y, saved = tm.mosa_fwd(x, w_qkv, w_o, indices, scores, 32, 1e4)
-        dx = tm.mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, 32, 1e4)[0]
+        grads = tm.mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, 32, 1e4)
         fwd = triton.testing.do_bench(lambda: tm.mosa_fwd(x, w_qkv, w_o, indices, scores, 32, 1e4),
                                       return_mode="median")
         bwd = triton.testing.do_bench(
             lambda: tm.mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, 32, 1e4), return_mode="median")
         y_diff = (y.float() - y0.float()).abs().max().item()
-        dx_diff = (dx.float() - dx0.float()).abs().max().item()
-        print(f"| {label} | {fwd:.3f} | {bwd:.3f} | {y_diff:.1e} | {dx_diff:.1e} |", flush=True)
-    tm.TILE_GROUP.update(default)
-    tm.SPLIT_TILES.update(default_tiles)
-    tm.SPLIT_OUTPUT_KERNEL = default_output
+        grad_diffs = ", ".join(f"{(g.float() - g0.float()).abs().max().item():.1e}" for g, g0 in zip(grads, grads0))
+        print(f"| {label} | {fwd:.3f} | {bwd:.3f} | {y_diff:.1e} | {grad_diffs} |", flush=True)
+    for name, value in defaults.items():
+        setattr(tm, name, value)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["A", "B"], choices=sorted(SHAPES))
-    parser.add_argument("--tile-groups", action="store_true")
+    parser.add_argument("--variants", action="store_true", help="also time the op with each of variants()")
     args = parser.parse_args()
     for name in args.cases:
         inputs = op_inputs(*SHAPES[name])
@@ -106,8 +120,8 @@ def main() -> None:
         print("| kernel | ms |\n|---|---|")
         for kernel, ms in sorted(per_name.items(), key=lambda item: -item[1])[:14]:
             print(f"| {kernel[:80]} | {ms:.3f} |")
-        if args.tile_groups:
-            time_tile_groups(inputs)
+        if args.variants:
+            time_variants(inputs)
         del inputs
         torch.cuda.empty_cache()
 
