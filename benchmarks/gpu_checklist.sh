@@ -8,12 +8,15 @@
 #   eval    evaluation forwards of the Tiny IsoFLOP model: top-k beside causal routing, with and without capacity
 #   profile torch.profiler kernel tables of case D and of eager decode steps (benchmarks/experiments/)
 #   combine the op's fp32-atomic combine against deterministic mode's per-slot rows + index_add_ (cases A-C)
+#   variants the op's kernels one by one (cases A-C), the variants not yet on by default (program orders, the split
+#           forward's output kernel, the weights split; about 4 minutes), Nsight Compute on each op kernel of case A
+#   layers  kernel tables of the compiled layers A and B beside dense (benchmarks/experiments/)
 # Usage, from the repository root on the GPU machine: bash benchmarks/gpu_checklist.sh STAGE
 # Writes its log and tables under $OUT (default ./gpu-results) and prints the short table last.
 set -euo pipefail
-stages="tests, layer, decode, tiles, eval, profile or combine"
+stages="tests, layer, decode, tiles, eval, profile, combine, variants or layers"
 stage="${1:?give a stage: $stages}"
-case "$stage" in tests|layer|decode|tiles|eval|profile|combine) ;; *) echo "unknown stage '$stage': give $stages" >&2; exit 2 ;; esac
+case "$stage" in tests|layer|decode|tiles|eval|profile|combine|variants|layers) ;; *) echo "unknown stage '$stage': give $stages" >&2; exit 2 ;; esac
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
 export PYTHONPATH=src
@@ -57,4 +60,15 @@ case "$stage" in
     grep "^==" "$out/profile.txt" ;;
   combine)
     python benchmarks/experiments/combine_atomics_vs_slots.py 2>&1 | tee "$out/combine.log" | tail -10 ;;
+  variants)
+    python benchmarks/experiments/op_kernels_ncu.py --cases A B C --variants > "$out/op-kernels.log" 2>&1
+    if command -v ncu > /dev/null; then
+      PROFILE=1 ncu --kernel-name regex:_mosa_ --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct \
+        python benchmarks/experiments/op_kernels_ncu.py --cases A > "$out/op-kernels-ncu.log" 2>&1
+    fi
+    grep -E "^## |^\| " "$out/op-kernels.log" | cut -c1-150 ;;
+  layers)
+    python benchmarks/experiments/profile_layer_compiled.py --cases A B > "$out/profile-layer.log" 2>&1
+    grep -E "^## |^\| " "$out/profile-layer.log" | cut -c1-130 | head -80 ;;
 esac
