@@ -9,8 +9,8 @@ benchmarks/experiments/op_kernels_ncu.py --cases A` runs forward + backward once
 `--variants` also times the forward and the backward with one change at a time: each kernel's programs in other
 orders (`triton_mosa.TILE_GROUP`: runs of 1, 2, 4 tiles or all of them, every head over a run before the next), the
 dx kernel with 256-row tiles (half the runs, so half the weight reads at one tile per run), the split forward's
-output projection in a kernel of its own (`SPLIT_OUTPUT_KERNEL`) per order, and the weight gradients in two
-launches (`WEIGHTS_SPLIT`) per tile setting.
+output projection in a kernel of its own (`SPLIT_OUTPUT_KERNEL`) per order, the weight gradients in two launches
+(`WEIGHTS_SPLIT`) per tile setting, and the row kernels at 128 rows x 8 warps.
 """
 
 import argparse
@@ -61,6 +61,18 @@ def variants() -> list:
             settings.append((f"weights split, qkv {qkv_tiles}, o {o_tiles}",
                              {"WEIGHTS_SPLIT": True, "WEIGHTS_SPLIT_TILES": setting}))
     assert tm.WEIGHTS_SPLIT_TILES is split_tiles
+    tile_config = tm._tile_config
+
+    def rows_128(batch, k, head_dim, rotary_dim, dtype):
+        cfg = tile_config(batch, k, head_dim, rotary_dim, dtype)
+        if k > 128 or dtype == torch.float32:
+            return cfg
+        groups = 128 // k
+        return {**cfg, "block_m": 128, "groups": groups, "num_tiles": -(-batch // groups), "num_warps": 8,
+                "num_stages": 2}
+
+    # the row kernels' tiles: the backward's (and the forward's where it takes the backward's: k > 16)
+    settings.append(("row tiles 128 x 8 warps", {"_tile_config": rows_128}))
     return settings
 
 
