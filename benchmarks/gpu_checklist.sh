@@ -11,12 +11,13 @@
 #   variants the op's kernels one by one (cases A-C), the variants not yet on by default (program orders, the split
 #           forward's output kernel, the weights split; about 4 minutes), Nsight Compute on each op kernel of case A
 #   layers  kernel tables of the compiled layers A and B beside dense (benchmarks/experiments/)
+#   select  the top-k selection kernel's bitwise search against its sort (SELECT_BY_SORT) per warp count
 # Usage, from the repository root on the GPU machine: bash benchmarks/gpu_checklist.sh STAGE
 # Writes its log and tables under $OUT (default ./gpu-results) and prints the short table last.
 set -euo pipefail
-stages="tests, layer, decode, tiles, eval, profile, combine, variants or layers"
+stages="tests, layer, decode, tiles, eval, profile, combine, variants, layers or select"
 stage="${1:?give a stage: $stages}"
-case "$stage" in tests|layer|decode|tiles|eval|profile|combine|variants|layers) ;; *) echo "unknown stage '$stage': give $stages" >&2; exit 2 ;; esac
+case "$stage" in tests|layer|decode|tiles|eval|profile|combine|variants|layers|select) ;; *) echo "unknown stage '$stage': give $stages" >&2; exit 2 ;; esac
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
 export PYTHONPATH=src
@@ -71,4 +72,6 @@ case "$stage" in
   layers)
     python benchmarks/experiments/profile_layer_compiled.py --cases A B > "$out/profile-layer.log" 2>&1
     grep -E "^## |^\| " "$out/profile-layer.log" | cut -c1-130 | head -80 ;;
+  select)
+    python benchmarks/experiments/select_by_sort.py 2>&1 | tee "$out/select-by-sort.log" | tail -52 ;;
 esac

@@ -85,7 +85,8 @@ def test_bad_k():
 
 
 triton = pytest.importorskip("triton")
-from torch_mosa.ops.selection.triton_selection import topk_route_triton
+from torch_mosa.ops.selection import triton_selection  # noqa: E402
+from torch_mosa.ops.selection.triton_selection import topk_route_triton  # noqa: E402
 
 KERNEL_CASES = [
     # batch, heads, seq_len, k, include_first, padded, ties
@@ -95,11 +96,17 @@ KERNEL_CASES = [
     pytest.param(2, 2, 9000, 70, True, True, True, id="T9000-three-chunks"),
     pytest.param(2, 3, 20, 2, False, True, False, id="k2-padded"),
     pytest.param(1, 5, 33, 3, True, False, True, id="T33-include_first-ties"),
+    pytest.param(2, 3, 1024, 16, True, True, True, id="T1024-k16-padded-ties"),
+    pytest.param(1, 3, 300, 100, False, True, True, id="T300-k100-padded-ties"),
+    pytest.param(2, 2, 17, 1, True, False, False, id="k1-include_first"),
 ]
 
 
+@pytest.mark.parametrize("by_sort", [False, True], ids=["search", "sort"])
 @pytest.mark.parametrize("batch,heads,seq_len,k,include_first,padded,ties", KERNEL_CASES)
-def test_kernel_matches_reference(batch, heads, seq_len, k, include_first, padded, ties):
+def test_kernel_matches_reference(monkeypatch, batch, heads, seq_len, k, include_first, padded, ties, by_sort):
+    """The kernel's bitwise search and its sort (`SELECT_BY_SORT`, rows of one chunk) against the reference."""
+    monkeypatch.setattr(triton_selection, "SELECT_BY_SORT", by_sort)
     logits = make_logits(batch, heads, seq_len, seed=seq_len + k, ties=ties).to(DEVICE)
     mask = None
     if padded:

@@ -29,6 +29,13 @@ from torch_mosa.checks import first_real_position
 # Logits per chunk held in registers; longer rows loop over chunks. The chunk count is a compile-time constant
 # (Triton 3.6's interpreter cannot loop to a run-time bound), so rows up to MAX_BLOCK_T share one compilation.
 MAX_BLOCK_T = 4096
+# SELECT_BY_SORT: rows that fit one chunk take their top k with Triton's bitonic top-k (`tl.topk`) on 64-bit words
+# (key, then the position reversed, so ties go to the lowest position) and put them in position order with one
+# `tl.sort` of k words, instead of the 33 counting passes of the bitwise search (each a reduction across the
+# program's warps). About 15k compare-and-swap steps per 1024-logit row at k 16 against the search's 34k compares;
+# off until timed (benchmarks/experiments/select_by_sort.py). Packed documents (`topk_route_segments_triton`, whose k
+# varies by segment at run time) keep the search.
+SELECT_BY_SORT = False
 
 
 @triton.jit
@@ -106,9 +113,36 @@ def _take_chunk(idx_ptr, score_ptr, out_row, base, t, key, logit, in_row, real, 
 
 
 @triton.jit
+def _select_row_by_sort(row_ptr, mask_row_ptr, first, T, K, idx_ptr, score_ptr, out_row, HAS_MASK: tl.constexpr,
+                        INCLUDE_FIRST: tl.constexpr, BLOCK_T: tl.constexpr, KP: tl.constexpr):
+    """`_select_row` for a row in one chunk, by sorting (`SELECT_BY_SORT`); KP: K rounded up to a power of two.
+
+    Words key << 32 | (BLOCK_T - 1 - t): the KP largest are the KP largest keys, ties to the lowest position, and
+    positions past T (key 0, the smallest reversed positions) come after every padded one. Their first K are the
+    selection; a second word (not chosen, padding, position) sorts them into the slots' order: real tokens by
+    position, then padding by position."""
+    offs = tl.arange(0, BLOCK_T)
+    key, _, _, _ = _row_keys(row_ptr, mask_row_ptr, first, offs, T, HAS_MASK, INCLUDE_FIRST)
+    words = (key.to(tl.uint64) << 32) | (BLOCK_T - 1 - offs).to(tl.uint64)
+    top = tl.topk(words, KP)
+    rank = tl.arange(0, KP)
+    position = (BLOCK_T - 1 - (top & 0xFFFFFFFF)).to(tl.uint64)
+    padding = (top >> 32) == 0  # real keys are at least 1
+    order = tl.sort(((rank >= K).to(tl.uint64) << 63) | (padding.to(tl.uint64) << 62) | (position << 32))
+    taken = (order >> 63) == 0
+    position = ((order >> 32) & 0x3FFFFFFF).to(tl.int64)
+    real = ((order >> 62) & 1) == 0
+    logit = tl.load(row_ptr + position, mask=taken, other=0.0).to(tl.float32)
+    score = tl.where(real, 1.0 / (1.0 + tl.exp(-logit)), 0.0)
+    slots = tl.arange(0, KP)
+    tl.store(idx_ptr + out_row + slots, position, mask=taken)
+    tl.store(score_ptr + out_row + slots, score, mask=taken)
+
+
+@triton.jit
 def _topk_route_kernel(logits_ptr, mask_ptr, first_ptr, idx_ptr, score_ptr, E, T, K, stride_lb, stride_le,
                        HAS_MASK: tl.constexpr, INCLUDE_FIRST: tl.constexpr, BLOCK_T: tl.constexpr,
-                       NUM_CHUNKS: tl.constexpr):
+                       NUM_CHUNKS: tl.constexpr, KP: tl.constexpr, BY_SORT: tl.constexpr):
     row = tl.program_id(0)
     b = row // E
     e = row % E
@@ -117,8 +151,12 @@ def _topk_route_kernel(logits_ptr, mask_ptr, first_ptr, idx_ptr, score_ptr, E, T
     first = -1
     if INCLUDE_FIRST:
         first = tl.load(first_ptr + b).to(tl.int32)
-    _select_row(row_ptr, mask_row_ptr, first, T, K, idx_ptr, score_ptr, row.to(tl.int64) * K, 0, HAS_MASK,
-                INCLUDE_FIRST, BLOCK_T, NUM_CHUNKS)
+    if BY_SORT:
+        _select_row_by_sort(row_ptr, mask_row_ptr, first, T, K, idx_ptr, score_ptr, row.to(tl.int64) * K, HAS_MASK,
+                            INCLUDE_FIRST, BLOCK_T, KP)
+    else:
+        _select_row(row_ptr, mask_row_ptr, first, T, K, idx_ptr, score_ptr, row.to(tl.int64) * K, 0, HAS_MASK,
+                    INCLUDE_FIRST, BLOCK_T, NUM_CHUNKS)
 
 
 @triton.jit
@@ -200,9 +238,12 @@ def _topk_route_op(logits: torch.Tensor, k: int, include_first: bool, attention_
     has_mask = attention_mask is not None
     mask = attention_mask.to(torch.uint8).contiguous() if has_mask else indices
     first = first_real_position(attention_mask, batch, logits.device) if include_first else indices
+    blocks = _row_blocks(seq_len)
+    by_sort = SELECT_BY_SORT and blocks["NUM_CHUNKS"] == 1
     _topk_route_kernel[(batch * num_heads,)](
         logits, mask, first, indices, scores, num_heads, seq_len, k, logits.stride(0), logits.stride(1),
-        HAS_MASK=has_mask, INCLUDE_FIRST=include_first, **_row_blocks(seq_len))
+        HAS_MASK=has_mask, INCLUDE_FIRST=include_first, KP=max(2, triton.next_power_of_2(k)) if by_sort else 1,
+        BY_SORT=by_sort, **blocks)
     return indices, scores
 
 
