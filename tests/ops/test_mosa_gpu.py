@@ -38,9 +38,16 @@ def exact_reference():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
+@pytest.mark.parametrize("by_sort", [False, True], ids=["search", "sort"])
 @pytest.mark.parametrize("batch,heads,seq_len,k,padded", [(4, 505, 1024, 16, False), (3, 37, 1000, 100, True),
-                                                          (1, 60, 131072, 64, False), (2, 13, 4097, 1024, True)])
-def test_selection_kernel(batch, heads, seq_len, k, padded):
+                                                          (1, 60, 131072, 64, False), (2, 13, 4097, 1024, True),
+                                                          (2, 9, 4096, 64, True)])
+def test_selection_kernel(monkeypatch, batch, heads, seq_len, k, padded, by_sort):
+    """The selection kernel against the reference, by its bitwise search and by its sort (`SELECT_BY_SORT`, which
+    rows of one chunk, T <= 4096, take)."""
+    from torch_mosa.ops.selection import triton_selection
+
+    monkeypatch.setattr(triton_selection, "SELECT_BY_SORT", by_sort)
     logits = torch.randn(batch, heads, seq_len, device="cuda")
     logits[..., ::9] = logits[..., 4:5]  # exact ties
     mask = None
