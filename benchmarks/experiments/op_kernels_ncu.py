@@ -10,7 +10,7 @@ benchmarks/experiments/op_kernels_ncu.py --cases A` runs forward + backward once
 orders (`triton_mosa.TILE_GROUP`: runs of 1, 2, 4 tiles or all of them, every head over a run before the next), the
 dx kernel with 256-row tiles (half the runs, so half the weight reads at one tile per run), the split forward's
 output projection in a kernel of its own (`SPLIT_OUTPUT_KERNEL`) per order, the weight gradients in two launches
-(`WEIGHTS_SPLIT`) per tile setting, and the row kernels at 128 rows x 8 warps.
+(`WEIGHTS_SPLIT`) per tile setting, and the row kernels at 128 rows x 8 warps and 64 x 8.
 """
 
 import argparse
@@ -63,16 +63,21 @@ def variants() -> list:
     assert tm.WEIGHTS_SPLIT_TILES is split_tiles
     tile_config = tm._tile_config
 
-    def rows_128(batch, k, head_dim, rotary_dim, dtype):
-        cfg = tile_config(batch, k, head_dim, rotary_dim, dtype)
-        if k > 128 or dtype == torch.float32:
-            return cfg
-        groups = 128 // k
-        return {**cfg, "block_m": 128, "groups": groups, "num_tiles": -(-batch // groups), "num_warps": 8,
-                "num_stages": 2}
+    def row_tiles(block_m, warps, stages):
+        def config(batch, k, head_dim, rotary_dim, dtype):
+            cfg = tile_config(batch, k, head_dim, rotary_dim, dtype)
+            if k > block_m or dtype == torch.float32:
+                return cfg
+            groups = block_m // k
+            return {**cfg, "block_m": block_m, "groups": groups, "num_tiles": -(-batch // groups),
+                    "num_warps": warps, "num_stages": stages}
+        return config
 
-    # the row kernels' tiles: the backward's (and the forward's where it takes the backward's: k > 16)
-    settings.append(("row tiles 128 x 8 warps", {"_tile_config": rows_128}))
+    # the row kernels' tiles: the backward's (and the forward's where it takes the backward's: k > 16). ptxas
+    # sm_90a, split path, case A widths: the backward row kernel spills 596 / 1072 bytes at 64 x 4 warps (the
+    # default), 1048 / 1548 at 128 x 8, none at 64 x 8
+    settings.append(("row tiles 128 x 8 warps", {"_tile_config": row_tiles(128, 8, 2)}))
+    settings.append(("row tiles 64 x 8 warps", {"_tile_config": row_tiles(64, 8, 3)}))
     return settings
 
 
