@@ -58,7 +58,7 @@ WEIGHTS_TILES = dict(BH=64, BLOCK_R=64, num_warps=4, num_stages=None)
 # dW_router (x and dQKV rows), then dW_O (dy and O rows). At the tiles above the kernel does about 44 FLOP per byte
 # of rows it loads (48 KB per 64-row step for four [64, 64] x [64, 64] products) and spills 3.9 KB per thread
 # (ptxas sm_90a); alone, dW_QKV at 128 hidden columns does about 79 and neither launch spills at these tiles (208
-# and 218 registers). Off until timed (benchmarks/experiments/op_kernels_ncu.py --tile-groups).
+# and 218 registers). Off until timed (benchmarks/experiments/op_kernels_ncu.py --variants).
 WEIGHTS_SPLIT = False
 WEIGHTS_SPLIT_TILES = {"qkv": dict(BH=128, BLOCK_R=32, num_warps=8, num_stages=None),
                        "o": dict(BH=128, BLOCK_R=64, num_warps=8, num_stages=None)}
@@ -77,15 +77,15 @@ SPLIT_TILES = {"qkv": (128, 8, 4), "dx": (128, 8, 4), "out": (128, 8, 4)}
 # SPLIT_OUTPUT_KERNEL: on the split path the forward row kernel stops at the attention output O (stored, [E, B*k, d])
 # and the wide path's `_mosa_out_kernel` projects and scatters it, instead of the row kernel doing both (which holds
 # a tile's [M, M] probabilities beside its output tiles and spills: 484 bytes per thread at case A's tiles, ptxas
-# sm_90a). Off until timed (benchmarks/experiments/op_kernels_ncu.py --tile-groups).
+# sm_90a). Off until timed (benchmarks/experiments/op_kernels_ncu.py --variants).
 SPLIT_OUTPUT_KERNEL = False
 # The order in which each kernel of (tile of rows, head) programs visits them: runs of TILE_GROUP[kernel] tiles,
 # every head over one run before the next run, a run's tiles fastest. 0: tiles fastest (all tiles of a head, then
 # the next head): a head's weights come from L2, while the rows a kernel gathers from x or dy and the fp32 atomics
 # it scatters into tokens spread over the whole batch. 1: heads fastest (the forward row kernel's order since
 # session 1): the programs in flight touch a few sequences' rows, which stay in L2, and every run reads all heads'
-# weights. Runs of a few tiles trade between the two; benchmarks/experiments/op_kernels_ncu.py --tile-groups
-# times them. Keys: the projection, the forward and backward row kernels, the dx kernel, the wide path's forward
+# weights. Runs of a few tiles trade between the two; benchmarks/experiments/op_kernels_ncu.py --variants times
+# them. Keys: the projection, the forward and backward row kernels, the dx kernel, the wide path's forward
 # and backward output kernels.
 TILE_GROUP = {"qkv": 0, "fwd": 1, "bwd_rows": 0, "dx": 0, "out": 0, "bwd_out": 0}
 
@@ -472,8 +472,8 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
 @triton.jit
 def _mosa_bwd_dx_kernel(dqkv_ptr, w_qkv_ptr, w_router_ptr, dscore_ptr, idx_ptr, dest_ptr, dx_ptr, B, E, K,
                         NUM_TILES, TILE_GROUP: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BD: tl.constexpr,
-                        BH: tl.constexpr, PREC: tl.constexpr, ROUTER: tl.constexpr, SLOTS: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+                        ROUTER: tl.constexpr, SLOTS: tl.constexpr):
     """The split path's dX rows: dQKV [rows, 3D] @ W_QKV[e]^T (+ dlogit * w_router[e] with ROUTER), scatter-added
     into the rows' tokens as the row kernel would (fp32 atomics, or per-slot rows with SLOTS). Program (tile of
     BLOCK_M rows, head), in `TILE_GROUP["dx"]`'s order."""
@@ -507,10 +507,8 @@ def _mosa_bwd_dx_kernel(dqkv_ptr, w_qkv_ptr, w_router_ptr, dscore_ptr, idx_ptr, 
 
 @triton.jit
 def _mosa_out_kernel(o_ptr, w_o_ptr, score_ptr, dest_ptr, y_ptr, B, E, K, NUM_TILES, TILE_GROUP: tl.constexpr,
-                     H: tl.constexpr,
-                     D: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                     SLOTS: tl.constexpr):
+                     H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                     PREC: tl.constexpr, SLOTS: tl.constexpr):
     """The wide path's output: y[token] += score * (O row @ W_O[e]) for every selected row, O [E, B*k, d] from
     `group_attention`; scattered as the forward row kernel does (fp32 atomics, or per-slot rows with SLOTS).
     Program (tile of BLOCK_M rows, head), in `TILE_GROUP["out"]`'s order."""
@@ -528,8 +526,8 @@ def _mosa_out_kernel(o_ptr, w_o_ptr, score_ptr, dest_ptr, y_ptr, B, E, K, NUM_TI
 @triton.jit
 def _mosa_bwd_out_kernel(o_ptr, w_o_ptr, idx_ptr, score_ptr, dy_ptr, do_ptr, dscore_ptr, B, T, E, K,
                          NUM_TILES, TILE_GROUP: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BD: tl.constexpr,
-                         BH: tl.constexpr, PREC: tl.constexpr, ROUTER: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+                         ROUTER: tl.constexpr):
     """The wide path's backward through the output: dO = score * (dy rows @ W_O[e]^T) stored for
     `group_attention_backward`, and dscore = rowsum(O * dO / score) (with ROUTER, dlogit = dscore * s (1 - s)), as
     the backward row kernel computes them. Program (tile of BLOCK_M rows, head), in `TILE_GROUP["bwd_out"]`'s
@@ -978,6 +976,7 @@ def _mosa_fwd_rows(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, positi
     scatter = not (split and SPLIT_OUTPUT_KERNEL)
     if split:
         qkv = saved = _selected_qkv(x, w_qkv, indices)
+        # O is stored only for the output kernel (qkv a placeholder otherwise: not written)
         o = qkv if scatter else torch.empty(num_heads, batch * k, head_dim, device=x.device, dtype=x.dtype)
     else:
         o = saved = torch.empty(num_heads, batch * k, head_dim, device=x.device, dtype=x.dtype)
@@ -985,10 +984,9 @@ def _mosa_fwd_rows(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, positi
     _mosa_fwd_kernel[_program_grid(cfg["num_tiles"], num_heads, TILE_GROUP["fwd"])](
         x, w_qkv, w_o, indices, scores, cos, sin, positions if docs else indices, document_ids if docs else indices,
         dest, y, o, qkv, batch, seq_len, num_heads, k, cfg["groups"], cfg["num_tiles"], TILE_GROUP["fwd"],
-        head_dim ** -0.5, H=hidden,
-        D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"], BP=cfg["BP"], BD=cfg["BD"],
-        BH=cfg["BH"], PREC=_dot_precision(x.dtype), DOCS=docs, SLOTS=deterministic, SPLIT=split, SCATTER=scatter,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        head_dim ** -0.5, H=hidden, D=head_dim, R2=rotary_dim // 2, BLOCK_M=cfg["block_m"], BR=cfg["BR"],
+        BP=cfg["BP"], BD=cfg["BD"], BH=cfg["BH"], PREC=_dot_precision(x.dtype), DOCS=docs, SLOTS=deterministic,
+        SPLIT=split, SCATTER=scatter, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if not scatter:
         _scatter_attention_output(o, w_o, scores, dest, y, deterministic)
     return saved
@@ -1052,8 +1050,7 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, rotary_dim: in
         tiles = launch.pop("tiles")
         _mosa_bwd_dx_kernel[_program_grid(tiles, num_heads, TILE_GROUP["dx"])](
             dqkv, w_qkv, w_router if router else x, dscores, indices, dest, dx, batch, num_heads, k, tiles,
-            TILE_GROUP["dx"], H=hidden,
-            D=head_dim, BD=block_d, ROUTER=router, SLOTS=deterministic, **launch)
+            TILE_GROUP["dx"], H=hidden, D=head_dim, BD=block_d, ROUTER=router, SLOTS=deterministic, **launch)
     dw_qkv = torch.empty_like(w_qkv)
     dw_o = torch.empty_like(w_o)
     dw_router = torch.empty_like(w_router) if router else dw_o
