@@ -301,16 +301,13 @@ def _scatter_output(o, w_o_e, score, sel, dest, row_ok, y_ptr, d, H: tl.constexp
 
 
 @triton.jit
-def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr, rope_pos_ptr, doc_ptr,
-                     dest_ptr, y_ptr, o_ptr, qkv_ptr, B, T, E, K, GROUPS, NUM_TILES,
-                     TILE_GROUP: tl.constexpr, sm_scale, H: tl.constexpr,
-                     D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
-                     BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                     DOCS: tl.constexpr, SLOTS: tl.constexpr, SPLIT: tl.constexpr, SCATTER: tl.constexpr):
-    """SPLIT: Q|K|V come from qkv_ptr (`_mosa_qkv_kernel`) instead of the tile's own projection, and O is not
-    stored (the backward recomputes it from the kept Q|K|V). Without SCATTER the kernel stops at O, stored for
-    `_mosa_out_kernel` (`SPLIT_OUTPUT_KERNEL`). Programs in `TILE_GROUP["fwd"]`'s order."""
-    tile, e = _tile_and_head(NUM_TILES, E, TILE_GROUP)
+def _tile_attention(tile, e, x_ptr, w_qkv_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr, rope_pos_ptr, doc_ptr, qkv_ptr,
+                    B, T, E, K, GROUPS, sm_scale, H: tl.constexpr, D: tl.constexpr, R2: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                    PREC: tl.constexpr, DOCS: tl.constexpr, SPLIT: tl.constexpr):
+    """Both row kernels' start, for head e's tile: its rows, their Q|K|V (read from qkv_ptr with SPLIT, else
+    projected from x), RoPE's cos / sin at the rows' positions, and the attention probabilities P [M, M] ->
+    (row_ok, sel, score, tok, head_row, q1, q2, q3, k1, k2, k3 (Q, K rotated), v, cos, sin, rope_mask, p)."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
     P: tl.constexpr = D - 2 * R2
     grp, slot, b, row_ok, sel = _tile_rows(tile, B, E, K, e, GROUPS, BLOCK_M)
@@ -331,6 +328,24 @@ def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin
     sin = tl.load(sin_ptr + rope_pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
     q1, q2, k1, k2, p = _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, doc, sm_scale, DT, R2, P,
                                          BLOCK_M, PREC, DOCS)
+    return row_ok, sel, score, tok, head_row, q1, q2, q3, k1, k2, k3, v, cos, sin, rope_mask, p
+
+
+@triton.jit
+def _mosa_fwd_kernel(x_ptr, w_qkv_ptr, w_o_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr, rope_pos_ptr, doc_ptr,
+                     dest_ptr, y_ptr, o_ptr, qkv_ptr, B, T, E, K, GROUPS, NUM_TILES,
+                     TILE_GROUP: tl.constexpr, sm_scale, H: tl.constexpr,
+                     D: tl.constexpr, R2: tl.constexpr, BLOCK_M: tl.constexpr, BR: tl.constexpr,
+                     BP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+                     DOCS: tl.constexpr, SLOTS: tl.constexpr, SPLIT: tl.constexpr, SCATTER: tl.constexpr):
+    """SPLIT: Q|K|V come from qkv_ptr (`_mosa_qkv_kernel`) instead of the tile's own projection, and O is not
+    stored (the backward recomputes it from the kept Q|K|V). Without SCATTER the kernel stops at O, stored for
+    `_mosa_out_kernel` (`SPLIT_OUTPUT_KERNEL`). Programs in `TILE_GROUP["fwd"]`'s order."""
+    tile, e = _tile_and_head(NUM_TILES, E, TILE_GROUP)
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    row_ok, sel, score, tok, head_row, q1, q2, q3, k1, k2, k3, v, cos, sin, rope_mask, p = _tile_attention(
+        tile, e, x_ptr, w_qkv_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr, rope_pos_ptr, doc_ptr, qkv_ptr, B, T, E, K,
+        GROUPS, sm_scale, H, D, R2, BLOCK_M, BR, BP, BD, BH, PREC, DOCS, SPLIT)
     o = tl.dot(p.to(DT), v.to(DT), input_precision=PREC).to(DT)
     d = tl.arange(0, BD)
     if not SPLIT or not SCATTER:  # the split path keeps Q|K|V instead, and its backward recomputes O from them
@@ -383,26 +398,13 @@ def _mosa_bwd_rows_kernel(x_ptr, w_qkv_ptr, w_o_ptr, w_router_ptr, idx_ptr, scor
     tile, e = _tile_and_head(NUM_TILES, E, TILE_GROUP)
     DT: tl.constexpr = x_ptr.dtype.element_ty
     P: tl.constexpr = D - 2 * R2
-    grp, slot, b, row_ok, sel = _tile_rows(tile, B, E, K, e, GROUPS, BLOCK_M)
-    pos = tl.load(idx_ptr + sel, mask=row_ok, other=0).to(tl.int64)
-    score = tl.load(score_ptr + sel, mask=row_ok, other=0.0).to(tl.float32)
-    tok = b.to(tl.int64) * T + pos
-    head_row = e.to(tl.int64) * B * K + b * K + slot
+    row_ok, sel, score, tok, head_row, q1, q2, q3, k1, k2, k3, v, cos, sin, rope_mask, p = _tile_attention(
+        tile, e, x_ptr, w_qkv_ptr, idx_ptr, score_ptr, cos_ptr, sin_ptr, rope_pos_ptr, doc_ptr, qkv_ptr, B, T, E, K,
+        GROUPS, sm_scale, H, D, R2, BLOCK_M, BR, BP, BD, BH, PREC, DOCS, SPLIT)
     w_e = w_qkv_ptr + e.to(tl.int64) * H * 3 * D
-    if SPLIT:
-        q1, q2, q3, k1, k2, k3, v = _load_qkv(qkv_ptr + head_row * (3 * D), row_ok, D, R2, BR, BP, BD)
-    else:
-        q1, q2, q3, k1, k2, k3, v = _project_qkv(x_ptr + tok * H, row_ok, w_e, H, D, R2, BLOCK_M, BR, BP, BD, BH,
-                                                 PREC)
-    rope_pos, doc = _row_positions(pos, tok, row_ok, rope_pos_ptr, doc_ptr, DOCS)
     r = tl.arange(0, BR)
     pp = tl.arange(0, BP)
     d = tl.arange(0, BD)
-    rope_mask = row_ok[:, None] & (r < R2)[None, :]
-    cos = tl.load(cos_ptr + rope_pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
-    sin = tl.load(sin_ptr + rope_pos[:, None] * R2 + r[None, :], mask=rope_mask, other=0.0)
-    q1, q2, k1, k2, p = _attention_probs(q1, q2, q3, k1, k2, k3, cos, sin, grp, slot, doc, sm_scale, DT, R2, P,
-                                         BLOCK_M, PREC, DOCS)
     d_mask = row_ok[:, None] & (d < D)[None, :]
     if SPLIT:  # O as the forward computed it, stored for the weight kernel
         o = tl.dot(p.to(DT), v.to(DT), input_precision=PREC).to(DT)
