@@ -811,6 +811,26 @@ def _combine_slots(slot_rows: torch.Tensor, indices: torch.Tensor, shape, dtype)
     return out
 
 
+def _token_rows(indices: torch.Tensor, shape, dtype, deterministic: bool):
+    """What the kernels scatter selected rows into, for a [B, T, h] result -> (dest, buffer, tokens): fp32 atomics
+    into an accumulator (`_accumulator_rows`), or with `deterministic` one row per selection slot ([B*E*k, h] in
+    dtype, dest = indices, tokens None) for `_combine_slots` to sum in a fixed order. `_sum_by_token` finishes."""
+    _, seq_len, hidden = shape
+    if deterministic:
+        rows = torch.empty(indices.numel(), hidden, device=indices.device, dtype=dtype)
+        return indices, rows, None
+    dest, acc_rows, tokens = _accumulator_rows(indices, seq_len)
+    return dest, torch.zeros(acc_rows, hidden, device=indices.device, dtype=torch.float32), tokens
+
+
+def _sum_by_token(buffer: torch.Tensor, indices: torch.Tensor, dest: torch.Tensor, tokens, shape, dtype,
+                  deterministic: bool) -> torch.Tensor:
+    """`_token_rows`' buffer after the kernels -> the [B, T, h] result in dtype."""
+    if deterministic:
+        return _combine_slots(buffer, indices, shape, dtype)
+    return _write_back(buffer, dest, tokens, shape, dtype)
+
+
 def _write_back(acc: torch.Tensor, dest: torch.Tensor, tokens, shape, dtype) -> torch.Tensor:
     """fp32 accumulator -> [B, T, h] in dtype (zeros where no slot points)."""
     if tokens is None:
@@ -933,11 +953,7 @@ def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, 
     batch, seq_len, hidden = x.shape
     num_heads, _, three_d = w_qkv.shape
     head_dim, k = three_d // 3, indices.shape[-1]
-    if deterministic:
-        dest, y = indices, torch.empty(batch * num_heads * k, hidden, device=x.device, dtype=x.dtype)
-    else:
-        dest, acc_rows, tokens = _accumulator_rows(indices, seq_len)
-        y = torch.zeros(acc_rows, hidden, device=x.device, dtype=torch.float32)
+    dest, y, tokens = _token_rows(indices, x.shape, x.dtype, deterministic)
     docs = document_ids is not None
     if _wide(k, x.dtype):  # the split path's kernels around PyTorch's attention (ops/mosa/group_attention.py)
         qkv = saved = _selected_qkv(x, w_qkv, indices)
@@ -948,9 +964,7 @@ def mosa_fwd(x, w_qkv, w_o, indices, scores, rotary_dim: int, rope_base: float, 
     else:
         saved = _mosa_fwd_rows(x, w_qkv, w_o, indices, scores, rotary_dim, rope_base, positions, document_ids,
                                dest, y, deterministic, _split_path(k) if split is None else split)
-    if deterministic:
-        return _combine_slots(y, indices, x.shape, x.dtype), saved
-    return _write_back(y, dest, tokens, x.shape, x.dtype), saved
+    return _sum_by_token(y, indices, dest, tokens, x.shape, x.dtype, deterministic), saved
 
 
 def _scatter_attention_output(o: torch.Tensor, w_o: torch.Tensor, scores: torch.Tensor, dest: torch.Tensor,
@@ -1009,11 +1023,7 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, rotary_dim: in
     head_dim, k = three_d // 3, indices.shape[-1]
     router = w_router is not None
     precision = _dot_precision(x.dtype)
-    if deterministic:  # per-slot dX rows, summed by token after the kernel (see mosa_fwd)
-        dest, dx = indices, torch.empty(batch * num_heads * k, hidden, device=x.device, dtype=x.dtype)
-    else:
-        dest, acc_rows, tokens = _accumulator_rows(indices, seq_len)
-        dx = torch.zeros(acc_rows, hidden, device=x.device, dtype=torch.float32)
+    dest, dx, tokens = _token_rows(indices, x.shape, x.dtype, deterministic)  # dX rows, summed by token after
     dscores = torch.empty(batch, num_heads, k, device=x.device, dtype=torch.float32)
     docs = document_ids is not None
     split = saved.shape[-1] == three_d  # the forward chose (the switch may have changed since)
@@ -1068,10 +1078,7 @@ def mosa_bwd(dy, x, w_qkv, w_o, w_router, indices, scores, saved, rotary_dim: in
             batch, seq_len, num_heads, k, batch * k, H=hidden, ROWS_BOUND=batch * k if _interpreting() else 0,
             D=head_dim, BD=block_d, PREC=precision, ROUTER=router, DW_QKV=dw_qkv_part, DW_O=dw_o_part,
             **{**tiles, "num_stages": tiles["num_stages"] or num_stages})
-    if deterministic:
-        dx = _combine_slots(dx, indices, x.shape, x.dtype)
-    else:
-        dx = _write_back(dx, dest, tokens, x.shape, x.dtype)
+    dx = _sum_by_token(dx, indices, dest, tokens, x.shape, x.dtype, deterministic)
     return dx, dw_qkv, dw_o, (dw_router if router else dscores.to(scores.dtype))
 
 
