@@ -681,6 +681,28 @@ def _mosa_bwd_weights_kernel(x_ptr, dy_ptr, idx_ptr, score_ptr, dlogit_ptr, o_pt
         tl.store(dw_router_ptr + e.to(tl.int64) * H + hs, dw_router.to(dw_router_ptr.dtype.element_ty), mask=hm)
 
 
+@triton.jit
+def _combine_slots_kernel(rows_ptr, order_ptr, starts_ptr, out_ptr, H, MAX_ENTRIES: tl.constexpr, BH: tl.constexpr):
+    """Program (token t, hidden chunk): out[t] = the sum, in fp32 and in slot order, of the rows of the slots that
+    picked t (order[starts[t]:starts[t + 1]]); zeros for a token no slot picked."""
+    t = tl.program_id(0).to(tl.int64)
+    hs = tl.program_id(1) * BH + tl.arange(0, BH)
+    hm = hs < H
+    start = tl.load(starts_ptr + t)
+    end = tl.load(starts_ptr + t + 1)
+    acc = tl.zeros([BH], tl.float32)
+    if MAX_ENTRIES > 0:  # the interpreter cannot loop to a bound it loaded
+        for i in range(0, MAX_ENTRIES):
+            live = start + i < end
+            slot = tl.load(order_ptr + start + i, mask=live, other=0)
+            acc += tl.load(rows_ptr + slot * H + hs, mask=hm & live, other=0.0).to(tl.float32)
+    else:
+        for i in range(start, end):
+            slot = tl.load(order_ptr + i)
+            acc += tl.load(rows_ptr + slot * H + hs, mask=hm, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + hs, acc.to(out_ptr.dtype.element_ty), mask=hm)
+
+
 def _block(n: int) -> int:
     """Smallest power of two >= n and >= 16 (tl.dot needs every dim >= 16)."""
     return max(16, triton.next_power_of_2(n))
@@ -771,28 +793,6 @@ def _slot_tokens(indices: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The flat token b*T + position of every selection slot, in [B, E, k] order: [B*E*k] int64."""
     offsets = torch.arange(indices.shape[0], device=indices.device).view(-1, 1, 1) * seq_len
     return (indices.long() + offsets).reshape(-1)
-
-
-@triton.jit
-def _combine_slots_kernel(rows_ptr, order_ptr, starts_ptr, out_ptr, H, MAX_ENTRIES: tl.constexpr, BH: tl.constexpr):
-    """Program (token t, hidden chunk): out[t] = the sum, in fp32 and in slot order, of the rows of the slots that
-    picked t (order[starts[t]:starts[t + 1]]); zeros for a token no slot picked."""
-    t = tl.program_id(0).to(tl.int64)
-    hs = tl.program_id(1) * BH + tl.arange(0, BH)
-    hm = hs < H
-    start = tl.load(starts_ptr + t)
-    end = tl.load(starts_ptr + t + 1)
-    acc = tl.zeros([BH], tl.float32)
-    if MAX_ENTRIES > 0:  # the interpreter cannot loop to a bound it loaded
-        for i in range(0, MAX_ENTRIES):
-            live = start + i < end
-            slot = tl.load(order_ptr + start + i, mask=live, other=0)
-            acc += tl.load(rows_ptr + slot * H + hs, mask=hm & live, other=0.0).to(tl.float32)
-    else:
-        for i in range(start, end):
-            slot = tl.load(order_ptr + i)
-            acc += tl.load(rows_ptr + slot * H + hs, mask=hm, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t * H + hs, acc.to(out_ptr.dtype.element_ty), mask=hm)
 
 
 def _combine_slots(slot_rows: torch.Tensor, indices: torch.Tensor, shape, dtype) -> torch.Tensor:
