@@ -25,6 +25,10 @@ Inside the tile everything is fused:
             (ops/mosa/group_attention.py: SDPA's flash kernels, or the backward written out) on Q and K rotated by
             `_rope_rows_kernel` (and dQ, dK rotated back by it); `_mosa_out_kernel` and `_mosa_bwd_out_kernel` do
             the output projection's two directions on rows of the head-major O and dO.
+  settings  untimed variants behind module switches, each covered by the tests (benchmarks/KERNEL_NOTES.md,
+            session 14): `TILE_GROUP` (the order of every kernel's (tile, head) programs), `SPLIT_OUTPUT_KERNEL`
+            (the split forward's O projection by `_mosa_out_kernel`), `WEIGHTS_SPLIT` (the weight gradients in two
+            launches with their own tiles).
 
 Per-row memory kept between forward and backward: the attention output O [E, B*k, d] (same size as x for an IsoFLOP
 layer), or on the split path Q|K|V [E, B*k, 3d] (three times that: the backward's dQKV buffer is as large, so the
