@@ -121,6 +121,26 @@ def test_op_matches_float64_reference(nan_allocations, mosa_kernel_path, batch, 
     check_against_float64((x, w_qkv, w_o, w_router), indices, scores, router)
 
 
+@pytest.mark.parametrize("group", [1, 2, 3, 0])
+@pytest.mark.parametrize("batch,seq_len,hidden,heads,k,include_first,padded",
+                         [OP_CASES[4], OP_CASES[5], OP_CASES[9]], ids=["k16", "k64", "k256-wide"])
+def test_program_orders_match_float64_reference(nan_allocations, monkeypatch, group, batch, seq_len, hidden, heads,
+                                                k, include_first, padded):
+    """Every kernel's (tile, head) programs in runs of 1 (heads fastest), 2, 3 or all tiles (`TILE_GROUP`; runs
+    of 2 and 3 take a 1-D grid), on the split and wide paths, against the float64 reference."""
+    from torch_mosa.ops.mosa import triton_mosa
+
+    monkeypatch.setattr(triton_mosa, "TILE_GROUP", {name: group for name in triton_mosa.TILE_GROUP})
+    x, w_qkv, w_o, w_router = random_weights(seq_len, hidden, heads, batch)
+    mask = None
+    if padded:
+        mask = torch.ones(batch, seq_len, dtype=torch.bool, device="cuda")
+        mask[0, : seq_len - k + 1] = False
+    logits = torch.einsum("eh,bth->bet", w_router.double(), x.double())
+    indices, scores = topk_route_reference(logits, k, include_first, mask)
+    check_against_float64((x, w_qkv, w_o, w_router), indices, scores, True)
+
+
 @pytest.mark.parametrize("router", [True, False], ids=["router-grad-in-op", "scores-grad"])
 @pytest.mark.parametrize("lengths,heads,sparsity", [([[1, 2, 63, 65, 781], [912]], 37, 16),
                                                     ([[300, 1, 511, 100], [5] * 20 + [812]], 9, 64)])
