@@ -111,6 +111,12 @@ def random_weights(seq_len, hidden, heads, batch, head_dim=64):
 @pytest.mark.parametrize("batch,seq_len,hidden,heads,k,include_first,padded", OP_CASES)
 def test_op_matches_float64_reference(nan_allocations, mosa_kernel_path, batch, seq_len, hidden, heads, k,
                                       include_first, padded, router):
+    check_against_float64(*random_selection(batch, seq_len, hidden, heads, k, include_first, padded), router)
+
+
+def random_selection(batch, seq_len, hidden, heads, k, include_first, padded):
+    """Random inputs (x, w_qkv, w_o, w_router) and their top-k selection (indices, scores), left padding on the
+    first sequence when padded."""
     x, w_qkv, w_o, w_router = random_weights(seq_len, hidden, heads, batch)
     mask = None
     if padded:
@@ -118,7 +124,7 @@ def test_op_matches_float64_reference(nan_allocations, mosa_kernel_path, batch, 
         mask[0, : seq_len - k + 1] = False
     logits = torch.einsum("eh,bth->bet", w_router.double(), x.double())
     indices, scores = topk_route_reference(logits, k, include_first, mask)
-    check_against_float64((x, w_qkv, w_o, w_router), indices, scores, router)
+    return (x, w_qkv, w_o, w_router), indices, scores
 
 
 @pytest.mark.parametrize("group", [1, 2, 3, 0])
@@ -131,14 +137,7 @@ def test_program_orders_match_float64_reference(nan_allocations, monkeypatch, gr
     from torch_mosa.ops.mosa import triton_mosa
 
     monkeypatch.setattr(triton_mosa, "TILE_GROUP", {name: group for name in triton_mosa.TILE_GROUP})
-    x, w_qkv, w_o, w_router = random_weights(seq_len, hidden, heads, batch)
-    mask = None
-    if padded:
-        mask = torch.ones(batch, seq_len, dtype=torch.bool, device="cuda")
-        mask[0, : seq_len - k + 1] = False
-    logits = torch.einsum("eh,bth->bet", w_router.double(), x.double())
-    indices, scores = topk_route_reference(logits, k, include_first, mask)
-    check_against_float64((x, w_qkv, w_o, w_router), indices, scores, True)
+    check_against_float64(*random_selection(batch, seq_len, hidden, heads, k, include_first, padded), True)
 
 
 @pytest.mark.parametrize("router", [True, False], ids=["router-grad-in-op", "scores-grad"])
