@@ -1,8 +1,9 @@
 """Where a compiled layer's forward + backward spends its GPU time, kernel by kernel, MoSA beside dense (issue 10).
 
 `mosa bench --cases A B --paths dense fast --compile-layers` times the SPEC §6 layers; this profiles the same
-compiled steps and prints, per case and path, the GPU time per kernel (ms per step, summed over its launches) and
-the total, so the gap to dense can be read kernel by kernel.
+compiled steps and prints, per case and path, the GPU time per kernel (ms per step, summed over its launches), per
+group of kernels (profile_train_step.py's groups: the MoSA op's own kernels, GEMMs, attention, selection, Inductor's
+fused kernels) and the total, so the gap to dense can be read kernel by kernel.
 
 On the GPU machine: `PYTHONPATH=src python benchmarks/experiments/profile_layer_compiled.py --cases A B`.
 """
@@ -13,6 +14,7 @@ import collections
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from profile_train_step import group_of
 from torch_mosa.bench.cases import CASES, _layers, case_inputs
 from torch_mosa.ops.dispatch import fast_path
 
@@ -55,6 +57,11 @@ def main() -> None:
             total = sum(ms for _, ms in table.values())
             print(f"\n## case {name}, {path}: wall {wall:.3f} ms/step (profiled), kernels {total:.3f} ms/step, "
                   f"{sum(c for c, _ in table.values()):.0f} launches")
+            groups = collections.defaultdict(float)
+            for kernel, (_, ms) in table.items():
+                groups[group_of(kernel)] += ms
+            print("groups (ms/step): " + ", ".join(f"{g} {ms:.3f}" for g, ms in sorted(groups.items(),
+                                                                                      key=lambda item: -item[1])))
             print("| kernel | launches | ms/step |\n|---|---|---|")
             for kernel, (count, ms) in sorted(table.items(), key=lambda item: -item[1][1])[:args.top]:
                 print(f"| {kernel[:90]} | {count:.0f} | {ms:.3f} |")
