@@ -151,6 +151,14 @@ def test_program_orders_match_reference(nan_allocations, monkeypatch, group, pat
         assert_close(name, a, e, FP32_RTOL)
 
 
+@pytest.mark.parametrize("group", [-1, 1.5, True])
+def test_program_order_must_be_a_count_of_tiles(monkeypatch, group):
+    monkeypatch.setattr(triton_mosa, "TILE_GROUP", {**triton_mosa.TILE_GROUP, "dx": group})
+    tensors, mask = make_case(2, 20, 16, 2, 16, 16, False, False, seed=0)
+    with pytest.raises(ValueError, match="TILE_GROUP"):
+        run_op(triton_op, tensors, mask, 16, False, 8)
+
+
 def test_float32_weights_with_half_inputs(nan_allocations, mosa_kernel_path):
     """Autocast's case: float32 parameters (w_qkv, w_o, the router) with float16 x. The kernels read the weights in
     x's dtype and return their gradients in float32 (no 16-bit weight copy per step); the result matches the float64

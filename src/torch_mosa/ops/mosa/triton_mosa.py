@@ -865,6 +865,8 @@ def _wide(k: int, dtype: torch.dtype) -> bool:
 
 def _program_grid(num_tiles: int, num_heads: int, tile_group: int) -> tuple:
     """The launch grid of a kernel of (tile, head) programs taken in `tile_group`'s order (`_tile_and_head`)."""
+    if isinstance(tile_group, bool) or not isinstance(tile_group, int) or tile_group < 0:
+        raise ValueError(f"TILE_GROUP values must be integers >= 0 (0: all tiles), got {tile_group!r}")
     if tile_group == 0:
         return num_tiles, num_heads
     if tile_group == 1:
