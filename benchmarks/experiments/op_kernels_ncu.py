@@ -1,11 +1,11 @@
-"""The MoSA op's kernels one by one at SPEC §6 case A and B shapes: GPU time per kernel (torch.profiler over
+"""The MoSA op's kernels one by one at SPEC §6 cases A, B and C's shapes: GPU time per kernel (torch.profiler over
 forward + backward, bf16, router gradient inside) and, under Nsight Compute, one launch of each for its memory
 traffic (DRAM bytes, L2 hit rate) and throughput, to tell the kernels bound by the scatter's fp32 atomics from
 those bound by their dots.
 
 On the GPU machine (PYTHONPATH=src): `python benchmarks/experiments/op_kernels_ncu.py` prints the per-kernel
-table; `PROFILE=1 ncu --kernel-name regex:_mosa_ --section SpeedOfLight --section MemoryWorkloadAnalysis python
-benchmarks/experiments/op_kernels_ncu.py --cases A` runs forward + backward once for the profiler.
+table; with PROFILE=1 it runs forward + backward twice (the first compiles) for Nsight Compute to profile the second's
+five kernels (`bash benchmarks/gpu_checklist.sh variants` has the ncu command).
 `--variants` also times the forward and the backward with one change at a time: each kernel's programs in other
 orders (`triton_mosa.TILE_GROUP`: runs of 1, 2, 4 tiles or all of them, every head over a run before the next), the
 dx kernel with 256-row tiles (half the runs, so half the weight reads at one tile per run), the split forward's
@@ -53,14 +53,12 @@ def variants() -> list:
                  for group in (1, 2, 0)]
     settings += [(f"output kernel, order out {group}", {"SPLIT_OUTPUT_KERNEL": True,
                                                         "TILE_GROUP": {**order, "out": group}}) for group in (1, 2, 0)]
-    split_tiles = tm.WEIGHTS_SPLIT_TILES
     for qkv_tiles in ((128, 32, 8), (128, 64, 8), (64, 64, 4)):
         for o_tiles in ((128, 64, 8), (256, 64, 8)):
             setting = {"qkv": dict(zip(("BH", "BLOCK_R", "num_warps"), qkv_tiles), num_stages=None),
                        "o": dict(zip(("BH", "BLOCK_R", "num_warps"), o_tiles), num_stages=None)}
             settings.append((f"weights split, qkv {qkv_tiles}, o {o_tiles}",
                              {"WEIGHTS_SPLIT": True, "WEIGHTS_SPLIT_TILES": setting}))
-    assert tm.WEIGHTS_SPLIT_TILES is split_tiles
     tile_config = tm._tile_config
 
     def row_tiles(block_m, warps, stages):
