@@ -617,3 +617,33 @@ def test_packed_lm_through_the_kernels_equals_the_reference(monkeypatch):
         results.append([logits.detach()] + [p.grad.clone() for p in model.parameters()])
     for reference, fused in zip(*results):
         assert_close("packed LM", fused, reference, FP32_RTOL)
+
+
+def test_lm_with_every_untimed_setting_equals_the_reference(monkeypatch):
+    """The settings not yet on by default, all at once, through a whole hybrid MoSA LM (k 16: the split path):
+    programs in runs of 2 tiles, the split forward's output kernel, the weights split (16-bit only, so idle here)
+    and the selection by sort give the reference path's logits and gradients."""
+    import torch_mosa.ops.mosa as mosa_ops
+    import torch_mosa.ops.selection as selection_ops
+    from torch_mosa import MoSAConfig, MoSALM
+    from torch_mosa.ops.selection import triton_selection
+
+    monkeypatch.setattr(triton_mosa, "MAX_FUSED_K_FP32", triton_mosa.MAX_FUSED_K)
+    monkeypatch.setattr(triton_mosa, "TILE_GROUP", {name: 2 for name in triton_mosa.TILE_GROUP})
+    monkeypatch.setattr(triton_mosa, "SPLIT_OUTPUT_KERNEL", True)
+    monkeypatch.setattr(triton_mosa, "WEIGHTS_SPLIT", True)
+    monkeypatch.setattr(triton_selection, "SELECT_BY_SORT", True)
+    torch.manual_seed(1)
+    model = MoSALM(MoSAConfig.from_preset("micro", attention="mosa", sparsity=4, vocab_size=40, num_layers=1,
+                                          hidden_size=32, ffn_size=64, head_dim=16, max_seq_len=64)).to(DEVICE)
+    ids = torch.randint(0, 40, (5, 64), device=DEVICE)
+    results = []
+    for fast in (False, True):
+        monkeypatch.setattr(mosa_ops, "use_fast_path", lambda x, fast=fast: fast)
+        monkeypatch.setattr(selection_ops, "use_fast_path", lambda x, fast=fast: fast)
+        model.zero_grad()
+        logits, loss = model(ids, ids.roll(-1, 1))
+        loss.backward()
+        results.append([logits.detach()] + [p.grad.clone() for p in model.parameters()])
+    for reference, fused in zip(*results):
+        assert_close("LM, every untimed setting", fused, reference, FP32_RTOL)
