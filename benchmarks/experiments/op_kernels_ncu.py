@@ -14,13 +14,13 @@ output projection in a kernel of its own (`SPLIT_OUTPUT_KERNEL`) per order, the 
 """
 
 import argparse
-import collections
 import os
 
 import torch
 import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
+from profile_train_step import kernel_times
 from torch_mosa.ops.mosa import triton_mosa as tm
 
 SHAPES = {"A": (64, 1024, 512, 505, 16), "B": (64, 1024, 512, 142, 64), "C": (16, 1024, 1024, 381, 16)}
@@ -126,10 +126,7 @@ def main() -> None:
             for _ in range(steps):
                 step(*inputs)
             torch.cuda.synchronize()
-        per_name = collections.defaultdict(float)
-        for event in prof.events():
-            if event.device_type == torch.autograd.DeviceType.CUDA:
-                per_name[event.name] += event.device_time / steps / 1e3
+        per_name = {name: ms for name, (_, ms) in kernel_times(prof, steps).items()}
         print(f"\n## case {name} {SHAPES[name]} (B, T, h, E, k): op forward + backward, "
               f"{sum(per_name.values()):.3f} ms of kernels")
         print("| kernel | ms |\n|---|---|")

@@ -14,7 +14,7 @@ import collections
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from profile_train_step import group_of
+from profile_train_step import group_of, kernel_times
 from torch_mosa.bench.cases import CASES, _layers, case_inputs
 from torch_mosa.ops.dispatch import fast_path
 
@@ -31,12 +31,7 @@ def kernel_table(layer, x, grad_y, steps: int = 5) -> tuple[float, dict]:
             layer(x).backward(grad_y)
         end.record()
         torch.cuda.synchronize()
-    per_name = collections.defaultdict(lambda: [0, 0.0])
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA and "#" not in event.name:
-            per_name[event.name][0] += 1
-            per_name[event.name][1] += event.device_time
-    return start.elapsed_time(end) / steps, {n: (c / steps, t / steps / 1e3) for n, (c, t) in per_name.items()}
+    return start.elapsed_time(end) / steps, kernel_times(prof, steps)
 
 
 def main() -> None:

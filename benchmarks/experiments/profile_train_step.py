@@ -37,6 +37,19 @@ def group_of(name: str) -> str:
     return "other"
 
 
+def kernel_times(prof, steps: int) -> dict:
+    """{kernel name: (launches per step, ms per step)} of a torch.profiler run over `steps` steps."""
+    per_name = collections.defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        # "Optimizer.step#AdamW.step" is the optimizer's annotation range on the GPU timeline, not a kernel: it
+        # would count the optimizer's kernels twice
+        if event.device_type == torch.autograd.DeviceType.CUDA and "#" not in event.name:
+            entry = per_name[event.name]
+            entry[0] += 1
+            entry[1] += event.device_time  # us
+    return {name: (count / steps, total / steps / 1e3) for name, (count, total) in per_name.items()}
+
+
 def profile_model(model_kwargs: dict, batch: int, documents: int, steps: int = 3):
     step, _ = training_step(model_kwargs, batch, documents=documents)  # the step `mosa bench --train-step` times
     for _ in range(3):
@@ -50,15 +63,7 @@ def profile_model(model_kwargs: dict, batch: int, documents: int, steps: int = 3
         end.record()
         torch.cuda.synchronize()
     wall_ms = start.elapsed_time(end) / steps
-    per_name = collections.defaultdict(lambda: [0, 0.0])
-    for event in prof.events():
-        # "Optimizer.step#AdamW.step" is the optimizer's annotation range on the GPU timeline, not a kernel: it
-        # would count the optimizer's kernels twice
-        if event.device_type == torch.autograd.DeviceType.CUDA and "#" not in event.name:
-            entry = per_name[event.name]
-            entry[0] += 1
-            entry[1] += event.device_time  # us
-    table = {name: (count / steps, total / steps / 1e3) for name, (count, total) in per_name.items()}  # ms/step
+    table = kernel_times(prof, steps)
     del step
     torch.cuda.empty_cache()
     torch._dynamo.reset()
