@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from torch_mosa.ops.mosa import group_attention as ga
-from torch_mosa.ops.mosa.reference import mosa_attention_composed, mosa_attention_reference
+from torch_mosa.ops.mosa.reference import document_mask, mosa_attention_composed, mosa_attention_reference
 from torch_mosa.ops.selection.reference import topk_route_reference
 
 
@@ -21,7 +21,7 @@ def packed_mask(heads, batch, k):
     """Documents of each (head, row) group: slots 0-4 one document, the rest another (a third from slot 9 in row 1)."""
     documents = (torch.arange(k) >= 5).long().expand(heads, batch, k).clone()
     documents[:, 1] += (torch.arange(k) >= 9).long()
-    return ga.document_mask(documents)
+    return document_mask(documents)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed-documents"])

@@ -32,13 +32,6 @@ class GroupAttention:
     flash: tuple | None = None  # the flash forward's outputs
 
 
-def document_mask(slot_documents: torch.Tensor) -> torch.Tensor:
-    """[E, B, k] document id of every slot -> [E, B, k, k]: slot i may attend to slot j <= i of its own document."""
-    k = slot_documents.shape[-1]
-    causal = torch.ones(k, k, dtype=torch.bool, device=slot_documents.device).tril()
-    return causal & (slot_documents[..., :, None] == slot_documents[..., None, :])
-
-
 def _flash_usable(q: torch.Tensor, allowed) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and allowed is None and q.shape[-1] <= 256
 

@@ -83,9 +83,7 @@ def _mosa_attention_composition(x, w_qkv, w_o, indices, scores, rotary_dim, rope
     if document_ids is None:
         attended = F.scaled_dot_product_attention(q, key, v, is_causal=True)
     else:
-        slot_document = per_slot_values(document_ids, indices)
-        allowed = torch.ones(k, k, dtype=torch.bool, device=x.device).tril() \
-            & (slot_document[..., :, None] == slot_document[..., None, :])
+        allowed = document_mask(per_slot_values(document_ids, indices))
         attended = F.scaled_dot_product_attention(q, key, v, attn_mask=allowed)
     head_out = torch.einsum("bekd,edh->bekh", attended * scores.unsqueeze(-1), w_o)
     y = x.new_zeros(batch, seq_len, hidden, dtype=sum_dtype)
@@ -96,6 +94,13 @@ def per_slot_values(per_token: torch.Tensor, indices: torch.Tensor) -> torch.Ten
     """[B, T] values -> [B, E, k] the values at each slot's position."""
     batch, num_heads, k = indices.shape
     return per_token.gather(1, indices.reshape(batch, num_heads * k)).view(batch, num_heads, k)
+
+
+def document_mask(slot_documents: torch.Tensor) -> torch.Tensor:
+    """[..., k] document id of every slot -> [..., k, k]: slot i may attend to slot j <= i of its own document."""
+    k = slot_documents.shape[-1]
+    causal = torch.ones(k, k, dtype=torch.bool, device=slot_documents.device).tril()
+    return causal & (slot_documents[..., :, None] == slot_documents[..., None, :])
 
 
 def weight_dtypes_for(dtype: torch.dtype) -> tuple[torch.dtype, ...]:

@@ -48,8 +48,8 @@ import triton
 import triton.language as tl
 
 from torch_mosa.ops.rope import rope_table
-from torch_mosa.ops.mosa.group_attention import document_mask, group_attention, group_attention_backward
-from torch_mosa.ops.mosa.reference import check_mosa_inputs, per_slot_values
+from torch_mosa.ops.mosa.group_attention import group_attention, group_attention_backward
+from torch_mosa.ops.mosa.reference import check_mosa_inputs, document_mask, per_slot_values
 
 MAX_FUSED_K = 128  # 16-bit inputs; float32 tiles of 128 rows overflow shared memory in the backward (H100)
 MAX_FUSED_K_FP32 = 64
