@@ -5,6 +5,7 @@ Run on any machine with Triton and ptxas: `PYTHONPATH=src python benchmarks/expe
 `--weights-dtype` instead compares the split path's kernels (the default from k = 16) with bf16 and with fp32 weight
 pointers, as session 12's switch `FLOAT32_WEIGHTS_UNDER_AUTOCAST` gave them (removed in session 13: slower on an H100;
 the op now rounds wider weights to x's dtype before its kernels). `--wide`: the wide path's kernels (session 13).
+`--variants`: session 14's untimed settings (program orders, output kernel, weights split, selection by sort).
 The shapes are SPEC §6 case A's (h 512, d 64, rotary 32, bf16). Spills are per thread, so configurations with more
 warps spread the same tile over more registers.
 """
@@ -113,10 +114,54 @@ def wide_kernels() -> None:
         print(f"{name:10} {128:4} {8:5} {'-':>3} {regs:5} {stores:9} {loads:9}")
 
 
+def variants() -> None:
+    """Session 14's untimed settings at case A's widths (split path, bf16): the forward row kernel with and without
+    its output projection (`SPLIT_OUTPUT_KERNEL`) and per program order, the backward row kernel per tile, the dx
+    kernel per order and tile, the weight kernel in one launch and in `WEIGHTS_SPLIT`'s two, and the selection
+    kernel's search against its sort (`SELECT_BY_SORT`, 1024-logit rows)."""
+    from torch_mosa.ops.selection import triton_selection as ts
+
+    rows = dict(H=512, D=64, R2=16, BR=16, BP=32, BD=64, BH=64, PREC="tf32", DOCS=False, SLOTS=False, SPLIT=True)
+    gemm = dict(H=512, D=64, BD=64, BH=64, PREC="tf32", ROUTER=True, SLOTS=False)
+    weights = dict(H=512, ROWS_BOUND=0, D=64, BD=64, PREC="tf32", ROUTER=True)
+    weight_pointers = dict(dw_qkv_ptr="*bf16", dw_o_ptr="*bf16", dw_router_ptr="*bf16", dlogit_ptr="*fp32")
+    selection_pointers = dict(logits_ptr="*fp32", mask_ptr="*u8", first_ptr="*i64", idx_ptr="*i64",
+                              score_ptr="*fp32", stride_lb="i64", stride_le="i64")
+    settings = [(f"fwd rows, output projection {scatter}, order {group}", tm._mosa_fwd_kernel,
+                 dict(rows, BLOCK_M=128, SCATTER=scatter, TILE_GROUP=group), 8, None)
+                for scatter in (True, False) for group in (1, 0, 2)]
+    settings += [(f"bwd rows, {block_m} rows", tm._mosa_bwd_rows_kernel, dict(rows, BLOCK_M=block_m, ROUTER=True),
+                  warps, None) for block_m, warps in ((64, 4), (128, 8), (64, 8))]
+    settings += [(f"dx, {block_m} rows, order {group}", tm._mosa_bwd_dx_kernel,
+                  dict(gemm, BLOCK_M=block_m, TILE_GROUP=group), 8, None)
+                 for block_m, group in ((128, 0), (128, 1), (128, 2), (256, 0))]
+    settings += [("output kernel", tm._mosa_out_kernel,
+                  dict(H=512, D=64, BD=64, BH=64, PREC="tf32", SLOTS=False, BLOCK_M=128, TILE_GROUP=0), 8,
+                  dict(score_ptr="*fp32"))]
+    for label, dw_qkv, dw_o, bh, block_r, warps in (
+            ("weights, one launch", True, True, 64, 64, 4), ("weights split, dW_QKV", True, False, 128, 32, 8),
+            ("weights split, dW_QKV", True, False, 128, 64, 8), ("weights split, dW_QKV", True, False, 64, 64, 4),
+            ("weights split, dW_O", False, True, 128, 64, 8), ("weights split, dW_O", False, True, 256, 64, 8),
+            ("weights split, dW_O", False, True, 128, 64, 4)):
+        settings.append((f"{label}, {bh} columns x {block_r} rows", tm._mosa_bwd_weights_kernel,
+                         dict(weights, BH=bh, BLOCK_R=block_r, DW_QKV=dw_qkv, DW_O=dw_o), warps, weight_pointers))
+    for by_sort, kp in ((False, 1), (True, 16), (True, 64)):
+        for warps in (1, 2, 4):
+            settings.append((f"selection, {'sort, k ' + str(kp) if by_sort else 'search'}", ts._topk_route_kernel,
+                             dict(HAS_MASK=False, INCLUDE_FIRST=True, BLOCK_T=1024, NUM_CHUNKS=1, KP=kp,
+                                  BY_SORT=by_sort), warps, selection_pointers))
+    print(f"{'kernel':48} {'warps':>5} {'regs':>5} {'spill st':>9} {'spill ld':>9}")
+    for label, kernel, constants, warps, pointers in settings:
+        regs, stores, loads = ptxas_usage(kernel, constants, warps, pointers)
+        print(f"{label:48} {warps:5} {regs:5} {stores:9} {loads:9}", flush=True)
+
+
 if __name__ == "__main__":
     if "--weights-dtype" in sys.argv[1:]:
         weights_dtype()
     elif "--wide" in sys.argv[1:]:
         wide_kernels()
+    elif "--variants" in sys.argv[1:]:
+        variants()
     else:
         main()
